@@ -1,0 +1,41 @@
+# sru_cupy development tasks.
+#   make venv       build .venv (editable install with the test and torch extras)
+#   make test       run the test suite inside .venv (extra args: PYTEST_ARGS=...)
+#   make clean      remove build outputs (keeps .venv)
+#   make distclean  clean, and remove .venv and .hypothesis too
+
+PYTHON ?= python3
+VENV ?= .venv
+PYTEST_ARGS ?=
+
+VENV_PY := $(VENV)/bin/python
+VENV_PIP := $(VENV_PY) -m pip
+# Rebuilt only when the packaging metadata changes.
+VENV_STAMP := $(VENV)/.sru_cupy-venv.stamp
+
+.PHONY: venv test clean distclean
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): setup.cfg pyproject.toml
+	test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
+	# setuptools>=64 (PEP 660 editable installs) and wheel: an older bundled
+	# setuptools is upgraded only when it is below 64.
+	$(VENV_PIP) install 'setuptools>=64' wheel
+	# CPU build of torch; taken from local wheels when the pip config points at them.
+	$(VENV_PIP) install torch==2.13.0
+	# pynvrtc 9.2 is a yanked sdist (so pinned exactly) whose build needs wheel.
+	$(VENV_PIP) install --no-build-isolation pynvrtc==9.2
+	$(VENV_PIP) install -e '.[test,torch]'
+	touch $@
+
+test: $(VENV_STAMP)
+	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf build dist .pytest_cache
+	find . -path ./$(VENV) -prune -o -name '*.egg-info' -prune -exec rm -rf {} +
+	find . -path ./$(VENV) -prune -o -name '__pycache__' -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) .hypothesis

@@ -1,0 +1,86 @@
+// Host emulation of the CUDA execution model used by the SRU kernels, so that the same .cu sources
+// compile with a C++ compiler and run on the CPU.
+//
+// What is emulated: __global__/__device__ qualifiers, dim3, threadIdx/blockIdx/blockDim/gridDim, and a
+// launch that walks the grid. Threads of a block run one after another; blocks run in parallel with
+// OpenMP when it is enabled. This is faithful only for kernels without shared memory, barriers or
+// warp intrinsics, which the SRU kernels do not use (each thread owns one column).
+//
+// Launches take kernel parameters the way cuLaunchKernel does: an array of pointers to the values.
+#pragma once
+
+#include <cmath>
+#include <cstring>
+#include <cstddef>
+#include <utility>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+
+struct uint3 { unsigned int x, y, z; };
+struct dim3 {
+    unsigned int x, y, z;
+    dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+// Per OS thread, as each OpenMP worker runs its own emulated CUDA threads.
+static thread_local uint3 threadIdx;
+static thread_local uint3 blockIdx;
+static thread_local dim3 blockDim;
+static thread_local dim3 gridDim;
+
+using std::exp;
+using std::tanh;
+using std::nearbyint;
+
+template <typename... Args, std::size_t... I>
+static inline void sru_host_call(void (*kernel)(Args...), void** args, std::index_sequence<I...>) {
+    kernel(*static_cast<typename std::remove_reference<Args>::type*>(args[I])...);
+}
+
+// Runs kernel<<<grid, block>>>(args...) on the calling process.
+template <typename... Args>
+static void sru_host_run_grid(void (*kernel)(Args...), dim3 grid, dim3 block, void** args) {
+    const long long blocks = (long long)grid.x * grid.y * grid.z;
+#pragma omp parallel for schedule(dynamic, 1) if (blocks > 1)
+    for (long long linear = 0; linear < blocks; ++linear) {
+        gridDim = grid;
+        blockDim = block;
+        blockIdx.x = (unsigned int)(linear % grid.x);
+        blockIdx.y = (unsigned int)((linear / grid.x) % grid.y);
+        blockIdx.z = (unsigned int)(linear / ((long long)grid.x * grid.y));
+        for (unsigned int tz = 0; tz < block.z; ++tz)
+            for (unsigned int ty = 0; ty < block.y; ++ty)
+                for (unsigned int tx = 0; tx < block.x; ++tx) {
+                    threadIdx.x = tx;
+                    threadIdx.y = ty;
+                    threadIdx.z = tz;
+                    sru_host_call(kernel, args, std::index_sequence_for<Args...>{});
+                }
+    }
+}
+
+// A launchable kernel instantiation, by the name expression NVRTC would be given.
+struct sru_host_kernel {
+    const char* name;
+    void (*launch)(dim3 grid, dim3 block, void** args);
+};
+
+// Defines the C entry point over a table of sru_host_kernel:
+//   int sru_host_launch(name, gx, gy, gz, bx, by, bz, args) -> 0, or -1 for an unknown name.
+#define SRU_HOST_DEFINE_LAUNCH(table)                                                              \
+    extern "C" int sru_host_launch(const char* name, unsigned int gx, unsigned int gy,            \
+                                   unsigned int gz, unsigned int bx, unsigned int by,             \
+                                   unsigned int bz, void** args) {                                \
+        for (std::size_t i = 0; i < sizeof(table) / sizeof(table[0]); ++i)                       \
+            if (std::strcmp(table[i].name, name) == 0) {                                          \
+                table[i].launch(dim3(gx, gy, gz), dim3(bx, by, bz), args);                        \
+                return 0;                                                                        \
+            }                                                                                    \
+        return -1;                                                                               \
+    }                                                                                            \
+    extern "C" int sru_host_kernel_count() { return (int)(sizeof(table) / sizeof(table[0])); }   \
+    extern "C" const char* sru_host_kernel_name(int i) { return table[i].name; }

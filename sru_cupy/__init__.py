@@ -1,0 +1,1 @@
+"""SRU (Simple Recurrent Unit) recurrence kernels for CuPy."""

@@ -1,0 +1,174 @@
+"""Host backend: the CUDA sources compiled by the system C++ compiler and run on NumPy arrays.
+
+The kernels are compiled together with ``cuda/sru_host_emulation.h``, which supplies threadIdx,
+blockIdx and a launcher that walks the grid (blocks in parallel with OpenMP when the compiler has
+it). The shared library is built at first use into the cache folder (see ``sru_cupy.cache``), named
+by a hash of the assembled source, the compiler, its version and the flags, written atomically,
+and loaded with ctypes. Launches pass parameters the way cuLaunchKernel does: an array of pointers
+to the values, so the launch layer is the same as for the GPU.
+"""
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+
+import numpy as np
+
+from .. import kernels
+from ..cache import cache_dir, write_atomic
+from . import KernelCompileError
+
+name = "host"
+
+#: Block size the launch layer uses for this backend (each emulated block runs serially).
+BLOCK_SIZE = 64
+
+_BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-Wno-unknown-pragmas")
+_lock = threading.Lock()
+_library = None
+_compiler_info = {}
+
+
+def find_compiler():
+    """Path of the C++ compiler: $CXX, else c++, g++ or clang++ on PATH; None if there is none."""
+    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    for candidate in candidates:
+        path = shutil.which(candidate)
+        if path:
+            return path
+    return None
+
+
+def available():
+    """True when a C++ compiler is present (the library can be built)."""
+    return find_compiler() is not None
+
+
+def _compiler_version(compiler):
+    if compiler not in _compiler_info:
+        out = subprocess.run([compiler, "--version"], capture_output=True, text=True)
+        _compiler_info[compiler] = (out.stdout or out.stderr).splitlines()[0] if out.returncode == 0 else "?"
+    return _compiler_info[compiler]
+
+
+def _openmp_flags(compiler):
+    """["-fopenmp"] when the compiler accepts it, else []. Probed once per compiler."""
+    key = ("openmp", compiler)
+    if key not in _compiler_info:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "probe.cpp")
+            with open(src, "w") as f:
+                f.write("#include <omp.h>\nextern \"C\" int probe() { return omp_get_max_threads(); }\n")
+            result = subprocess.run([compiler, "-fopenmp", "-shared", "-fPIC", src, "-o",
+                                     os.path.join(tmp, "probe.so")], capture_output=True)
+        _compiler_info[key] = ["-fopenmp"] if result.returncode == 0 else []
+    return _compiler_info[key]
+
+
+def translation_unit():
+    """The C++ text that is compiled: emulation header, kernels, and a table of instantiations."""
+    entries = ",\n".join(
+        f'    {{"{n}", [](dim3 g, dim3 b, void** a) {{ sru_host_run_grid(&{n}, g, b, a); }}}}'
+        for n in kernels.all_kernel_names())
+    return (kernels.assembled_source(with_host_emulation=True)
+            + "\n\nstatic const sru_host_kernel sru_host_kernels[] = {\n" + entries + "\n};\n"
+            + "SRU_HOST_DEFINE_LAUNCH(sru_host_kernels)\n")
+
+
+def _build(compiler):
+    flags = list(_BASE_FLAGS) + _openmp_flags(compiler)
+    source = translation_unit()
+    key = kernels.source_hash(source, compiler, _compiler_version(compiler), " ".join(flags),
+                              sys.platform, os.uname().machine if hasattr(os, "uname") else "")
+    folder = cache_dir("host")
+    library_path = os.path.join(folder, f"sru_host_{key[:24]}.so")
+    if os.path.exists(library_path):
+        return library_path, key
+    with tempfile.TemporaryDirectory(prefix="sru_cupy_build_") as tmp:
+        src = os.path.join(tmp, "sru_host.cpp")
+        out = os.path.join(tmp, "sru_host.so")
+        with open(src, "w") as f:
+            f.write(source)
+        command = [compiler, *flags, src, "-o", out]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise KernelCompileError("host compilation of the SRU kernels",
+                                     result.stdout + result.stderr, command)
+        with open(out, "rb") as f:
+            write_atomic(library_path, f.read())
+    return library_path, key
+
+
+def library():
+    """The loaded host library (built on first use). Raises RuntimeError without a compiler."""
+    global _library
+    if _library is not None:
+        return _library
+    with _lock:
+        if _library is None:
+            compiler = find_compiler()
+            if compiler is None:
+                raise RuntimeError("sru_cupy host backend: no C++ compiler found (set $CXX, or install "
+                                   "g++ or clang++)")
+            path, _ = _build(compiler)
+            lib = ctypes.CDLL(path)
+            lib.sru_host_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [
+                ctypes.POINTER(ctypes.c_void_p)]
+            lib.sru_host_launch.restype = ctypes.c_int
+            lib.sru_host_kernel_count.restype = ctypes.c_int
+            lib.sru_host_kernel_name.argtypes = [ctypes.c_int]
+            lib.sru_host_kernel_name.restype = ctypes.c_char_p
+            lib.path = path
+            _library = lib
+    return _library
+
+
+_SCALAR_CTYPES = {
+    np.dtype(np.float32): ctypes.c_float,
+    np.dtype(np.float64): ctypes.c_double,
+    np.dtype(np.int32): ctypes.c_int32,
+    np.dtype(np.int64): ctypes.c_int64,
+}
+
+
+def _as_ctype(value):
+    if value is None:
+        return ctypes.c_void_p(None)
+    if isinstance(value, np.ndarray):
+        return ctypes.c_void_p(value.ctypes.data)
+    if isinstance(value, np.generic) and value.dtype in _SCALAR_CTYPES:
+        return _SCALAR_CTYPES[value.dtype](value.item())
+    raise TypeError(f"kernel argument: expected a numpy array, None or a numpy float32/float64/int32/"
+                    f"int64 scalar, got {type(value).__name__}")
+
+
+def launch(kernel_name, grid, block, args):
+    """Runs one kernel instantiation over NumPy arrays (the call returns when it has finished)."""
+    lib = library()
+    values = [_as_ctype(a) for a in args]  # kept alive until the call returns
+    pointers = (ctypes.c_void_p * len(values))(
+        *[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
+    status = lib.sru_host_launch(kernel_name.encode(), *grid, *block, pointers)
+    if status != 0:
+        raise RuntimeError(f"sru_cupy host backend: kernel {kernel_name!r} is not in the library "
+                           f"{lib.path}")
+
+
+def empty(shape, dtype):
+    return np.empty(shape, dtype=dtype)
+
+
+def array_module(array=None):
+    return np
+
+
+def block_size(ncols):
+    return BLOCK_SIZE
+
+
+def check_same_device(array, argname):
+    """NumPy arrays all live in host memory."""
