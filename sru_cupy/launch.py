@@ -48,6 +48,7 @@ class _Problem:
             raise ValueError(f"hidden_size: expected a positive int, got {hidden_size!r}")
         self.backend = backend_for(U)
         self.array_type = type(U)
+        self.reference = U
         self.dtype = _storage_name(U, storage_dtype, "U")
         self.storage = np.dtype(U.dtype)  # outputs and state arrays share U's dtype
         self.arith = kernels.ARITHMETIC_DTYPES[self.dtype]
@@ -77,7 +78,7 @@ class _Problem:
             raise TypeError(f"{argname}: expected {self.array_type.__module__}."
                             f"{self.array_type.__name__} like U, got {type(array).__module__}."
                             f"{type(array).__name__} (do not mix NumPy and CuPy arrays)")
-        self.backend.check_same_device(array, argname)
+        self.backend.check_same_device(array, self.reference, argname)
 
     def data(self, array, shape, argname, required=True):
         """A contiguous array of the storage dtype with the given shape (or None)."""
@@ -158,80 +159,85 @@ def recurrence_forward(U, x, weight_c, bias, c0=None, *, hidden_size, bidirectio
     ``out`` may hold preallocated contiguous outputs under the keys "h", "c", "c_last".
     """
     p = _Problem(U, hidden_size, bidirectional, has_skip_term, use_tanh, scale_x, storage_dtype)
-    L, B, D = p.L, p.B, p.D
-    U = p.data(U, (L, B, D * p.k), "U")
-    x = p.data(x, (L, B, D), "x") if p.reads_x else None
-    if p.reads_x and x is None:
-        raise ValueError("x: required when the skip term reads it (k = 3 with has_skip_term)")
-    weight_c = p.param(weight_c, "weight_c", (2 * D,), required=False)
-    bias = p.param(bias, "bias", (2 * D,))
-    c0 = p.data(c0, (B, D), "c0", required=False)
-    mask_h = p.param(mask_h, "mask_h", (B, D), required=False)
-    mask_pad = p.pad_mask(mask_pad)
+    with p.backend.device_guard(U):  # outputs and launch on U's device
+        L, B, D = p.L, p.B, p.D
+        U = p.data(U, (L, B, D * p.k), "U")
+        x = p.data(x, (L, B, D), "x") if p.reads_x else None
+        if p.reads_x and x is None:
+            raise ValueError("x: required when the skip term reads it (k = 3 with has_skip_term)")
+        weight_c = p.param(weight_c, "weight_c", (2 * D,), required=False)
+        bias = p.param(bias, "bias", (2 * D,))
+        c0 = p.data(c0, (B, D), "c0", required=False)
+        mask_h = p.param(mask_h, "mask_h", (B, D), required=False)
+        mask_pad = p.pad_mask(mask_pad)
 
-    h = p.output(out, "h", (L, B, D))
-    c = p.output(out, "c", (L, B, D)) if store_c else None
-    c_last = p.output(out, "c_last", (B, D))
-    if B == 0:
+        h = p.output(out, "h", (L, B, D))
+        c = p.output(out, "c", (L, B, D)) if store_c else None
+        c_last = p.output(out, "c_last", (B, D))
+        if B == 0:
+            return h, c, c_last
+        if L == 0:  # no step: the final state is the initial one
+            if c0 is None:
+                c_last[...] = 0
+            else:
+                c_last[...] = c0
+            return h, c, c_last
+        grid, block = p.grid()
+        name = kernels.kernel_name("sru_recurrence_forward", p.dtype, p.k)
+        p.backend.launch(name, grid, block,
+                         [h, c, c_last, U, x, weight_c, bias, c0, mask_h, mask_pad, *p.sizes()])
         return h, c, c_last
-    if L == 0:  # no step: the final state is the initial one
-        if c0 is None:
-            c_last[...] = 0
-        else:
-            c_last[...] = c0
-        return h, c, c_last
-    grid, block = p.grid()
-    name = kernels.kernel_name("sru_recurrence_forward", p.dtype, p.k)
-    p.backend.launch(name, grid, block,
-                     [h, c, c_last, U, x, weight_c, bias, c0, mask_h, mask_pad, *p.sizes()])
-    return h, c, c_last
 
 
 def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, *, hidden_size,
                         bidirectional=False, has_skip_term=True, use_tanh=False, scale_x=1.0,
-                        mask_h=None, mask_pad=None, storage_dtype=None, out=None):
+                        mask_h=None, mask_pad=None, storage_dtype=None, out=None,
+                        reduce_params=True):
     """Gradients of the SRU recurrence, given dL/dh (L, B, D) and dL/dc_last (B, D, or None).
 
     ``c`` is the forward's state after every step. Returns a dict: "U" (L, B, D*k), "x" (L, B, D) or
     None when the recurrence does not read x, "c0" (B, D), "weight_c" and "bias" (2*D,) in the
     arithmetic dtype, and their per-column partials "weight_c_partial", "bias_partial" (2, B, D)
     before the sum over the batch. ``out`` may hold preallocated outputs under "U", "x", "c0",
-    "weight_c_partial" and "bias_partial".
+    "weight_c_partial" and "bias_partial". With ``reduce_params=False`` the sums over the batch are
+    left to the caller ("weight_c" and "bias" are then absent).
     """
     p = _Problem(U, hidden_size, bidirectional, has_skip_term, use_tanh, scale_x, storage_dtype)
-    L, B, D = p.L, p.B, p.D
-    U = p.data(U, (L, B, D * p.k), "U")
-    x = p.data(x, (L, B, D), "x") if p.reads_x else None
-    weight_c = p.param(weight_c, "weight_c", (2 * D,), required=False)
-    bias = p.param(bias, "bias", (2 * D,))
-    c0 = p.data(c0, (B, D), "c0", required=False)
-    mask_h = p.param(mask_h, "mask_h", (B, D), required=False)
-    mask_pad = p.pad_mask(mask_pad)
-    c = p.data(c, (L, B, D), "c")
-    grad_h = p.data(grad_h, (L, B, D), "grad_h")
-    grad_c_last = p.data(grad_c_last, (B, D), "grad_c_last", required=False)
+    with p.backend.device_guard(U):  # outputs and launch on U's device
+        L, B, D = p.L, p.B, p.D
+        U = p.data(U, (L, B, D * p.k), "U")
+        x = p.data(x, (L, B, D), "x") if p.reads_x else None
+        weight_c = p.param(weight_c, "weight_c", (2 * D,), required=False)
+        bias = p.param(bias, "bias", (2 * D,))
+        c0 = p.data(c0, (B, D), "c0", required=False)
+        mask_h = p.param(mask_h, "mask_h", (B, D), required=False)
+        mask_pad = p.pad_mask(mask_pad)
+        c = p.data(c, (L, B, D), "c")
+        grad_h = p.data(grad_h, (L, B, D), "grad_h")
+        grad_c_last = p.data(grad_c_last, (B, D), "grad_c_last", required=False)
 
-    grads = {
-        "U": p.output(out, "U", (L, B, D * p.k)),
-        "x": p.output(out, "x", (L, B, D)) if p.reads_x else None,
-        "c0": p.output(out, "c0", (B, D)),
-        "weight_c_partial": p.output(out, "weight_c_partial", (2, B, D), arith=True),
-        "bias_partial": p.output(out, "bias_partial", (2, B, D), arith=True),
-    }
-    if B > 0 and L == 0:  # nothing ran: dL/dc0 is dL/dc_last
-        grads["weight_c_partial"][...] = 0
-        grads["bias_partial"][...] = 0
-        if grad_c_last is None:
-            grads["c0"][...] = 0
-        else:
-            grads["c0"][...] = grad_c_last
-    elif B > 0:
-        grid, block = p.grid()
-        name = kernels.kernel_name("sru_recurrence_backward", p.dtype, p.k)
-        p.backend.launch(name, grid, block,
-                         [grads["U"], grads["x"], grads["weight_c_partial"], grads["bias_partial"],
-                          grads["c0"], U, x, weight_c, bias, c0, mask_h, mask_pad, c, grad_h,
-                          grad_c_last, *p.sizes()])
-    grads["weight_c"] = grads["weight_c_partial"].sum(axis=1).reshape(2 * D)
-    grads["bias"] = grads["bias_partial"].sum(axis=1).reshape(2 * D)
-    return grads
+        grads = {
+            "U": p.output(out, "U", (L, B, D * p.k)),
+            "x": p.output(out, "x", (L, B, D)) if p.reads_x else None,
+            "c0": p.output(out, "c0", (B, D)),
+            "weight_c_partial": p.output(out, "weight_c_partial", (2, B, D), arith=True),
+            "bias_partial": p.output(out, "bias_partial", (2, B, D), arith=True),
+        }
+        if B > 0 and L == 0:  # nothing ran: dL/dc0 is dL/dc_last
+            grads["weight_c_partial"][...] = 0
+            grads["bias_partial"][...] = 0
+            if grad_c_last is None:
+                grads["c0"][...] = 0
+            else:
+                grads["c0"][...] = grad_c_last
+        elif B > 0:
+            grid, block = p.grid()
+            name = kernels.kernel_name("sru_recurrence_backward", p.dtype, p.k)
+            p.backend.launch(name, grid, block,
+                             [grads["U"], grads["x"], grads["weight_c_partial"], grads["bias_partial"],
+                              grads["c0"], U, x, weight_c, bias, c0, mask_h, mask_pad, c, grad_h,
+                              grad_c_last, *p.sizes()])
+        if reduce_params:
+            grads["weight_c"] = grads["weight_c_partial"].sum(axis=1).reshape(2 * D)
+            grads["bias"] = grads["bias_partial"].sum(axis=1).reshape(2 * D)
+        return grads

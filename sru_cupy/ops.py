@@ -1,0 +1,271 @@
+"""The SRU recurrence as a PyTorch custom op with autograd.
+
+``recurrence(U, x, weight_c, bias, c0, ...)`` -> (h, c_last) is what the modules call. Underneath
+are two ``torch.library`` custom ops, ``sru_cupy::recurrence_forward`` and
+``sru_cupy::recurrence_backward``, each with a fake (meta) implementation, and an autograd formula
+registered on the forward op, so ``torch.compile(fullgraph=True)`` traces through them.
+
+Tensors reach the kernels without copies: CUDA tensors as CuPy arrays through DLPack, launched on
+PyTorch's current stream of the tensor's device under a device guard; CPU tensors as NumPy views,
+run by the host backend (the C++ build of the same kernels), or, where no C++ compiler exists, by
+the vectorized PyTorch implementation in ``torch_fallback``. Outputs are allocated by PyTorch.
+"""
+
+import contextlib
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import launch
+from .backends import host
+
+_STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_cpu_notice_shown = False
+
+
+def cpu_implementation():
+    """``"host"`` (compiled kernels) when a C++ compiler is available, else ``"torch"``."""
+    return "host" if host.available() else "torch"
+
+
+def _notice_cpu_path():
+    global _cpu_notice_shown
+    if not _cpu_notice_shown:
+        _cpu_notice_shown = True
+        import warnings
+        if cpu_implementation() == "torch":
+            warnings.warn("sru_cupy: no C++ compiler found, CPU tensors use the vectorized PyTorch "
+                          "implementation (set $CXX or install g++ for the compiled kernels)",
+                          stacklevel=4)
+
+
+def _arith_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def _cuda_context(device):
+    """Makes ``device`` current for PyTorch and CuPy, with CuPy on PyTorch's current stream."""
+    import cupy
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(index)
+    with torch.cuda.device(index), cupy.cuda.Device(index), \
+            cupy.cuda.ExternalStream(stream.cuda_stream, index):
+        yield
+
+
+def _as_array(t: Optional[Tensor]):
+    """A zero-copy NumPy (CPU) or CuPy (CUDA) view of a contiguous tensor; bfloat16 as its bits."""
+    if t is None:
+        return None
+    t = t.detach()
+    if t.device.type == "cpu":
+        if t.dtype == torch.bfloat16:
+            import ml_dtypes
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+    import cupy
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return cupy.from_dlpack(t)
+
+
+def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _options(hidden_size, bidirectional, has_skip_term, use_tanh, scale_x, dtype, device):
+    options = dict(hidden_size=hidden_size, bidirectional=bidirectional,
+                   has_skip_term=has_skip_term, use_tanh=use_tanh, scale_x=scale_x)
+    if dtype == torch.bfloat16 and device.type == "cuda":
+        options["storage_dtype"] = "bfloat16"  # CuPy sees the bits as int16
+    return options
+
+
+def _device_context(device):
+    return _cuda_context(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@torch.library.custom_op("sru_cupy::recurrence_forward", mutates_args=())
+def recurrence_forward_op(U: Tensor, x: Optional[Tensor], weight_c: Optional[Tensor], bias: Tensor,
+                          c0: Optional[Tensor], mask_h: Optional[Tensor],
+                          mask_pad: Optional[Tensor], hidden_size: int, bidirectional: bool,
+                          has_skip_term: bool, use_tanh: bool, scale_x: float,
+                          store_c: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(h (L, B, D), c (L, B, D), or (0,) when not store_c, c_last (B, D))."""
+    if U.device.type == "cpu" and cpu_implementation() == "torch":
+        from . import torch_fallback
+        return torch_fallback.recurrence_forward(
+            U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional,
+            has_skip_term, use_tanh, scale_x, store_c)
+    L, B = U.shape[0], U.shape[1]
+    D = hidden_size * (2 if bidirectional else 1)
+    h = U.new_empty((L, B, D))
+    c = U.new_empty((L, B, D) if store_c else (0,))
+    c_last = U.new_empty((B, D))
+    inputs = [_contiguous(t) for t in (U, x, weight_c, bias, c0, mask_h, mask_pad)]
+    with _device_context(U.device):
+        arrays = [_as_array(t) for t in inputs]
+        out = {"h": _as_array(h), "c_last": _as_array(c_last)}
+        if store_c:
+            out["c"] = _as_array(c)
+        launch.recurrence_forward(
+            *arrays[:5], mask_h=arrays[5], mask_pad=arrays[6], store_c=store_c, out=out,
+            **_options(hidden_size, bidirectional, has_skip_term, use_tanh, scale_x, U.dtype,
+                       U.device))
+    return h, c, c_last
+
+
+@recurrence_forward_op.register_fake
+def _(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional, has_skip_term,
+      use_tanh, scale_x, store_c):
+    L, B = U.shape[0], U.shape[1]
+    D = hidden_size * (2 if bidirectional else 1)
+    return (U.new_empty((L, B, D)), U.new_empty((L, B, D) if store_c else (0,)),
+            U.new_empty((B, D)))
+
+
+@torch.library.custom_op("sru_cupy::recurrence_backward", mutates_args=())
+def recurrence_backward_op(grad_h: Tensor, grad_c_last: Optional[Tensor], U: Tensor,
+                           x: Optional[Tensor], weight_c: Optional[Tensor], bias: Tensor,
+                           c0: Optional[Tensor], c: Tensor, mask_h: Optional[Tensor],
+                           mask_pad: Optional[Tensor], hidden_size: int, bidirectional: bool,
+                           has_skip_term: bool, use_tanh: bool,
+                           scale_x: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad U, grad x ((0,) when x is not read), grad weight_c (2D,), grad bias (2D,),
+    grad c0 (B, D)); parameter gradients in float32 (float64 for float64 data)."""
+    L, B = U.shape[0], U.shape[1]
+    D = hidden_size * (2 if bidirectional else 1)
+    reads_x = has_skip_term and U.shape[2] == 3 * D
+    if U.device.type == "cpu" and cpu_implementation() == "torch":
+        from . import torch_fallback
+        return torch_fallback.recurrence_backward(
+            grad_h, grad_c_last, U, x, weight_c, bias, c0, c, mask_h, mask_pad, hidden_size,
+            bidirectional, has_skip_term, use_tanh, scale_x)
+    arith = _arith_dtype(U.dtype)
+    grad_U = torch.empty_like(U, memory_format=torch.contiguous_format)
+    grad_x = U.new_empty((L, B, D) if reads_x else (0,))
+    grad_c0 = U.new_empty((B, D))
+    grad_wc_partial = U.new_empty((2, B, D), dtype=arith)
+    grad_bias_partial = U.new_empty((2, B, D), dtype=arith)
+    inputs = [_contiguous(t) for t in (grad_h, grad_c_last, U, x, weight_c, bias, c0, c, mask_h,
+                                       mask_pad)]
+    with _device_context(U.device):
+        a = [_as_array(t) for t in inputs]
+        out = {"U": _as_array(grad_U), "c0": _as_array(grad_c0),
+               "weight_c_partial": _as_array(grad_wc_partial),
+               "bias_partial": _as_array(grad_bias_partial)}
+        if reads_x:
+            out["x"] = _as_array(grad_x)
+        launch.recurrence_backward(
+            *a[:8], mask_h=a[8], mask_pad=a[9], out=out, reduce_params=False,
+            **_options(hidden_size, bidirectional, has_skip_term, use_tanh, scale_x, U.dtype,
+                       U.device))
+    return (grad_U, grad_x, grad_wc_partial.sum(1).reshape(2 * D),
+            grad_bias_partial.sum(1).reshape(2 * D), grad_c0)
+
+
+@recurrence_backward_op.register_fake
+def _(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, mask_h, mask_pad, hidden_size,
+      bidirectional, has_skip_term, use_tanh, scale_x):
+    L, B = U.shape[0], U.shape[1]
+    D = hidden_size * (2 if bidirectional else 1)
+    reads_x = has_skip_term and U.shape[2] == 3 * D
+    arith = _arith_dtype(U.dtype)
+    return (U.new_empty(U.shape), U.new_empty((L, B, D) if reads_x else (0,)),
+            U.new_empty((2 * D,), dtype=arith), U.new_empty((2 * D,), dtype=arith),
+            U.new_empty((B, D)))
+
+
+def _setup_context(ctx, inputs, output):
+    (U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional, has_skip_term,
+     use_tanh, scale_x, store_c) = inputs
+    h, c, c_last = output
+    ctx.options = (hidden_size, bidirectional, has_skip_term, use_tanh, scale_x)
+    ctx.store_c = store_c
+    ctx.has = [t is not None for t in (x, weight_c, c0)]
+    ctx.reads_x = has_skip_term and U.shape[2] == 3 * c_last.shape[1]
+    ctx.param_dtypes = (weight_c.dtype if weight_c is not None else None, bias.dtype)
+    ctx.save_for_backward(U, x, weight_c, bias, c0, mask_h, mask_pad, c)
+
+
+def _backward(ctx, grad_h, grad_c, grad_c_last):
+    U, x, weight_c, bias, c0, mask_h, mask_pad, c = ctx.saved_tensors
+    if not ctx.store_c:
+        raise RuntimeError("sru_cupy: backward through a recurrence run with store_c=False "
+                           "(the inference variant keeps no per-step state)")
+    if grad_h is None:  # only c_last was used
+        grad_h = torch.zeros_like(c)
+    grad_U, grad_x, grad_wc, grad_bias, grad_c0 = recurrence_backward_op(
+        grad_h, grad_c_last, U, x, weight_c, bias, c0, c, mask_h, mask_pad, *ctx.options)
+    wc_dtype, bias_dtype = ctx.param_dtypes
+    has_x, has_wc, has_c0 = ctx.has
+    return (grad_U, grad_x if has_x and ctx.reads_x else None,
+            grad_wc.to(wc_dtype) if has_wc else None, grad_bias.to(bias_dtype),
+            grad_c0 if has_c0 else None, None, None, None, None, None, None, None, None)
+
+
+recurrence_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def recurrence(U: Tensor, x: Optional[Tensor], weight_c: Optional[Tensor], bias: Tensor,
+               c0: Optional[Tensor] = None, *, hidden_size: int, bidirectional: bool = False,
+               has_skip_term: bool = True, use_tanh: bool = False, scale_x: float = 1.0,
+               mask_h: Optional[Tensor] = None,
+               mask_pad: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The SRU elementwise recurrence over U = x W: returns (h (L, B, D), c_last (B, D)).
+
+    U (L, B, D*k) with k = 3 or 4 (learned skip), x (L, B, D) the skip input when k = 3, weight_c
+    and bias (2*D,), c0 and mask_h (B, D), mask_pad (L, B) nonzero at padding; D = dirs *
+    hidden_size. U, x and c0 share one dtype (float16, bfloat16, float32 or float64); weight_c,
+    bias and mask_h may be float32. Differentiable in U, x, weight_c, bias and c0.
+    """
+    _check(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional, has_skip_term)
+    if U.device.type == "cpu":
+        _notice_cpu_path()
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (U, x, weight_c, bias, c0))
+    h, _, c_last = recurrence_forward_op(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size,
+                                         bidirectional, has_skip_term, use_tanh, float(scale_x),
+                                         needs_grad)
+    return h, c_last
+
+
+def _check(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional, has_skip_term):
+    """Argument checks with messages naming the argument, before anything is launched."""
+    if not isinstance(U, Tensor):
+        raise TypeError(f"U: expected a torch.Tensor, got {type(U).__name__}")
+    if U.dtype not in _STORAGE_DTYPES:
+        raise TypeError(f"U: expected dtype float16, bfloat16, float32 or float64, got {U.dtype}")
+    if U.dim() != 3:
+        raise ValueError(f"U: expected rank 3 (L, B, D*k), got shape {tuple(U.shape)}")
+    if U.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"U: expected a CPU or CUDA tensor, got device {U.device}")
+    D = hidden_size * (2 if bidirectional else 1)
+    if U.shape[2] not in (3 * D, 4 * D):
+        raise ValueError(f"U: expected last axis 3*D = {3 * D} or 4*D = {4 * D} (D = {D}), "
+                         f"got {U.shape[2]}")
+    L, B = U.shape[0], U.shape[1]
+    expected = {"x": ((L, B, D), True), "c0": ((B, D), True), "weight_c": ((2 * D,), False),
+                "bias": ((2 * D,), False), "mask_h": ((B, D), False), "mask_pad": ((L, B), None)}
+    for name, t in (("x", x), ("weight_c", weight_c), ("bias", bias), ("c0", c0),
+                    ("mask_h", mask_h), ("mask_pad", mask_pad)):
+        if t is None:
+            if name == "bias":
+                raise ValueError("bias: expected a tensor of shape (2*D,), got None")
+            if name == "x" and has_skip_term and U.shape[2] == 3 * D:
+                raise ValueError("x: required when the skip term reads it (k = 3 with "
+                                 "has_skip_term), got None")
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.device != U.device:
+            raise ValueError(f"{name}: expected a tensor on {U.device} like U, got {t.device}")
+        shape, same_dtype = expected[name]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+        if same_dtype and t.dtype != U.dtype:
+            raise TypeError(f"{name}: expected dtype {U.dtype} like U, got {t.dtype}")
+        if same_dtype is False and not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
