@@ -1,1 +1,33 @@
-"""SRU (Simple Recurrent Unit) recurrence kernels for CuPy."""
+"""sru_cupy: the Simple Recurrent Unit (SRU) as raw CUDA kernels compiled at first use.
+
+    from sru_cupy import SRU, SRUCell          # PyTorch layers (need torch)
+    from sru_cupy import launch, reference     # array-level kernels and the NumPy reference
+
+Importing the package initialises no CUDA context, compiles nothing and imports neither torch nor
+cupy: the names below are loaded on first access.
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "SRU": ("modules", "SRU"),
+    "SRUCell": ("modules", "SRUCell"),
+    "recurrence": ("ops", "recurrence"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        module, attribute = _LAZY[name]
+        value = getattr(importlib.import_module(f"{__name__}.{module}"), attribute)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = ["SRU", "SRUCell", "recurrence", "__version__"]

@@ -1,0 +1,375 @@
+"""``SRUCell`` and ``SRU``: the PyTorch layers, drop-in for the ``sru`` package (2.6 names).
+
+A layer computes U = x W (one GEMM over all steps, in PyTorch, so cuBLAS on GPU and the autocast
+type under AMP), then the fused elementwise recurrence of ``ops.recurrence``. Bias, the highway
+scale and the variational dropout mask on h are applied inside the kernel, not in extra passes.
+
+Parameter names and shapes match ``sru`` 2.6: ``weight`` (n_in, out*k) or ``weight_proj`` (n_in,
+projection) with ``weight`` (projection, out*k); ``weight_c`` and ``bias`` (2*out,); the buffer
+``scale_x`` (1,); ``layer_norm.*``; in ``SRU`` the layers are ``rnn_lst.{i}`` and the optional
+``input_to_hidden`` Linear. A state_dict saved by ``sru`` 2.6 loads as it is.
+"""
+
+import math
+import warnings
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from . import ops
+
+
+def _dropout_mask(reference: Tensor, shape, p: float) -> Tensor:
+    """Variational dropout mask: one Bernoulli(1 - p) / (1 - p) value per (batch, column)."""
+    return reference.new_empty(shape).bernoulli_(1 - p).div_(1 - p)
+
+
+class SRUCell(nn.Module):
+    """One SRU layer (unidirectional or bidirectional).
+
+    forward(input, c0=None, mask_pad=None) -> (h, c): input (L, B, input_size) or (B, L,
+    input_size) with ``batch_first``, or (B, input_size) for one step; c0 (B, output_size);
+    mask_pad (L, B) ((B, L) with ``batch_first``), nonzero at padding. h (L, B, output_size) and
+    c (B, output_size), output_size = hidden_size * (2 if bidirectional else 1).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, dropout: float = 0.0,
+                 rnn_dropout: float = 0.0, bidirectional: bool = False, n_proj: int = 0,
+                 use_tanh: bool = False, highway_bias: float = 0.0, has_skip_term: bool = True,
+                 layer_norm: bool = False, rescale: bool = True, v1: bool = False,
+                 transform_module: Optional[nn.Module] = None, amp_recurrence_fp16: bool = True,
+                 normalize_after: bool = False, weight_c_init: Optional[float] = None,
+                 batch_first: bool = False, projection_size: Optional[int] = None,
+                 custom_m: Optional[nn.Module] = None):
+        super().__init__()
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        for name, value in (("dropout", dropout), ("rnn_dropout", rnn_dropout)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
+        if custom_m is not None:
+            if transform_module is not None:
+                raise ValueError("custom_m: an alias of transform_module; give only one of them")
+            transform_module = custom_m
+        if projection_size is not None:
+            n_proj = projection_size
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.output_size = hidden_size * 2 if bidirectional else hidden_size
+        self.dropout = float(dropout)
+        self.rnn_dropout = float(rnn_dropout)
+        self.bidirectional = bidirectional
+        self.has_skip_term = has_skip_term
+        self.highway_bias = highway_bias
+        self.v1 = v1
+        self.rescale = rescale
+        self.use_tanh = use_tanh
+        self.activation_type = 1 if use_tanh else 0
+        self.amp_recurrence_fp16 = amp_recurrence_fp16
+        self.normalize_after = normalize_after
+        self.weight_c_init = weight_c_init
+        self.batch_first = batch_first
+        self.transform_module = transform_module
+        # A projection only when it makes the GEMM smaller (as in `sru`).
+        self.projection_size = n_proj if 0 < n_proj < min(input_size, self.output_size) else 0
+        self.num_matrices = 4 if has_skip_term and input_size != self.output_size else 3
+
+        self.weight_proj: Optional[nn.Parameter] = None
+        self.weight: Optional[nn.Parameter] = None
+        if transform_module is None:
+            fan_in = input_size
+            if self.projection_size:
+                self.weight_proj = nn.Parameter(torch.empty(input_size, self.projection_size))
+                fan_in = self.projection_size
+            self.weight = nn.Parameter(torch.empty(fan_in, self.output_size * self.num_matrices))
+        self.weight_c = nn.Parameter(torch.empty(2 * self.output_size))
+        self.bias = nn.Parameter(torch.empty(2 * self.output_size))
+        self.register_buffer("scale_x", torch.ones(1))
+        self.layer_norm: Optional[nn.LayerNorm] = None
+        if layer_norm:
+            self.layer_norm = nn.LayerNorm(self.output_size if normalize_after else input_size)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """The `sru` initialisation: Var[w] = 1/fan_in, the highway bias, weight_c of variance 1/2
+        scaled with the gate weights by sqrt(1/2), and compensation for dropout and layer norm."""
+        with torch.no_grad():
+            self.bias.zero_()
+            self.bias[self.output_size:] = self.highway_bias
+            scale = math.sqrt(1 + 2 * math.exp(self.highway_bias))
+            self.scale_x.fill_(scale if self.rescale and self.has_skip_term else 1.0)
+            if self.weight is not None:
+                fan_in = self.weight.shape[0]
+                self.weight.uniform_(-math.sqrt(3.0 / fan_in), math.sqrt(3.0 / fan_in))
+                if self.weight_proj is not None:
+                    bound = math.sqrt(3.0 / self.weight_proj.shape[0])
+                    self.weight_proj.uniform_(-bound, bound)
+                w = self.weight.view(fan_in, -1, self.hidden_size, self.num_matrices)
+                if self.dropout > 0:
+                    w[..., 0] *= math.sqrt(1 - self.dropout)
+                if self.rnn_dropout > 0:
+                    w *= math.sqrt(1 - self.rnn_dropout)
+                if self.layer_norm is not None:
+                    w *= 0.1
+                if self.rescale and self.has_skip_term and self.num_matrices == 4:
+                    w[..., 3] *= scale
+                if not self.v1:
+                    w[..., 1:3] *= math.sqrt(0.5)
+            elif hasattr(self.transform_module, "reset_parameters"):
+                self.transform_module.reset_parameters()
+            if self.v1:
+                self.weight_c.zero_()
+                self.weight_c.requires_grad_(False)
+            elif self.weight_c_init is None:
+                self.weight_c.uniform_(-math.sqrt(3.0), math.sqrt(3.0)).mul_(math.sqrt(0.5))
+            else:
+                self.weight_c.uniform_(-self.weight_c_init, self.weight_c_init)
+            if self.layer_norm is not None:
+                self.layer_norm.reset_parameters()
+
+    # -- forward ---------------------------------------------------------------------------------
+    def compute_U(self, input: Tensor) -> Tensor:
+        """U = input W (L, B, output_size * num_matrices)."""
+        if self.transform_module is not None:
+            U = self.transform_module(input)
+            if isinstance(U, (tuple, list)):
+                raise NotImplementedError(
+                    "transform_module: returning (U, V) with per-step weight_c offsets V is not "
+                    "supported; return U alone")
+            expected = self.output_size * self.num_matrices
+            if U.shape[-1] != expected:
+                raise ValueError(f"transform_module: expected U with last axis {expected}, got "
+                                 f"{tuple(U.shape)}")
+            return U
+        if self.weight_proj is not None:
+            input = torch.matmul(input, self.weight_proj)
+        return torch.matmul(input, self.weight)
+
+    def _check_input(self, input: Tensor):
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
+        if input.dim() != 3:
+            raise ValueError(f"input: expected rank 3 {'(B, L, n_in)' if self.batch_first else '(L, B, n_in)'}"
+                             f" or rank 2 (B, n_in), got shape {tuple(input.shape)}")
+        if input.shape[-1] != self.input_size:
+            raise ValueError(f"input: expected last axis input_size = {self.input_size}, got "
+                             f"{input.shape[-1]}")
+        if not input.is_floating_point():
+            raise TypeError(f"input: expected a floating dtype, got {input.dtype}")
+        if input.device != self.bias.device:
+            raise ValueError(f"input: expected a tensor on the module's device {self.bias.device},"
+                             f" got {input.device}")
+
+    def forward(self, input: Tensor, c0: Optional[Tensor] = None,
+                mask_pad: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        one_step = isinstance(input, Tensor) and input.dim() == 2
+        if one_step:
+            input = input.unsqueeze(1 if self.batch_first else 0)
+            if mask_pad is not None and mask_pad.dim() == 1:
+                mask_pad = mask_pad.unsqueeze(1 if self.batch_first else 0)
+        self._check_input(input)
+        if self.batch_first:
+            input = input.transpose(0, 1)
+            if mask_pad is not None:
+                if mask_pad.dim() != 2:
+                    raise ValueError(f"mask_pad: expected shape (B, L), got {tuple(mask_pad.shape)}")
+                mask_pad = mask_pad.transpose(0, 1)
+        h, c = self._forward_time_major(input, c0, mask_pad)
+        if self.batch_first:
+            h = h.transpose(0, 1)
+        if one_step:
+            h = h.squeeze(1 if self.batch_first else 0)
+        return h, c
+
+    def _forward_time_major_checked(self, input: Tensor, c0: Optional[Tensor],
+                                    mask_pad: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        self._check_input(input)
+        return self._forward_time_major(input, c0, mask_pad)
+
+    def _forward_time_major(self, input: Tensor, c0: Optional[Tensor],
+                            mask_pad: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        L, B = input.shape[0], input.shape[1]
+        if c0 is not None and tuple(c0.shape) != (B, self.output_size):
+            raise ValueError(f"c0: expected shape (B, output_size) = {(B, self.output_size)}, got "
+                             f"{tuple(c0.shape)}")
+        if mask_pad is not None and tuple(mask_pad.shape) != (L, B):
+            raise ValueError(f"mask_pad: expected shape {(B, L) if self.batch_first else (L, B)}, "
+                             f"got {tuple(mask_pad.shape[::-1] if self.batch_first else mask_pad.shape)}")
+        for name, t in (("c0", c0), ("mask_pad", mask_pad)):
+            if t is not None and t.device != input.device:
+                raise ValueError(f"{name}: expected a tensor on {input.device} like input, got "
+                                 f"{t.device}")
+
+        residual = input
+        if self.layer_norm is not None and not self.normalize_after:
+            input = self.layer_norm(input)
+        if self.training and self.rnn_dropout > 0:
+            input = input * _dropout_mask(input, (B, input.shape[-1]), self.rnn_dropout)
+        U = self.compute_U(input)
+        mask_h = None
+        if self.training and self.dropout > 0:
+            mask_h = _dropout_mask(self.bias.detach().float(), (B, self.output_size), self.dropout)
+
+        dtype = self._recurrence_dtype(U)
+        U = U.to(dtype)
+        x = residual.to(dtype) if self.has_skip_term and self.num_matrices == 3 else None
+        if c0 is not None:
+            c0 = c0.to(dtype)
+        h, c = ops.recurrence(U, x, None if self.v1 else self.weight_c, self.bias, c0,
+                              hidden_size=self.hidden_size, bidirectional=self.bidirectional,
+                              has_skip_term=self.has_skip_term, use_tanh=self.use_tanh,
+                              scale_x=float(self.scale_x[0]), mask_h=mask_h, mask_pad=mask_pad)
+        if self.layer_norm is not None and self.normalize_after:
+            h = self.layer_norm(h)
+        return h, c
+
+    def _recurrence_dtype(self, U: Tensor) -> torch.dtype:
+        # Under autocast U comes from the GEMM in a 16-bit type: keep it as the kernel's storage
+        # type (float32 arithmetic inside) or widen it to float32, as amp_recurrence_fp16 says.
+        if U.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(U.device.type):
+            return U.dtype if self.amp_recurrence_fp16 else torch.float32
+        return U.dtype
+
+    def extra_repr(self):
+        s = f"{self.input_size}, {self.hidden_size}"
+        for name, default in (("projection_size", 0), ("dropout", 0.0), ("rnn_dropout", 0.0),
+                              ("bidirectional", False), ("highway_bias", 0.0),
+                              ("use_tanh", False), ("v1", False), ("has_skip_term", True),
+                              ("normalize_after", False), ("batch_first", False)):
+            value = getattr(self, name)
+            if value != default:
+                s += f", {name}={value}"
+        s += f", rescale={self.rescale}"
+        if self.layer_norm is not None:
+            s += ", layer_norm=True"
+        return s
+
+
+class SRU(nn.Module):
+    """A stack of SRU layers, with the constructor and forward of the ``sru`` package.
+
+    forward(input, c0=None, mask_pad=None) -> (h, c): input (L, B, input_size), (B, L, input_size)
+    with ``batch_first``, or a PackedSequence; c0 (num_layers, B, output_size); mask_pad (L, B)
+    ((B, L) with batch_first), nonzero at padding. h (L, B, output_size) (a PackedSequence for
+    packed input) and c (num_layers, B, output_size), or (num_layers * dirs, B, hidden_size) like
+    nn.LSTM's with ``nn_rnn_compatible_return``.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 2,
+                 dropout: float = 0.0, rnn_dropout: float = 0.0, bidirectional: bool = False,
+                 projection_size: int = 0, use_tanh: bool = False, layer_norm: bool = False,
+                 highway_bias: float = 0.0, has_skip_term: bool = True, rescale: bool = False,
+                 v1: bool = False, nn_rnn_compatible_return: bool = False,
+                 transform_module=None, proj_input_to_hidden_first: bool = False,
+                 amp_recurrence_fp16: bool = True, normalize_after: bool = False,
+                 weight_c_init: Optional[float] = None, batch_first: bool = False,
+                 custom_m=None):
+        super().__init__()
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers: expected a positive int, got {num_layers!r}")
+        if custom_m is not None:
+            if transform_module is not None:
+                raise ValueError("custom_m: an alias of transform_module; give only one of them")
+            transform_module = custom_m
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.output_size = hidden_size * 2 if bidirectional else hidden_size
+        self.num_layers = num_layers
+        self.dropout = dropout
+        self.rnn_dropout = rnn_dropout
+        self.projection_size = projection_size
+        self.bidirectional = bidirectional
+        self.num_directions = 2 if bidirectional else 1
+        self.use_layer_norm = layer_norm
+        self.has_skip_term = has_skip_term
+        self.nn_rnn_compatible_return = nn_rnn_compatible_return
+        self.batch_first = batch_first
+        if rnn_dropout > 0:
+            warnings.warn("rnn_dropout > 0 is deprecated in the sru package; prefer dropout")
+        self.input_to_hidden: Optional[nn.Linear] = None
+        first_input = input_size
+        if proj_input_to_hidden_first and input_size != self.output_size:
+            self.input_to_hidden = nn.Linear(input_size, self.output_size, bias=False)
+            first_input = self.output_size
+        layers = []
+        for i in range(num_layers):
+            module = transform_module
+            if isinstance(transform_module, (list, tuple)):
+                module = transform_module[i]
+            elif transform_module is not None and i > 0:
+                import copy
+                module = copy.deepcopy(transform_module)
+            layers.append(SRUCell(
+                first_input if i == 0 else self.output_size, hidden_size,
+                dropout=dropout if i + 1 != num_layers else 0.0, rnn_dropout=rnn_dropout,
+                bidirectional=bidirectional, n_proj=projection_size, use_tanh=use_tanh,
+                layer_norm=layer_norm, highway_bias=highway_bias, has_skip_term=has_skip_term,
+                rescale=rescale, v1=v1, transform_module=module,
+                amp_recurrence_fp16=amp_recurrence_fp16, normalize_after=normalize_after,
+                weight_c_init=weight_c_init))
+        self.rnn_lst = nn.ModuleList(layers)
+
+    def reset_parameters(self):
+        for layer in self.rnn_lst:
+            layer.reset_parameters()
+        if self.input_to_hidden is not None:
+            self.input_to_hidden.reset_parameters()
+
+    def forward(self, input, c0: Optional[Tensor] = None,
+                mask_pad: Optional[Tensor] = None):
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            if mask_pad is not None:
+                raise ValueError("mask_pad: must be None for PackedSequence input (the lengths "
+                                 "give the padding)")
+            input, lengths = pad_packed_sequence(input)  # (L, B, n), batch in original order
+            steps = torch.arange(input.shape[0], device=input.device).unsqueeze(1)
+            mask_pad = steps >= lengths.to(input.device).unsqueeze(0)
+        else:
+            if not isinstance(input, Tensor):
+                raise TypeError(f"input: expected a torch.Tensor or PackedSequence, got "
+                                f"{type(input).__name__}")
+            if input.dim() != 3:
+                raise ValueError(f"input: expected rank 3 "
+                                 f"{'(B, L, n_in)' if self.batch_first else '(L, B, n_in)'}, got "
+                                 f"shape {tuple(input.shape)}")
+            if self.batch_first:
+                input = input.transpose(0, 1)
+                if mask_pad is not None:
+                    if mask_pad.dim() != 2:
+                        raise ValueError(f"mask_pad: expected shape (B, L), got "
+                                         f"{tuple(mask_pad.shape)}")
+                    mask_pad = mask_pad.transpose(0, 1)
+        B = input.shape[1]
+        if input.shape[-1] != self.input_size:
+            raise ValueError(f"input: expected last axis input_size = {self.input_size}, got "
+                             f"{input.shape[-1]}")
+        if c0 is not None:
+            expected = (self.num_layers, B, self.output_size)
+            if not isinstance(c0, Tensor) or tuple(c0.shape) != expected:
+                raise ValueError(f"c0: expected shape (num_layers, B, output_size) = {expected}, "
+                                 f"got {tuple(c0.shape) if isinstance(c0, Tensor) else type(c0)}")
+        prev = input if self.input_to_hidden is None else self.input_to_hidden(input)
+        finals = []
+        for i, layer in enumerate(self.rnn_lst):
+            prev, c = layer._forward_time_major_checked(prev, None if c0 is None else c0[i],
+                                                        mask_pad)
+            finals.append(c)
+        c_all = torch.stack(finals)
+        if self.nn_rnn_compatible_return:
+            c_all = (c_all.view(self.num_layers, B, self.num_directions, self.hidden_size)
+                     .transpose(1, 2).reshape(self.num_layers * self.num_directions, B,
+                                              self.hidden_size))
+        if packed:
+            return pack_padded_sequence(prev, lengths, enforce_sorted=False), c_all
+        if self.batch_first:
+            prev = prev.transpose(0, 1)
+        return prev, c_all
+
+    def extra_repr(self):
+        return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
+                + (", bidirectional=True" if self.bidirectional else "")
+                + (", batch_first=True" if self.batch_first else ""))
