@@ -24,8 +24,11 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     # Also declared in setup.cfg [tool:pytest]; repeated here so the markers are
     # known when pytest runs with another config file (or -c /dev/null).
-    config.addinivalue_line("markers", "slow: long-running test; skipped unless pytest is given --run-slow")
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (and CuPy); skipped where none is present")
+    declared = {line.split(":", 1)[0].strip() for line in config.getini("markers")}
+    if "slow" not in declared:
+        config.addinivalue_line("markers", "slow: long-running test; skipped unless pytest is given --run-slow")
+    if "gpu" not in declared:
+        config.addinivalue_line("markers", "gpu: needs a CUDA GPU (and CuPy); skipped where none is present")
 
 
 @functools.lru_cache(maxsize=None)
