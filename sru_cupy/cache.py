@@ -43,3 +43,21 @@ def write_atomic(path, data):
         except OSError:
             pass
         raise
+
+
+def clear():
+    """Removes every file and folder inside the cache folder; returns the number of files removed."""
+    import shutil
+    root = cache_root()
+    if not os.path.isdir(root):
+        return 0
+    removed = 0
+    for entry in os.listdir(root):
+        path = os.path.join(root, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            removed += sum(len(files) for _, _, files in os.walk(path))
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+            removed += 1
+    return removed

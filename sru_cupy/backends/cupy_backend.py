@@ -37,10 +37,9 @@ def _load_module(device_id):
     cupy = _cupy()
     ptx_dir = os.environ.get("SRU_CUPY_PTX_DIR")
     with cupy.cuda.Device(device_id) as device:
-        if ptx_dir:
+        if ptx_dir:  # PTX built offline by `python -m sru_cupy compile`
             from .. import ptx
-            major, minor = device.compute_capability[:-1], device.compute_capability[-1]
-            path, lowered = ptx.load_ptx(ptx_dir, f"sm_{major}{minor}")
+            _, path, lowered = ptx.load_ptx_for_device(ptx_dir, int(device.compute_capability))
             return cupy.RawModule(path=path), dict(lowered)
         names = kernels.all_kernel_names()
         try:
@@ -95,6 +94,7 @@ def array_module(array=None):
 
 def block_size(ncols):
     # One thread per column and often few columns (B * D): small blocks spread them over more SMs.
+    # At most 128 keeps every instantiation launchable (the float64 backward uses ~145 registers).
     return 128 if ncols >= 128 * 1024 else 64
 
 

@@ -1,0 +1,327 @@
+"""Benchmarks: the SRU layer against torch.nn.LSTM (cuDNN on GPU), torch.nn.Conv1d (kernel 3) and
+the ``sru`` package, the recurrence kernel against its memory floor, and the kernel compile cost.
+
+Run with ``python -m sru_cupy bench [--device auto|cpu|cuda] [--out DIR]``. Prints tables and
+writes ``bench.json``, ``bench.md`` and ``bench.png`` to the output folder.
+
+What is timed (medians of ``--repeats`` runs after ``--warmup`` runs; CUDA events on GPU):
+- forward: inference (``torch.no_grad``; the SRU runs its inference kernel, no per-step state);
+- forward+backward: training step on inputs that require grad, so the backward includes the
+  input-gradient GEMM, with ``h.sum()`` as the loss.
+The recurrence alone is compared with its memory floor: the bytes it must move (U and x in, h and
+c out per element for training forward; 10 values per element for backward, REFERENCE figures)
+divided by the device-to-device copy bandwidth measured in the same run.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+# Paper configurations (GTX 1070 figures in the 2017 paper), then larger ones.
+CONFIGS = [
+    {"name": "L32-B32-d256", "L": 32, "B": 32, "d": 256, "layers": 1, "bidirectional": False},
+    {"name": "L128-B32-d512", "L": 128, "B": 32, "d": 512, "layers": 1, "bidirectional": False},
+    {"name": "L256-B64-d1024", "L": 256, "B": 64, "d": 1024, "layers": 1, "bidirectional": False,
+     "gpu_only": True},
+    {"name": "L128-B32-d512-4layer-bi", "L": 128, "B": 32, "d": 512, "layers": 4,
+     "bidirectional": True},
+]
+
+PAPER_MS = {  # (forward, forward+backward) in ms, GTX 1070, batch 32, one layer
+    "L32-B32-d256": {"cuDNN LSTM": (2.68, 6.51), "conv k=3": (0.23, 0.54), "SRU": (0.18, 0.40)},
+    "L128-B32-d512": {"cuDNN LSTM": (15.1, 38.9), "conv k=3": (2.14, 4.49), "SRU": (1.66, 3.38)},
+}
+
+
+class Timer:
+    """Median wall time of a callable, in ms: CUDA events on GPU, perf_counter on CPU."""
+
+    def __init__(self, device, repeats, warmup):
+        import torch
+        self.torch = torch
+        self.device = device
+        self.repeats = repeats
+        self.warmup = warmup
+
+    def __call__(self, fn):
+        torch = self.torch
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            for _ in range(self.repeats):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+        else:
+            for _ in range(self.repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+
+class _ConvStack:
+    """`layers` Conv1d(d, d, 3, padding=1) on (L, B, d) input (transposed to (B, d, L))."""
+
+    def __init__(self, d, layers, device, dtype):
+        import torch
+        self.net = torch.nn.Sequential(*[torch.nn.Conv1d(d, d, 3, padding=1)
+                                         for _ in range(layers)]).to(device, dtype)
+
+    def parameters(self):
+        return self.net.parameters()
+
+    def __call__(self, x):
+        return self.net(x.permute(1, 2, 0)), None
+
+
+def _models(cfg, device, dtype):
+    """name -> callable(x) -> (output, _) ; models that cannot be built are skipped with a reason."""
+    import torch
+    from .modules import SRU
+    d, layers, bi = cfg["d"], cfg["layers"], cfg["bidirectional"]
+    hidden = d // 2 if bi else d
+    models, skipped = {}, {}
+    models["sru_cupy SRU"] = SRU(d, hidden, num_layers=layers, bidirectional=bi).to(device, dtype)
+    lstm = torch.nn.LSTM(d, hidden, num_layers=layers, bidirectional=bi).to(device, dtype)
+    models["cuDNN LSTM" if device.type == "cuda" else "torch LSTM"] = lstm
+    models["conv k=3"] = _ConvStack(d, layers, device, dtype)
+    try:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import sru
+        models["sru package"] = sru.SRU(d, hidden, num_layers=layers,
+                                        bidirectional=bi).to(device, dtype)
+    except Exception as error:  # not installed, or its extension does not build here
+        skipped["sru package"] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+    return models, skipped
+
+
+def _layer_rows(cfg, device, dtype, timer):
+    import torch
+    x = torch.randn(cfg["L"], cfg["B"], cfg["d"], device=device, dtype=dtype)
+    models, skipped = _models(cfg, device, dtype)
+    rows = []
+    for name, model in models.items():
+        def forward():
+            with torch.no_grad():
+                model(x)
+
+        x_grad = x.clone().requires_grad_(True)
+
+        def train_step():
+            out, _ = model(x_grad)
+            out.float().sum().backward()
+
+        try:
+            fwd = timer(forward)
+            fwd_bwd = timer(train_step)
+            rows.append({"model": name, "forward_ms": fwd, "forward_backward_ms": fwd_bwd})
+        except Exception as error:
+            skipped[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+    return rows, skipped
+
+
+def copy_bandwidth(device, timer, nbytes=None):
+    """Bytes per second of a device-to-device (or host memcpy) copy: read + write counted."""
+    import torch
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 28)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms / 1e3)
+
+
+def _recurrence_rows(cfg, device, dtype, timer, bandwidth):
+    """The forward (training and inference) and backward kernels alone, vs their memory floor."""
+    import torch
+    from . import ops
+    L, B, d = cfg["L"], cfg["B"], cfg["d"]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    U = (torch.randn(L, B, 3 * d, generator=g) * 0.5).to(device, dtype)
+    x = torch.randn(L, B, d, generator=g).to(device, dtype)
+    weight_c = torch.randn(2 * d, generator=g).to(device)
+    bias = torch.zeros(2 * d, device=device)
+    options = (d, False, True, False, 1.0)
+    _, c, _ = ops.recurrence_forward_op(U, x, weight_c, bias, None, None, None, *options, True)
+    grad_h = torch.randn_like(x)
+    size = torch.tensor([], dtype=dtype).element_size()
+    elements = L * B * d
+    kernels = {
+        "forward (training)": (lambda: ops.recurrence_forward_op(
+            U, x, weight_c, bias, None, None, None, *options, True), 6),
+        "forward (inference)": (lambda: ops.recurrence_forward_op(
+            U, x, weight_c, bias, None, None, None, *options, False), 5),
+        "backward": (lambda: ops.recurrence_backward_op(
+            grad_h, None, U, x, weight_c, bias, None, c, None, None, *options), 10),
+    }
+    rows = []
+    with torch.no_grad():
+        for name, (fn, values) in kernels.items():
+            ms = timer(fn)
+            floor_ms = values * size * elements / bandwidth * 1e3
+            rows.append({"kernel": name, "ms": ms, "floor_ms": floor_ms,
+                         "percent_of_floor": 100.0 * floor_ms / ms})
+    return rows
+
+
+def compile_cost(device):
+    """Seconds to the first result in a fresh process with an empty kernel cache, then warm."""
+    code = ("import time, torch; t = time.perf_counter(); import sru_cupy; "
+            f"U = torch.zeros(2, 1, 3, device='{device.type}'); b = torch.zeros(2, device='{device.type}'); "
+            "sru_cupy.recurrence(U, torch.zeros(2, 1, 1, device=U.device), None, b, hidden_size=1); "
+            "torch.cuda.synchronize() if U.is_cuda else None; print(time.perf_counter() - t)")
+    results = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, SRU_CUPY_CACHE_DIR=cache, CUPY_CACHE_DIR=os.path.join(cache, "cupy"))
+        env.pop("SRU_CUPY_PTX_DIR", None)
+        for label in ("cold cache", "warm cache"):
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                 text=True)
+            if out.returncode != 0:
+                results[label] = None
+                results["error"] = out.stderr.strip().splitlines()[-1:]
+                break
+            results[label] = float(out.stdout.strip().splitlines()[-1])
+    return results
+
+
+def run(device="auto", out_dir=None, repeats=20, warmup=5, dtypes=None, configs=None,
+        include_all=False, echo=print):
+    import torch
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if dtypes is None:
+        dtypes = ["float32", "bfloat16"] if device.type == "cuda" else ["float32"]
+    selected = [c for c in CONFIGS if (configs is None or c["name"] in configs)
+                and (include_all or device.type == "cuda" or not c.get("gpu_only"))]
+    timer = Timer(device, repeats, warmup)
+    torch.manual_seed(0)
+    from . import info
+    result = {"device": info.device_name(device), "torch": torch.__version__,
+              "repeats": repeats, "warmup": warmup, "threads": torch.get_num_threads(),
+              "layers": [], "recurrence": [], "skipped": {}}
+    bandwidth = copy_bandwidth(device, timer)
+    result["copy_bandwidth_GBps"] = bandwidth / 1e9
+    echo(f"device: {result['device']}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
+         f"median of {repeats} runs after {warmup} warm-up")
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        for cfg in selected:
+            rows, skipped = _layer_rows(cfg, device, dtype, timer)
+            for row in rows:
+                row.update(config=cfg["name"], dtype=dtype_name)
+            result["layers"].extend(rows)
+            for name, why in skipped.items():
+                result["skipped"][f"{cfg['name']} {dtype_name} {name}"] = why
+            rec = _recurrence_rows(cfg, device, dtype, timer, bandwidth)
+            for row in rec:
+                row.update(config=cfg["name"], dtype=dtype_name)
+            result["recurrence"].extend(rec)
+            echo(format_layer_table([r for r in rows]) + "\n")
+    result["compile_seconds"] = compile_cost(device)
+    markdown = format_markdown(result)
+    echo(markdown)
+    if out_dir:
+        write_outputs(result, markdown, out_dir)
+        echo(f"wrote {os.path.join(out_dir, 'bench.json')}, bench.md, bench.png")
+    return result
+
+
+def _ratio_rows(rows):
+    """Adds ratios to the sru_cupy SRU row of the same config and dtype."""
+    out = []
+    base = {(r["config"], r["dtype"]): r for r in rows if r["model"] == "sru_cupy SRU"}
+    for r in rows:
+        ref = base.get((r["config"], r["dtype"]))
+        r = dict(r)
+        if ref:
+            r["forward_ratio"] = r["forward_ms"] / ref["forward_ms"]
+            r["forward_backward_ratio"] = r["forward_backward_ms"] / ref["forward_backward_ms"]
+        out.append(r)
+    return out
+
+
+def format_layer_table(rows):
+    lines = [f"{'config':26} {'dtype':9} {'model':14} {'fwd ms':>9} {'x SRU':>6} "
+             f"{'fwd+bwd ms':>11} {'x SRU':>6}"]
+    for r in _ratio_rows(rows):
+        lines.append(f"{r['config']:26} {r['dtype']:9} {r['model']:14} {r['forward_ms']:9.3f} "
+                     f"{r.get('forward_ratio', float('nan')):6.2f} {r['forward_backward_ms']:11.3f} "
+                     f"{r.get('forward_backward_ratio', float('nan')):6.2f}")
+    return "\n".join(lines)
+
+
+def format_markdown(result):
+    out = [f"Device: {result['device']} (torch {result['torch']}, {result['threads']} threads); "
+           f"medians of {result['repeats']} runs. Ratios are time / sru_cupy SRU time.", "",
+           "| config | dtype | model | forward ms | x SRU | fwd+bwd ms | x SRU |",
+           "|---|---|---|---:|---:|---:|---:|"]
+    for r in _ratio_rows(result["layers"]):
+        out.append(f"| {r['config']} | {r['dtype']} | {r['model']} | {r['forward_ms']:.3f} | "
+                   f"{r.get('forward_ratio', float('nan')):.2f} | {r['forward_backward_ms']:.3f} | "
+                   f"{r.get('forward_backward_ratio', float('nan')):.2f} |")
+    out += ["", f"Recurrence kernel alone vs its memory floor (copy bandwidth "
+                f"{result['copy_bandwidth_GBps']:.1f} GB/s):", "",
+            "| config | dtype | kernel | ms | floor ms | % of floor |", "|---|---|---|---:|---:|---:|"]
+    for r in result["recurrence"]:
+        out.append(f"| {r['config']} | {r['dtype']} | {r['kernel']} | {r['ms']:.4f} | "
+                   f"{r['floor_ms']:.4f} | {r['percent_of_floor']:.1f} |")
+    compile_s = result.get("compile_seconds", {})
+    if compile_s:
+        out += ["", "Kernel compile cost (first call in a new process): "
+                + ", ".join(f"{k}: {v:.2f} s" if isinstance(v, float) else f"{k}: {v}"
+                            for k, v in compile_s.items())]
+    if result["skipped"]:
+        out += ["", "Not measured: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items())]
+    return "\n".join(out)
+
+
+def write_outputs(result, markdown, out_dir):
+    from .cache import write_atomic
+    os.makedirs(out_dir, exist_ok=True)
+    write_atomic(os.path.join(out_dir, "bench.json"), json.dumps(result, indent=2).encode())
+    write_atomic(os.path.join(out_dir, "bench.md"), (markdown + "\n").encode())
+    try:
+        _chart(result, os.path.join(out_dir, "bench.png"))
+    except ImportError:
+        pass  # matplotlib is optional: the JSON and markdown carry the figures
+
+
+def _chart(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = result["layers"]
+    groups = sorted({(r["config"], r["dtype"]) for r in rows}, key=lambda g: (g[1], g[0]))
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / max(len(models), 1)
+    for ax, key, title in ((axes[0], "forward_ms", "forward"),
+                           (axes[1], "forward_backward_ms", "forward + backward")):
+        for i, model in enumerate(models):
+            values = [next((r[key] for r in rows if (r["config"], r["dtype"]) == g
+                            and r["model"] == model), 0.0) for g in groups]
+            ax.bar([j + i * width for j in range(len(groups))], values, width, label=model)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+        ax.set_xticklabels([f"{c}\n{dt}" for c, dt in groups], fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms (log)")
+        ax.set_title(f"{title} — {result['device']}")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)

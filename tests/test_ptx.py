@@ -1,0 +1,257 @@
+"""The device-free PTX build (sru_cupy.ptx, `python -m sru_cupy compile`): every instantiation
+compiles with NVRTC for sm_70, sm_80 and sm_90, each PTX has an entry per kernel, ptxas (where one
+matching the NVRTC is installed) assembles it without spills, and the manifest loader rejects stale
+or incomplete folders.
+
+Needs pynvrtc and libnvrtc (the `test` extras install both, with NVRTC 12 for sm_70); skipped with
+the reason where they are missing. Each architecture is compiled once per session."""
+
+import contextlib
+import importlib
+import io
+import json
+import os
+import re
+import shutil
+
+import pytest
+
+from sru_cupy import kernels, ptx
+from sru_cupy.__main__ import main
+from sru_cupy.backends import KernelCompileError
+
+ARCHS = (70, 80, 90)
+# NVRTC 12 warns for every pre-Turing target; any other warning is a finding about the source.
+KNOWN_WARNING = re.compile(r"Architectures prior to .* are deprecated")
+
+
+def _nvrtc_unavailable_reason():
+    try:
+        importlib.import_module("pynvrtc.interface")
+    except ImportError as exc:
+        return f"pynvrtc is not installed ({exc}); pip install -e '.[test]'"
+    usable, rejected = ptx.survey_nvrtc()
+    if not usable:
+        return "no libnvrtc found; pip install -e '.[test]'" + "".join(f"; {r}" for r in rejected)
+    return None
+
+
+@pytest.fixture(scope="module")
+def nvrtc():
+    """Skips (with the reason) where pynvrtc or libnvrtc is not installed."""
+    reason = _nvrtc_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def built(nvrtc, tmp_path_factory):
+    """Compiles all ARCHS once through the command line; (folder, stdout, manifest)."""
+    folder = str(tmp_path_factory.mktemp("ptx"))
+    argv = ["compile", "--out", folder]
+    for arch, spelling in zip(ARCHS, ("sm_70", "80", "compute_90")):
+        argv += ["--arch", spelling]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    assert rc == 0, f"compile failed:\n{out.getvalue()}\n{err.getvalue()}"
+    return folder, out.getvalue(), ptx.read_manifest(folder)
+
+
+def _ptx_text(folder, manifest, arch):
+    with open(os.path.join(folder, manifest["archs"][f"sm_{arch}"]["file"]), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_cli_reports_every_arch(built):
+    folder, out, manifest = built
+    assert sorted(manifest["archs"]) == [f"sm_{arch}" for arch in ARCHS]
+    names = kernels.all_kernel_names()
+    for arch in ARCHS:
+        entry = manifest["archs"][f"sm_{arch}"]
+        line = next(l for l in out.splitlines() if l.startswith(f"sm_{arch}:"))
+        assert f"NVRTC {entry['nvrtc_version']}" in line
+        assert f"{entry['size']} bytes" in line and f"{len(names)} kernels" in line
+    assert manifest["source_hash"] == kernels.source_hash()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_instantiation_has_an_entry(built, arch):
+    folder, _, manifest = built
+    entry = manifest["archs"][f"sm_{arch}"]
+    text = _ptx_text(folder, manifest, arch)
+    assert f".target sm_{arch}" in text
+    assert ptx.ptx_isa_version(text) == entry["ptx_isa"]
+    lowered = entry["lowered_names"]
+    assert sorted(lowered) == sorted(kernels.all_kernel_names())
+    assert len(set(lowered.values())) == len(lowered)
+    entries = re.findall(r"^(?:\.visible |\.weak )?\.entry (\S+)\(", text, re.MULTILINE)
+    assert sorted(entries) == sorted(lowered.values())
+    # The kernels compile cleanly: nothing in the log but NVRTC 12's pre-Turing notice.
+    unexpected = [l for l in entry["log"].splitlines() if l.strip() and not KNOWN_WARNING.search(l)]
+    assert not unexpected, entry["log"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_newest_supporting_nvrtc_is_used(built, arch):
+    _, _, manifest = built
+    supporting = [n for n in ptx.available_nvrtcs() if n.supports(arch)]
+    assert supporting, f"no NVRTC supports sm_{arch}; the test extras install NVRTC 12 and 13"
+    newest = max(n.version for n in supporting)
+    assert manifest["archs"][f"sm_{arch}"]["nvrtc_version"] == "%d.%d" % newest
+
+
+@pytest.fixture(scope="module")
+def ptxas_tools():
+    return ptx.find_ptxas()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ptxas_assembles_without_spills(built, ptxas_tools, arch):
+    folder, _, manifest = built
+    entry = manifest["archs"][f"sm_{arch}"]
+    tool = ptx.ptxas_for(entry["nvrtc_version"], ptxas_tools)
+    if tool is None:
+        found = ", ".join(f"{t.version_string} at {t.path}" for t in ptxas_tools) or "none"
+        pytest.skip(f"no ptxas matching NVRTC {entry['nvrtc_version']} (PTX ISA {entry['ptx_isa']}); "
+                    f"found: {found}")
+    result = ptx.assemble(os.path.join(folder, entry["file"]), arch, tool)
+    assert result.returncode == 0, f"{' '.join(result.command)}\n{result.output}"
+    for name, lowered in entry["lowered_names"].items():
+        info = result.functions.get(lowered)
+        assert info is not None, f"ptxas -v says nothing about {name} ({lowered}):\n{result.output}"
+        assert "registers" in info and "spill_stores" in info, f"{name}: {info}\n{result.output}"
+        assert info["spill_stores"] == 0 and info["spill_loads"] == 0, f"{name} spills on sm_{arch}: {info}"
+
+
+def test_parse_ptxas_verbose():
+    text = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z1kPf' for 'sm_80'
+ptxas info    : Function properties for _Z1kPf
+    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 40 registers, 360 bytes cmem[0]
+"""
+    assert ptx.parse_ptxas_verbose(text) == {
+        "_Z1kPf": {"stack": 8, "spill_stores": 4, "spill_loads": 12, "registers": 40}}
+
+
+@pytest.mark.parametrize("spelling", [80, "80", "sm_80", "SM80", "compute_80"])
+def test_manifest_round_trip(built, spelling):
+    folder, _, manifest = built
+    path, names = ptx.load_ptx(folder, spelling)
+    entry = manifest["archs"]["sm_80"]
+    assert os.path.isfile(path) and os.path.samefile(path, os.path.join(folder, entry["file"]))
+    assert names == entry["lowered_names"]
+    assert set(names) == set(kernels.all_kernel_names())
+
+
+@pytest.mark.parametrize("device, expected", [(70, 70), (75, 70), (86, 80), (89, 80), (90, 90), (120, 90)])
+def test_load_for_device_picks_newest_not_above(built, device, expected):
+    folder = built[0]
+    arch, path, names = ptx.load_ptx_for_device(folder, device)
+    assert arch == expected
+    assert (path, names) == ptx.load_ptx(folder, expected)
+
+
+def _copy(folder, tmp_path):
+    target = str(tmp_path / "copy")
+    shutil.copytree(folder, target)
+    return target
+
+
+def _edit_manifest(folder, edit):
+    path = os.path.join(folder, ptx.MANIFEST_FILE)
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    edit(manifest)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(manifest, f)
+
+
+def test_source_hash_mismatch_is_detected(built, tmp_path, monkeypatch):
+    folder = _copy(built[0], tmp_path)
+    _edit_manifest(folder, lambda m: m.update(source_hash="0" * 64))
+    with pytest.raises(ptx.PTXManifestError, match="other kernel sources"):
+        ptx.load_ptx(folder, 80)
+    # And the other way round: the installed sources change under an intact folder.
+    monkeypatch.setattr(kernels, "source_hash", lambda *extra: "f" * 64)
+    with pytest.raises(ptx.PTXManifestError, match="other kernel sources"):
+        ptx.load_ptx(built[0], 80)
+
+
+def test_missing_arch_manifest_and_file_are_reported(built, tmp_path):
+    folder = built[0]
+    with pytest.raises(ptx.PTXManifestError, match=r"no sm_75 \(it has: sm_70, sm_80, sm_90\)"):
+        ptx.load_ptx(folder, 75)
+    with pytest.raises(ptx.PTXManifestError, match="no architecture a sm_61 device can run"):
+        ptx.load_ptx_for_device(folder, 61)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ptx.PTXManifestError, match="not a PTX folder"):
+        ptx.load_ptx(str(empty), 80)
+    copy = _copy(folder, tmp_path)
+    with open(os.path.join(copy, ptx.ptx_file_name(90)), "a", encoding="utf-8") as f:
+        f.write("// changed\n")
+    with pytest.raises(ptx.PTXManifestError, match="SHA-256"):
+        ptx.load_ptx(copy, 90)
+    os.remove(os.path.join(copy, ptx.ptx_file_name(90)))
+    with pytest.raises(ptx.PTXManifestError, match="cannot read"):
+        ptx.load_ptx(copy, 90)
+    _edit_manifest(copy, lambda m: m["archs"]["sm_80"]["lowered_names"].popitem())
+    with pytest.raises(ptx.PTXManifestError, match="lacks"):
+        ptx.load_ptx(copy, 80)
+    _edit_manifest(copy, lambda m: m.update(format=999))
+    with pytest.raises(ptx.PTXManifestError, match="format"):
+        ptx.load_ptx(copy, 80)
+
+
+def test_compile_error_surfaces_the_log(nvrtc):
+    broken = "template <typename T> __global__ void broken(T* p) { *p = undeclared_name; }\n"
+    with pytest.raises(KernelCompileError) as info:
+        ptx.compile_source(broken, ["broken<float>"], 80)
+    assert "undeclared_name" in info.value.log
+    assert "--gpu-architecture=compute_80" in info.value.options
+    assert "undeclared_name" in str(info.value)
+
+
+def test_bad_option_surfaces_the_log(nvrtc):
+    source = 'extern "C" __global__ void fine(float* p) { *p = 1.0f; }\n'
+    with pytest.raises(KernelCompileError) as info:
+        ptx.compile_source(source, [], 80, extra_options=["--no-such-option"])
+    assert "--no-such-option" in info.value.log
+    assert "--no-such-option" in info.value.options
+
+
+def test_rebuilding_one_arch_keeps_the_others(built, tmp_path):
+    folder = _copy(built[0], tmp_path)
+    before = ptx.read_manifest(folder)
+    manifest = ptx.build(folder, [80])
+    assert sorted(manifest["archs"]) == ["sm_70", "sm_80", "sm_90"]
+    assert manifest["archs"]["sm_70"] == before["archs"]["sm_70"]
+    assert ptx.load_ptx(folder, 70)[1] == before["archs"]["sm_70"]["lowered_names"]
+
+
+def test_unsupported_arch_names_the_nvrtcs(nvrtc):
+    with pytest.raises(ptx.UnsupportedArchError) as info:
+        ptx.select_nvrtc(20)
+    message = str(info.value)
+    assert "sm_20" in message
+    for nvrtc in ptx.available_nvrtcs():
+        assert f"NVRTC {nvrtc.version_string}" in message
+
+
+def test_cli_failure_exits_nonzero(nvrtc, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compile", "--arch", "sm_20", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "compile: error:" in err and "sm_20" in err
+    assert not out.exists()  # nothing is written when an architecture cannot be built
+    with pytest.raises(SystemExit) as info:
+        main(["compile", "--arch", "volta"])
+    assert info.value.code == 2
+
+
+@pytest.mark.parametrize("value", ["sm_x", "", "sm_", "5", "compute_ab"])
+def test_parse_arch_rejects(value):
+    with pytest.raises(ValueError):
+        ptx.parse_arch(value)
