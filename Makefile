@@ -1,6 +1,8 @@
 # sru_cupy development tasks.
 #   make venv       build .venv (editable install with the test and torch extras)
 #   make test       run the test suite inside .venv (extra args: PYTEST_ARGS=...)
+#   make gpu-check  on a GPU machine (torch, cupy, pytest installed; no downloads): environment
+#                   report, whole test suite, GPU benchmark -> $(GPU_CHECK_OUT)
 #   make clean      remove build outputs (keeps .venv)
 #   make distclean  clean, and remove .venv and .hypothesis too
 
@@ -13,7 +15,10 @@ VENV_PIP := $(VENV_PY) -m pip
 # Rebuilt only when the packaging metadata changes.
 VENV_STAMP := $(VENV)/.sru_cupy-venv.stamp
 
-.PHONY: venv test clean distclean
+# Results folder of gpu-check; empty means benchmarks/results/<device>-<date>.
+GPU_CHECK_OUT ?=
+
+.PHONY: venv test gpu-check clean distclean
 
 venv: $(VENV_STAMP)
 
@@ -31,6 +36,10 @@ $(VENV_STAMP): setup.cfg pyproject.toml
 
 test: $(VENV_STAMP)
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
+
+# Runs from the source tree with the machine's own python3 and packages: installs nothing.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT))
 
 clean:
 	rm -rf build dist .pytest_cache

@@ -38,7 +38,7 @@ def _nvrtc_versions():
     try:
         from . import ptx
         for nvrtc in ptx.available_nvrtcs():
-            found.append(f"{nvrtc.describe()}")
+            found.append(f"{nvrtc.version_string} ({nvrtc.path})")
     except Exception:
         pass
     return ", ".join(found) if found else "not found"

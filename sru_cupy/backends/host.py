@@ -3,13 +3,16 @@
 The kernels are compiled together with ``cuda/sru_host_emulation.h``, which supplies threadIdx,
 blockIdx and a launcher that walks the grid (blocks in parallel with OpenMP when the compiler has
 it). The shared library is built at first use into the cache folder (see ``sru_cupy.cache``), named
-by a hash of the assembled source, the compiler, its version and the flags, written atomically,
-and loaded with ctypes. Launches pass parameters the way cuLaunchKernel does: an array of pointers
+by a hash of the assembled source, the compiler, its version and the flags, written atomically
+beside a record of that hash and of the library's SHA-256, and loaded with ctypes only when the
+record matches (otherwise it is rebuilt, with a warning). Launches pass parameters the way cuLaunchKernel does: an array of pointers
 to the values, so the launch layer is the same as for the GPU.
 """
 
 import contextlib
 import ctypes
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -20,7 +23,7 @@ import threading
 import numpy as np
 
 from .. import kernels
-from ..cache import cache_dir, write_atomic
+from ..cache import build_lock, cache_dir, file_digest, warn_once, write_atomic
 from . import KernelCompileError
 
 name = "host"
@@ -80,28 +83,51 @@ def translation_unit():
             + "SRU_HOST_DEFINE_LAUNCH(sru_host_kernels)\n")
 
 
+def _record_matches(library_path, record_path, key):
+    """True when the library and its record are whole and the record's key and digest match."""
+    try:
+        with open(record_path, encoding="utf-8") as f:
+            record = json.load(f)
+        return record.get("key") == key and record.get("sha256") == file_digest(library_path)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _build(compiler):
+    """Path of the cached library for this source, compiler and flags, built if needed."""
     flags = list(_BASE_FLAGS) + _openmp_flags(compiler)
     source = translation_unit()
     key = kernels.source_hash(source, compiler, _compiler_version(compiler), " ".join(flags),
                               sys.platform, os.uname().machine if hasattr(os, "uname") else "")
     folder = cache_dir("host")
     library_path = os.path.join(folder, f"sru_host_{key[:24]}.so")
-    if os.path.exists(library_path):
-        return library_path, key
-    with tempfile.TemporaryDirectory(prefix="sru_cupy_build_") as tmp:
-        src = os.path.join(tmp, "sru_host.cpp")
-        out = os.path.join(tmp, "sru_host.so")
-        with open(src, "w") as f:
-            f.write(source)
-        command = [compiler, *flags, src, "-o", out]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise KernelCompileError("host compilation of the SRU kernels",
-                                     result.stdout + result.stderr, command)
-        with open(out, "rb") as f:
-            write_atomic(library_path, f.read())
-    return library_path, key
+    record_path = os.path.join(folder, f"sru_host_{key[:24]}.json")
+    if _record_matches(library_path, record_path, key):
+        return library_path
+    with build_lock(library_path):
+        if _record_matches(library_path, record_path, key):  # another thread or process built it
+            return library_path
+        if os.path.exists(library_path) or os.path.exists(record_path):
+            warn_once(("corrupt", library_path),
+                      f"sru_cupy: cached host library {library_path} is incomplete or does not "
+                      "match its record; rebuilding it")
+        with tempfile.TemporaryDirectory(prefix="sru_cupy_build_") as tmp:
+            src = os.path.join(tmp, "sru_host.cpp")
+            out = os.path.join(tmp, "sru_host.so")
+            with open(src, "w") as f:
+                f.write(source)
+            command = [compiler, *flags, src, "-o", out]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise KernelCompileError("host compilation of the SRU kernels",
+                                         result.stdout + result.stderr, command)
+            with open(out, "rb") as f:
+                data = f.read()
+        write_atomic(library_path, data)
+        record = {"key": key, "sha256": hashlib.sha256(data).hexdigest(), "compiler": compiler,
+                  "compiler_version": _compiler_version(compiler), "flags": flags}
+        write_atomic(record_path, json.dumps(record, indent=1).encode())
+    return library_path
 
 
 def library():
@@ -115,7 +141,7 @@ def library():
             if compiler is None:
                 raise RuntimeError("sru_cupy host backend: no C++ compiler found (set $CXX, or install "
                                    "g++ or clang++)")
-            path, _ = _build(compiler)
+            path = _build(compiler)
             lib = ctypes.CDLL(path)
             lib.sru_host_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [
                 ctypes.POINTER(ctypes.c_void_p)]
