@@ -211,7 +211,7 @@ class SRUCell(nn.Module):
         U = self.compute_U(input)
         mask_h = None
         if self.training and self.dropout > 0:
-            mask_h = _dropout_mask(self.bias.detach().float(), (B, self.output_size), self.dropout)
+            mask_h = _dropout_mask(self.bias.detach(), (B, self.output_size), self.dropout)
 
         dtype = self._recurrence_dtype(U)
         U = U.to(dtype)
@@ -347,6 +347,11 @@ class SRU(nn.Module):
         if input.shape[-1] != self.input_size:
             raise ValueError(f"input: expected last axis input_size = {self.input_size}, got "
                              f"{input.shape[-1]}")
+        if not input.is_floating_point():
+            raise TypeError(f"input: expected a floating dtype, got {input.dtype}")
+        if input.device != self.rnn_lst[0].bias.device:
+            raise ValueError(f"input: expected a tensor on the module's device "
+                             f"{self.rnn_lst[0].bias.device}, got {input.device}")
         if c0 is not None:
             expected = (self.num_layers, B, self.output_size)
             if not isinstance(c0, Tensor) or tuple(c0.shape) != expected:

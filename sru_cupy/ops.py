@@ -29,7 +29,19 @@ def cpu_implementation():
     return "host" if host.available() else "torch"
 
 
+def _user_stacklevel():
+    """The warnings stacklevel of the first caller outside this package."""
+    import os
+    import sys
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _notice_cpu_path():
+    """Says once per process which CPU implementation runs and why, when it is the fallback."""
     global _cpu_notice_shown
     if not _cpu_notice_shown:
         _cpu_notice_shown = True
@@ -37,7 +49,7 @@ def _notice_cpu_path():
         if cpu_implementation() == "torch":
             warnings.warn("sru_cupy: no C++ compiler found, CPU tensors use the vectorized PyTorch "
                           "implementation (set $CXX or install g++ for the compiled kernels)",
-                          stacklevel=4)
+                          stacklevel=_user_stacklevel())
 
 
 def _arith_dtype(dtype):

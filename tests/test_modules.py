@@ -1,0 +1,744 @@
+"""The PyTorch layers ``sru_cupy.SRUCell`` and ``sru_cupy.SRU`` on the CPU.
+
+Constructor handling, layouts (batch_first, PackedSequence, one step), c0, the nn.LSTM-compatible
+return, dropout, v1, initialisation, argument errors, serialisation, and the two CPU
+implementations (compiled host kernels and the PyTorch fallback). Parity with the ``sru`` package
+itself is in test_sru_parity.py.
+"""
+
+import io
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from sru_cupy import ops
+from sru_cupy.modules import SRU, SRUCell
+
+pytestmark = pytest.mark.filterwarnings("ignore:rnn_dropout > 0 is deprecated:UserWarning")
+
+F64 = torch.float64
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def _clone(module, **overrides):
+    """A module of the same class and config (plus overrides) holding the same weights."""
+    other = type(module)(*module._test_args, **{**module._test_kwargs, **overrides})
+    other.to(next(module.parameters()).dtype)  # before loading: no rounding through float32
+    other.load_state_dict(module.state_dict(), strict=True)
+    return other.train(module.training)
+
+
+def _make(cls, *args, dtype=F64, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    module = cls(*args, **kwargs).to(dtype)
+    module._test_args, module._test_kwargs = args, kwargs
+    with torch.no_grad():  # move the layer norm / bias values off their trivial init
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    return module
+
+
+def _forward_backward(module, x, c0=None, mask_pad=None, wh=None, wc=None):
+    """Runs forward, backward of sum(h*wh) + sum(c*wc); returns h, c and the gradients."""
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    c0 = None if c0 is None else c0.detach().clone().requires_grad_(True)
+    h, c = module(x, c0, mask_pad=mask_pad)
+    g = torch.Generator().manual_seed(99)
+    wh = torch.randn(h.shape, generator=g, dtype=h.dtype) if wh is None else wh
+    wc = torch.randn(c.shape, generator=g, dtype=c.dtype) if wc is None else wc
+    ((h * wh).sum() + (c * wc).sum()).backward()
+    params = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return h.detach(), c.detach(), x.grad, None if c0 is None else c0.grad, params
+
+
+def _assert_params_close(a, b, **tol):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=lambda m: f"grad of {name}: {m}", **tol)
+
+
+def _mask_from_lengths(lengths, L):
+    return torch.arange(L).unsqueeze(1) >= torch.tensor(lengths).unsqueeze(0)
+
+
+# -- constructor ----------------------------------------------------------------------------------
+
+def test_sru_accepts_every_sru_argument():
+    m = SRU(5, 4, num_layers=3, dropout=0.1, rnn_dropout=0.1, bidirectional=True,
+            projection_size=3, use_tanh=True, layer_norm=True, highway_bias=-1.0,
+            has_skip_term=True, rescale=True, v1=False, nn_rnn_compatible_return=True,
+            custom_m=None, proj_input_to_hidden_first=True, amp_recurrence_fp16=False,
+            normalize_after=True, weight_c_init=0.5, batch_first=True)
+    assert (m.num_layers, m.hidden_size, m.output_size, m.num_directions) == (3, 4, 8, 2)
+    assert m.input_to_hidden is not None and m.input_to_hidden.weight.shape == (8, 5)
+    cell = m.rnn_lst[1]
+    assert cell.use_tanh and cell.rescale and cell.normalize_after and cell.bidirectional
+    assert cell.layer_norm.normalized_shape == (8,)
+    assert (cell.dropout, cell.rnn_dropout) == (0.1, 0.1)
+    assert m.rnn_lst[2].dropout == 0.0  # no dropout after the last layer
+    assert cell.weight_c.abs().max() <= 0.5
+    assert cell.projection_size == 3 and cell.weight_proj.shape == (8, 3)
+    h, c = m(torch.randn(2, 6, 5))  # batch_first: (B, L, n_in)
+    assert h.shape == (2, 6, 8) and c.shape == (6, 2, 4)
+
+
+def test_cell_accepts_every_sru_argument():
+    cell = SRUCell(5, 4, dropout=0.1, rnn_dropout=0.1, bidirectional=True, n_proj=3,
+                   use_tanh=True, highway_bias=-1.0, has_skip_term=True, layer_norm=True,
+                   rescale=True, v1=False, custom_m=None, amp_recurrence_fp16=False,
+                   normalize_after=False, weight_c_init=0.5, batch_first=True)
+    assert cell.projection_size == 3 and cell.num_matrices == 4
+    assert cell.weight_proj.shape == (5, 3) and cell.weight.shape == (3, 8 * 4)
+    assert cell.layer_norm.normalized_shape == (5,)
+    h, c = cell(torch.randn(2, 6, 5))
+    assert h.shape == (2, 6, 8) and c.shape == (2, 8)
+    assert SRUCell(5, 4, projection_size=3).projection_size == 3  # the 3.x name works too
+
+
+@pytest.mark.parametrize("n_in, hidden, bidirectional, proj, used", [
+    (8, 6, False, 3, True),
+    (8, 6, False, 5, True),
+    (8, 6, False, 6, False),  # == output size
+    (8, 6, False, 7, False),
+    (4, 6, False, 4, False),  # == input size
+    (4, 6, False, 3, True),
+    (8, 3, True, 5, True),  # output 6
+    (8, 3, True, 6, False),
+    (8, 6, False, 0, False),
+])
+def test_projection_only_when_smaller(n_in, hidden, bidirectional, proj, used):
+    cell = SRUCell(n_in, hidden, bidirectional=bidirectional, n_proj=proj)
+    out = hidden * (2 if bidirectional else 1)
+    k = cell.num_matrices
+    if used:
+        assert cell.projection_size == proj
+        assert cell.weight_proj.shape == (n_in, proj)
+        assert cell.weight.shape == (proj, out * k)
+        assert {n for n, _ in cell.named_parameters()} == {"weight_proj", "weight", "weight_c",
+                                                           "bias"}
+    else:
+        assert cell.projection_size == 0 and cell.weight_proj is None
+        assert cell.weight.shape == (n_in, out * k)
+        assert "weight_proj" not in dict(cell.named_parameters())
+    h, _ = cell(torch.randn(3, 2, n_in))
+    assert h.shape == (3, 2, out)
+
+
+@pytest.mark.parametrize("n_in, hidden, bidirectional, skip, k", [
+    (5, 4, False, True, 4),
+    (4, 4, False, True, 3),
+    (8, 4, True, True, 3),
+    (4, 4, True, True, 4),
+    (5, 4, False, False, 3),
+    (4, 4, True, False, 3),
+])
+def test_num_matrices(n_in, hidden, bidirectional, skip, k):
+    cell = SRUCell(n_in, hidden, bidirectional=bidirectional, has_skip_term=skip)
+    out = hidden * (2 if bidirectional else 1)
+    assert cell.num_matrices == k
+    assert cell.weight.shape == (n_in, out * k)
+    assert cell.weight_c.shape == cell.bias.shape == (2 * out,)
+    assert cell.scale_x.shape == (1,)
+
+
+def test_sru_layers_num_matrices_and_input_sizes():
+    m = SRU(5, 4, num_layers=3, bidirectional=True)
+    assert [c.input_size for c in m.rnn_lst] == [5, 8, 8]
+    assert [c.num_matrices for c in m.rnn_lst] == [4, 3, 3]
+    m = SRU(5, 4, num_layers=2, proj_input_to_hidden_first=True)
+    assert [c.num_matrices for c in m.rnn_lst] == [3, 3]
+    assert SRU(4, 4, proj_input_to_hidden_first=True).input_to_hidden is None
+
+
+@pytest.mark.parametrize("build, name", [
+    (lambda: SRUCell(0, 4), "input_size"),
+    (lambda: SRUCell(5, -1), "hidden_size"),
+    (lambda: SRUCell(5, 4, dropout=1.0), "dropout"),
+    (lambda: SRUCell(5, 4, rnn_dropout=-0.1), "rnn_dropout"),
+    (lambda: SRU(5, 4, num_layers=0), "num_layers"),
+    (lambda: SRU(0, 4), "input_size"),
+    (lambda: SRUCell(5, 4, custom_m=nn.Linear(5, 16), transform_module=nn.Linear(5, 16)),
+     "custom_m"),
+])
+def test_constructor_rejects_bad_values(build, name):
+    with pytest.raises(ValueError, match=f"^{name}"):
+        build()
+
+
+def test_custom_m_replaces_the_gemm():
+    cell = SRUCell(5, 4, custom_m=nn.Linear(5, 4 * 4, bias=False))
+    assert cell.weight is None and "weight" not in dict(cell.named_parameters())
+    h, c = cell(torch.randn(3, 2, 5))
+    assert h.shape == (3, 2, 4)
+    bad = SRUCell(5, 4, custom_m=nn.Linear(5, 12))
+    with pytest.raises(ValueError, match="transform_module"):
+        bad(torch.randn(3, 2, 5))
+
+
+# -- layouts ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls, args, kwargs", [
+    (SRU, (5, 4), dict(num_layers=2, bidirectional=True, layer_norm=True)),
+    (SRU, (4, 4), dict(num_layers=3, nn_rnn_compatible_return=True, bidirectional=True)),
+    (SRUCell, (5, 4), dict(bidirectional=True)),
+    (SRUCell, (4, 4), dict(highway_bias=-1.0)),
+], ids=["sru-bi-ln", "sru-3layers-compat", "cell-bi", "cell-k3"])
+@pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask_pad"])
+def test_batch_first_equals_time_major(cls, args, kwargs, mask):
+    L, B = 6, 3
+    tm = _make(cls, *args, **kwargs)
+    bf = _clone(tm, batch_first=True)
+    assert bf.batch_first and not tm.batch_first
+    x = torch.randn(L, B, args[0], dtype=F64)
+    out = tm.output_size
+    c0 = torch.randn(*(((tm.num_layers,) if cls is SRU else ()) + (B, out)), dtype=F64)
+    mask_pad = _mask_from_lengths([6, 2, 4], L) if mask else None
+    with torch.no_grad():
+        h_shape, c_shape = (t.shape for t in tm(x, c0, mask_pad=mask_pad))
+    wh = torch.randn(h_shape, dtype=F64)
+    wc = torch.randn(c_shape, dtype=F64)
+    ht, ct, gxt, gct, gpt = _forward_backward(tm, x, c0, mask_pad, wh, wc)
+    hb, cb, gxb, gcb, gpb = _forward_backward(
+        bf, x.transpose(0, 1).contiguous(), c0, None if mask_pad is None else mask_pad.t(),
+        wh.transpose(0, 1), wc)
+    assert hb.shape == (B, L, out)
+    torch.testing.assert_close(hb, ht.transpose(0, 1))
+    torch.testing.assert_close(cb, ct)
+    torch.testing.assert_close(gxb, gxt.transpose(0, 1))
+    torch.testing.assert_close(gcb, gct)
+    _assert_params_close(gpb, gpt)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_packed_sequence_equals_each_sequence_alone(bidirectional):
+    lengths = [3, 6, 1, 4]  # unsorted
+    L, B, n_in, hidden = 6, 4, 5, 4
+    m = _make(SRU, n_in, hidden, num_layers=2, bidirectional=bidirectional, layer_norm=True)
+    out = m.output_size
+    x = torch.randn(L, B, n_in, dtype=F64, requires_grad=True)
+    packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+    h_packed, c = m(packed)
+    assert isinstance(h_packed, PackedSequence)
+    h, out_lengths = pad_packed_sequence(h_packed)
+    assert out_lengths.tolist() == lengths and h.shape == (L, B, out) and c.shape == (2, B, out)
+    wh = torch.randn(L, B, out, dtype=F64)
+    wc = torch.randn(2, B, out, dtype=F64)
+    ((h * wh).sum() + (c * wc).sum()).backward()
+    grad_params = {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    m.zero_grad()
+    x_alone = x.detach().clone().requires_grad_(True)
+    total = 0
+    for b, length in enumerate(lengths):
+        h_b, c_b = m(x_alone[:length, b:b + 1])
+        torch.testing.assert_close(h[:length, b], h_b[:, 0].detach(), msg=f"h of sequence {b}")
+        torch.testing.assert_close(c[:, b], c_b[:, 0].detach(), msg=f"c of sequence {b}")
+        total = total + (h_b[:, 0] * wh[:length, b]).sum() + (c_b[:, 0] * wc[:, b]).sum()
+    total.backward()
+    torch.testing.assert_close(x.grad, x_alone.grad)  # zero beyond each length in both
+    assert x.grad[lengths[0]:, 0].abs().max() == 0
+    _assert_params_close({n: p.grad for n, p in m.named_parameters()}, grad_params)
+
+
+def test_packed_sequence_equals_mask_pad():
+    lengths = [2, 5, 5, 3]
+    L = 5
+    m = _make(SRU, 5, 4, num_layers=3, bidirectional=True)
+    x = torch.randn(L, 4, 5, dtype=F64)
+    c0 = torch.randn(3, 4, 8, dtype=F64)
+    h_packed, c_packed = m(pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False),
+                           c0)
+    h_masked, c_masked = m(x, c0, mask_pad=_mask_from_lengths(lengths, L))
+    torch.testing.assert_close(pad_packed_sequence(h_packed)[0], h_masked)
+    torch.testing.assert_close(c_packed, c_masked)
+    # padding positions of the masked path are zero
+    assert h_masked[2:, 0].abs().max() == 0
+    # a batch_first module takes the same PackedSequence (its layout is its own)
+    bf = _clone(m, batch_first=True)
+    h_bf, c_bf = bf(pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False), c0)
+    torch.testing.assert_close(pad_packed_sequence(h_bf)[0], h_masked)
+    torch.testing.assert_close(c_bf, c_masked)
+    with pytest.raises(ValueError, match="^mask_pad"):
+        m(pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False),
+          mask_pad=_mask_from_lengths(lengths, L))
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int64, torch.float32])
+def test_mask_pad_dtypes(dtype):
+    m = _make(SRU, 5, 4, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 3, 5, dtype=F64)
+    mask = _mask_from_lengths([5, 1, 3], 5)
+    ref = m(x, mask_pad=mask)
+    got = m(x, mask_pad=mask.to(dtype))
+    torch.testing.assert_close(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1])
+    assert not torch.allclose(ref[0], m(x)[0])  # the mask matters
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_cell_rank2_input_is_one_step(batch_first, bidirectional):
+    cell = _make(SRUCell, 5, 4, bidirectional=bidirectional, batch_first=batch_first,
+                 layer_norm=True)
+    out = cell.output_size
+    x = torch.randn(3, 5, dtype=F64)
+    c0 = torch.randn(3, out, dtype=F64)
+    time_axis = 1 if batch_first else 0
+    wh = torch.randn(3, out, dtype=F64)
+    wc = torch.randn(3, out, dtype=F64)
+    h1, c1, gx1, gc1, gp1 = _forward_backward(cell, x, c0, wh=wh, wc=wc)
+    assert h1.shape == (3, out) and c1.shape == (3, out)
+    h3, c3, gx3, gc3, gp3 = _forward_backward(cell, x.unsqueeze(time_axis), c0,
+                                              wh=wh.unsqueeze(time_axis), wc=wc)
+    torch.testing.assert_close(h1, h3.squeeze(time_axis))
+    torch.testing.assert_close(c1, c3)
+    torch.testing.assert_close(gx1, gx3.squeeze(time_axis))
+    torch.testing.assert_close(gc1, gc3)
+    _assert_params_close(gp1, gp3)
+    # a (B,) mask_pad for one step: the padded row keeps c0 and outputs zero
+    h, c = cell(x, c0, mask_pad=torch.tensor([False, True, False]))
+    assert h[1].abs().max() == 0
+    torch.testing.assert_close(c[1], c0[1])
+    torch.testing.assert_close(c[0], c1[0])
+
+
+# -- c0 ----------------------------------------------------------------------------------------------
+
+def test_c0_none_equals_zeros_and_c0_matters():
+    m = _make(SRU, 5, 4, num_layers=2, bidirectional=True)
+    x = torch.randn(4, 3, 5, dtype=F64)
+    h0, c0_out = m(x)
+    hz, cz = m(x, torch.zeros(2, 3, 8, dtype=F64))
+    torch.testing.assert_close(h0, hz)
+    torch.testing.assert_close(c0_out, cz)
+    hr, cr = m(x, torch.randn(2, 3, 8, dtype=F64))
+    assert not torch.allclose(h0, hr) and not torch.allclose(c0_out, cr)
+
+
+def test_c0_goes_to_its_layer():
+    m = _make(SRU, 5, 4, num_layers=3, bidirectional=True, layer_norm=True)
+    x = torch.randn(4, 3, 5, dtype=F64)
+    c0 = torch.randn(3, 3, 8, dtype=F64)
+    h, c = m(x, c0)
+    prev, finals = x, []
+    for i, layer in enumerate(m.rnn_lst):
+        prev, ci = layer(prev, c0[i])
+        finals.append(ci)
+    torch.testing.assert_close(h, prev)
+    torch.testing.assert_close(c, torch.stack(finals))
+
+
+def test_c0_of_another_float_dtype_is_converted():
+    m = _make(SRU, 5, 4, num_layers=2)
+    x = torch.randn(4, 3, 5, dtype=F64)
+    c0 = torch.randn(2, 3, 4, dtype=F64)
+    h, c = m(x, c0)
+    c0_32 = c0.float().requires_grad_(True)
+    h32, c32 = m(x, c0_32)
+    assert h32.dtype == F64
+    torch.testing.assert_close(h32, h, rtol=1e-6, atol=1e-6)
+    c32.sum().backward()
+    assert c0_32.grad.dtype == torch.float32 and c0_32.grad.abs().sum() > 0
+
+
+def test_empty_sequence_returns_c0():
+    m = _make(SRU, 5, 4, num_layers=2, bidirectional=True)
+    c0 = torch.randn(2, 3, 8, dtype=F64, requires_grad=True)
+    x = torch.zeros(0, 3, 5, dtype=F64, requires_grad=True)
+    h, c = m(x, c0)
+    assert h.shape == (0, 3, 8)
+    torch.testing.assert_close(c, c0.detach())
+    (2 * c).sum().backward()
+    torch.testing.assert_close(c0.grad, torch.full_like(c0, 2.0))
+
+
+# -- nn.LSTM-compatible c ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_nn_rnn_compatible_return(bidirectional, num_layers):
+    hidden, B = 4, 3
+    plain = _make(SRU, 5, hidden, num_layers=num_layers, bidirectional=bidirectional)
+    compat = _clone(plain, nn_rnn_compatible_return=True)
+    x = torch.randn(6, B, 5, dtype=F64)
+    h, c = plain(x)
+    h2, c2 = compat(x)
+    torch.testing.assert_close(h2, h)
+    lstm = nn.LSTM(5, hidden, num_layers=num_layers, bidirectional=bidirectional)
+    _, (h_n, c_n) = lstm(x.float())
+    assert c2.shape == c_n.shape == h_n.shape
+    dirs = 2 if bidirectional else 1
+    for layer in range(num_layers):
+        for d in range(dirs):
+            # nn.LSTM's h_n[layer * dirs + d] is layer `layer`, direction d
+            torch.testing.assert_close(c2[layer * dirs + d],
+                                       c[layer, :, d * hidden:(d + 1) * hidden])
+
+
+def test_bidirectional_final_state_matches_step_by_step():
+    """The forward half of c is the state after step L-1, the reverse half the state after step 0
+    (the reverse direction reads L-1 down to 0): compare with one-step calls in each order."""
+    hidden, B, L = 4, 3, 6
+    cell = _make(SRUCell, 5, hidden, bidirectional=True)
+    x = torch.randn(L, B, 5, dtype=F64)
+    c0 = torch.randn(B, 2 * hidden, dtype=F64)
+    h, c = cell(x, c0)
+    state = c0
+    for t in range(L):
+        h_t, state = cell(x[t], state)
+        torch.testing.assert_close(h_t[:, :hidden], h[t, :, :hidden])
+    torch.testing.assert_close(c[:, :hidden], state[:, :hidden])
+    state = c0
+    for t in range(L - 1, -1, -1):
+        h_t, state = cell(x[t], state)
+        torch.testing.assert_close(h_t[:, hidden:], h[t, :, hidden:])
+    torch.testing.assert_close(c[:, hidden:], state[:, hidden:])
+
+
+# -- dropout ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def recurrence_spy(monkeypatch):
+    calls = []
+    real = ops.recurrence
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "recurrence", spy)
+    return calls
+
+
+def test_dropout_mask_passed_to_recurrence(recurrence_spy):
+    p = 0.5
+    m = SRU(5, 4, num_layers=3, dropout=p, bidirectional=True)
+    x = torch.randn(6, 3, 5)
+    torch.manual_seed(0)
+    m.train()(x)
+    assert len(recurrence_spy) == 3
+    for layer, kwargs in enumerate(recurrence_spy[:2]):
+        mask = kwargs["mask_h"]
+        assert mask is not None and mask.shape == (3, 8), f"layer {layer}"
+        values = set(mask.unique().tolist())
+        assert values <= {0.0, 1 / (1 - p)} and len(values) == 2, values
+        assert not (mask == mask[:1]).all(), "one mask row shared by the whole batch"
+    assert recurrence_spy[2]["mask_h"] is None  # no dropout after the last layer
+    recurrence_spy.clear()
+    m.eval()(x)
+    assert [kwargs["mask_h"] for kwargs in recurrence_spy] == [None] * 3
+    recurrence_spy.clear()
+    SRU(5, 4, num_layers=2).train()(x)
+    assert [kwargs["mask_h"] for kwargs in recurrence_spy] == [None] * 2
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_dropout_mask_is_constant_over_time(bidirectional):
+    """With has_skip_term=False, h = g * r * m: h_train / h_eval is the mask m, which must be one
+    value (0 or 1/(1-p)) per (batch, column), the same at every step; c is not dropped."""
+    p = 0.5
+    cell = _make(SRUCell, 4, 8, dropout=p, has_skip_term=False, bidirectional=bidirectional)
+    x = torch.randn(9, 5, 4, dtype=F64)
+    torch.manual_seed(1)
+    h_train, c_train = cell.train()(x)
+    with torch.no_grad():
+        h_eval, c_eval = cell.eval()(x)
+    torch.testing.assert_close(c_train.detach(), c_eval)
+    ratio = h_train.detach() / h_eval
+    per_column = ratio[0]
+    assert torch.allclose(ratio, per_column.expand_as(ratio)), "mask changes over time"
+    zero = per_column.abs() < 1e-9
+    scaled = (per_column - 1 / (1 - p)).abs() < 1e-9
+    assert bool((zero | scaled).all()), per_column
+    assert zero.any() and scaled.any()
+
+
+def test_eval_is_deterministic_and_dropout_free():
+    m = _make(SRU, 5, 4, num_layers=3, dropout=0.5, rnn_dropout=0.3, bidirectional=True)
+    no_dropout = _clone(m, dropout=0.0, rnn_dropout=0.0)
+    x = torch.randn(6, 3, 5, dtype=F64)
+    m.eval()
+    no_dropout.eval()
+    h1, c1 = m(x)
+    h2, c2 = m(x)
+    assert torch.equal(h1, h2) and torch.equal(c1, c2)
+    h3, c3 = no_dropout(x)
+    torch.testing.assert_close(h1, h3)
+    torch.testing.assert_close(c1, c3)
+    m.train()
+    ht1, _ = m(x)
+    ht2, _ = m(x)
+    assert not torch.allclose(ht1, ht2)
+
+
+# -- v1 --------------------------------------------------------------------------------------------
+
+def test_v1_weight_c_is_zero_and_frozen():
+    m = _make(SRU, 5, 4, num_layers=2, v1=True, bidirectional=True)
+    for cell in m.rnn_lst:
+        assert not cell.weight_c.requires_grad
+        assert cell.weight_c.abs().max() == 0
+    _, _, gx, _, grads = _forward_backward(m, torch.randn(4, 3, 5, dtype=F64))
+    assert all(not n.endswith("weight_c") for n in grads)
+    assert all(cell.weight_c.grad is None for cell in m.rnn_lst)
+    assert "rnn_lst.0.bias" in grads
+    m.reset_parameters()
+    assert not m.rnn_lst[0].weight_c.requires_grad
+    # v1 is the recurrence with weight_c = 0
+    v2 = _clone(m, v1=False)
+    with torch.no_grad():
+        for cell in v2.rnn_lst:
+            cell.weight_c.zero_()
+    x = torch.randn(4, 3, 5, dtype=F64)
+    torch.testing.assert_close(m(x)[0], v2(x)[0])
+    torch.testing.assert_close(m(x)[1], v2(x)[1])
+
+
+# -- initialisation -----------------------------------------------------------------------------------
+
+def _slots(cell):
+    w = cell.weight.detach().view(cell.weight.shape[0], -1, cell.hidden_size, cell.num_matrices)
+    return [w[..., i] for i in range(cell.num_matrices)]
+
+
+def _var_close(t, expected, rel=0.08):
+    var = t.var().item()
+    assert abs(var - expected) < rel * expected, (var, expected)
+
+
+@pytest.mark.parametrize("highway_bias", [0.0, -2.0, 1.0])
+def test_reset_parameters_statistics(highway_bias):
+    torch.manual_seed(0)
+    n = 256
+    cell = SRUCell(n, n, highway_bias=highway_bias, rescale=True)  # k = 3
+    assert cell.num_matrices == 3
+    assert torch.equal(cell.bias[:n], torch.zeros(n))
+    assert torch.equal(cell.bias[n:], torch.full((n,), highway_bias))
+    scale = math.sqrt(1 + 2 * math.exp(highway_bias))
+    assert cell.scale_x.item() == pytest.approx(scale, rel=1e-6)
+    u0, u1, u2 = _slots(cell)
+    _var_close(u0, 1 / n)
+    _var_close(u1, 0.5 / n)
+    _var_close(u2, 0.5 / n)
+    assert u0.abs().max() <= math.sqrt(3 / n) + 1e-6
+    _var_close(cell.weight_c.detach(), 0.5)
+    assert cell.weight_c.abs().max() <= math.sqrt(1.5) + 1e-6
+
+    cell4 = SRUCell(128, n, highway_bias=highway_bias, rescale=True)  # k = 4
+    assert cell4.num_matrices == 4
+    _var_close(_slots(cell4)[0], 1 / 128)
+    _var_close(_slots(cell4)[3], scale ** 2 / 128)
+    assert SRUCell(128, n, highway_bias=highway_bias, rescale=False).scale_x.item() == 1.0
+    no_skip = SRUCell(n, n, highway_bias=highway_bias, rescale=True, has_skip_term=False)
+    assert no_skip.scale_x.item() == 1.0
+
+
+def test_reset_parameters_scalings():
+    torch.manual_seed(0)
+    n = 256
+    _var_close(_slots(SRUCell(n, n, layer_norm=True))[0], 0.01 / n)
+    _var_close(_slots(SRUCell(n, n, dropout=0.36))[0], 0.64 / n)
+    _var_close(_slots(SRUCell(n, n, dropout=0.36))[1], 0.5 / n)
+    _var_close(_slots(SRUCell(n, n, rnn_dropout=0.36))[1], 0.64 * 0.5 / n)
+    _var_close(_slots(SRUCell(n, n, v1=True))[1], 1 / n)
+    assert SRUCell(n, n, weight_c_init=0.25).weight_c.abs().max() <= 0.25
+    proj = SRUCell(n, n, n_proj=64)
+    _var_close(proj.weight_proj.detach(), 1 / n)
+    _var_close(_slots(proj)[0], 1 / 64)
+    # SRU's default rescale is False, SRUCell's is True (as in sru 2.6)
+    assert SRU(n, n, highway_bias=-1.0).rnn_lst[0].scale_x.item() == 1.0
+    assert SRU(n, n, highway_bias=-1.0, rescale=True).rnn_lst[0].scale_x.item() > 1.0
+
+
+def test_reset_parameters_restores_init():
+    m = SRU(5, 4, num_layers=2, highway_bias=-1.0, layer_norm=True,
+            proj_input_to_hidden_first=True)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(3.0)
+    m.reset_parameters()
+    for cell in m.rnn_lst:
+        assert torch.equal(cell.bias[4:], torch.full((4,), -1.0))
+        assert cell.weight.abs().max() < 3.0
+        assert torch.equal(cell.layer_norm.weight, torch.ones(cell.layer_norm.weight.shape))
+    assert m.input_to_hidden.weight.abs().max() < 3.0
+
+
+# -- argument errors ------------------------------------------------------------------------------------
+
+def _bad_inputs():
+    x = torch.randn(3, 2, 5)
+    return [
+        ("wrong input_size", dict(input=torch.randn(3, 2, 6)), "input"),
+        ("rank 1", dict(input=torch.randn(5)), "input"),
+        ("rank 4", dict(input=torch.randn(3, 2, 1, 5)), "input"),
+        ("int dtype", dict(input=torch.randint(0, 3, (3, 2, 5))), "input"),
+        ("meta input", dict(input=torch.randn(3, 2, 5, device="meta")), "input"),
+        ("c0 shape", dict(input=x, c0="bad-shape"), "c0"),
+        ("c0 device", dict(input=x, c0="meta"), "c0"),
+        ("mask_pad shape", dict(input=x, mask_pad=torch.zeros(2, 3, dtype=torch.bool)),
+         "mask_pad"),
+        ("mask_pad rank", dict(input=x, mask_pad=torch.zeros(3, 2, 1, dtype=torch.bool)),
+         "mask_pad"),
+        ("mask_pad device", dict(input=x, mask_pad=torch.zeros(3, 2, device="meta")),
+         "mask_pad"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_inputs(), ids=[c[0] for c in _bad_inputs()])
+@pytest.mark.parametrize("which", ["SRU", "SRU-proj-first", "SRU-batch_first", "SRUCell"])
+def test_bad_input_errors_name_the_argument(which, case):
+    _, kwargs, name = case
+    kwargs = dict(kwargs)
+    if which == "SRUCell":
+        module = SRUCell(5, 4, bidirectional=True)
+        c0_shape, bad_c0_shape = (2, 8), (2, 4)
+    else:
+        module = SRU(5, 4, num_layers=2, bidirectional=True,
+                     proj_input_to_hidden_first=which == "SRU-proj-first",
+                     batch_first=which == "SRU-batch_first")
+        c0_shape, bad_c0_shape = (2, 2, 8), (2, 2, 4)
+    if which == "SRU-batch_first":
+        if kwargs["input"].dim() == 3:
+            kwargs["input"] = kwargs["input"].transpose(0, 1)
+        if "mask_pad" in kwargs and kwargs["mask_pad"].dim() == 2:
+            kwargs["mask_pad"] = kwargs["mask_pad"].t()
+        if case[0] == "mask_pad shape":  # a (L, B) mask where (B, L) is expected
+            kwargs["mask_pad"] = torch.zeros(3, 2, dtype=torch.bool)
+    if kwargs.get("c0") == "bad-shape":
+        kwargs["c0"] = torch.zeros(bad_c0_shape)
+    elif kwargs.get("c0") == "meta":
+        kwargs["c0"] = torch.zeros(c0_shape, device="meta")
+    if which == "SRUCell" and case[0] == "rank 1":
+        kwargs["input"] = torch.randn(5)  # rank 2 is valid for the cell; rank 1 is not
+    with pytest.raises((ValueError, TypeError), match=f"^{name}\\b"):
+        module(kwargs.pop("input"), **kwargs)
+
+
+def test_sru_rejects_rank2_input_and_non_tensor():
+    m = SRU(5, 4)
+    with pytest.raises(ValueError, match="^input"):
+        m(torch.randn(2, 5))
+    with pytest.raises(TypeError, match="^input"):
+        m([[0.0] * 5])
+
+
+# -- serialisation ------------------------------------------------------------------------------------
+
+CONFIGS = [
+    dict(num_layers=2),
+    dict(num_layers=3, bidirectional=True, projection_size=3, layer_norm=True,
+         proj_input_to_hidden_first=True, rescale=True, highway_bias=-1.0),
+    dict(num_layers=2, v1=True, normalize_after=True, layer_norm=True, batch_first=True),
+]
+
+
+@pytest.mark.parametrize("config", range(len(CONFIGS)))
+def test_state_dict_round_trip(config):
+    a = _make(SRU, 9, 4, seed=1, **CONFIGS[config])
+    b = _make(SRU, 9, 4, seed=2, **CONFIGS[config])
+    x = torch.randn(5, 3, 9, dtype=F64)
+    assert not torch.allclose(a(x)[0], b(x)[0])
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b.load_state_dict(torch.load(buf, weights_only=True), strict=True)
+    torch.testing.assert_close(b(x)[0], a(x)[0], rtol=0, atol=0)
+    torch.testing.assert_close(b(x)[1], a(x)[1], rtol=0, atol=0)
+    for name, p in b.named_parameters():
+        assert p.requires_grad == dict(a.named_parameters())[name].requires_grad, name
+
+
+@pytest.mark.parametrize("config", range(len(CONFIGS)))
+def test_torch_save_load_module(config):
+    a = _make(SRU, 9, 4, seed=1, **CONFIGS[config])
+    buf = io.BytesIO()
+    torch.save(a, buf)
+    buf.seek(0)
+    b = torch.load(buf, weights_only=False)
+    assert type(b) is SRU and b.batch_first == a.batch_first
+    x = torch.randn(5, 3, 9, dtype=F64)
+    torch.testing.assert_close(b(x)[0], a(x)[0], rtol=0, atol=0)
+    _, _, gxa, _, gpa = _forward_backward(a, x)
+    _, _, gxb, _, gpb = _forward_backward(b, x)
+    torch.testing.assert_close(gxb, gxa)
+    _assert_params_close(gpb, gpa)
+
+
+# -- CPU implementations ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def torch_fallback(monkeypatch):
+    monkeypatch.setattr(ops, "cpu_implementation", lambda: "torch")
+    monkeypatch.setattr(ops, "_cpu_notice_shown", False)
+
+
+def _run_config(dtype):
+    torch.manual_seed(5)
+    m = _make(SRU, 5, 4, dtype=dtype, num_layers=3, bidirectional=True, dropout=0.3,
+              layer_norm=True, use_tanh=True, rescale=True, highway_bias=-1.0)
+    x = torch.randn(7, 3, 5, dtype=dtype)
+    c0 = torch.randn(3, 3, 8, dtype=dtype)
+    torch.manual_seed(6)  # the same dropout masks for both implementations
+    return _forward_backward(m, x, c0, _mask_from_lengths([7, 3, 5], 7))
+
+
+@pytest.mark.skipif(ops.cpu_implementation() != "host",
+                    reason="no C++ compiler: only the PyTorch fallback exists here")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_host_kernels_and_torch_fallback_agree(dtype, monkeypatch):
+    host = _run_config(dtype)
+    monkeypatch.setattr(ops, "cpu_implementation", lambda: "torch")
+    monkeypatch.setattr(ops, "_cpu_notice_shown", True)
+    fallback = _run_config(dtype)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == F64 else dict(rtol=1e-5, atol=1e-6)
+    for what, a, b in zip(("h", "c", "grad x", "grad c0"), host[:4], fallback[:4]):
+        torch.testing.assert_close(b, a, msg=lambda m: f"{what}: {m}", **tol)
+    _assert_params_close(fallback[4], host[4], **tol)
+
+
+def test_torch_fallback_notice_is_one_warning(torch_fallback):
+    m = SRU(5, 4)
+    x = torch.randn(3, 2, 5)
+    with pytest.warns(UserWarning, match="vectorized PyTorch implementation") as record:
+        m(x)
+    notices = [w for w in record if "sru_cupy" in str(w.message)]
+    assert len(notices) == 1
+    assert "\n" not in str(notices[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # shown once per process, not per call
+        m(x)
+
+
+@pytest.mark.skipif(ops.cpu_implementation() != "host",
+                    reason="no C++ compiler: only the PyTorch fallback exists here")
+def test_host_kernels_give_no_notice(monkeypatch):
+    monkeypatch.setattr(ops, "_cpu_notice_shown", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SRU(5, 4)(torch.randn(3, 2, 5))
+
+
+# -- autocast ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("amp_recurrence_fp16, expected", [(True, torch.bfloat16),
+                                                           (False, torch.float32)])
+def test_cpu_autocast_recurrence_dtype(amp_recurrence_fp16, expected):
+    torch.manual_seed(0)
+    m = SRU(5, 4, num_layers=2, bidirectional=True, amp_recurrence_fp16=amp_recurrence_fp16)
+    x = torch.randn(6, 3, 5)
+    ref_h, ref_c = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h, c = m(x)
+    assert h.dtype == expected and c.dtype == expected
+    torch.testing.assert_close(h.float(), ref_h, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(c.float(), ref_c, rtol=0.05, atol=0.05)
+    h.float().sum().backward()
+    assert m.rnn_lst[0].weight.grad.dtype == torch.float32

@@ -1,0 +1,299 @@
+"""Parity of ``sru_cupy.SRU`` / ``sru_cupy.SRUCell`` with the ``sru`` package 2.6 (the oracle).
+
+Both modules get the same weights (``sru``'s state_dict loaded with ``strict=True``), run on the
+CPU in train mode with dropout 0 (so both are deterministic), and must agree on h, the final c and
+the gradients of the input, c0 and every parameter after backward of a random linear functional
+of (h, c). ``sru`` 2.6 runs a naive PyTorch loop on the CPU when grad is enabled (it warns); that
+loop is the oracle here.
+
+``sru`` is installed by the ``test`` extra (``pip install -e .[test]``); it JIT-compiles a small
+CPU extension with torch.utils.cpp_extension (needs ninja and a C++ compiler) at first import.
+"""
+
+import inspect
+import warnings
+
+import pytest
+import torch
+
+import sru_cupy
+
+with warnings.catch_warnings():
+    # sru 2.6 warns at import that its CUDA kernels could not be compiled (no CUDA here).
+    warnings.simplefilter("ignore")
+    sru = pytest.importorskip(
+        "sru", minversion="2.6",
+        reason="the parity oracle `sru` (2.6.0) is not installed; install the test extra: "
+               "pip install -e .[test]")
+
+if not sru.__version__.startswith("2.6."):
+    pytest.skip(f"parity is defined against sru 2.6.x (the test extra pins 2.6.0), found "
+                f"{sru.__version__}", allow_module_level=True)
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Running SRU on CPU with grad_enabled=True:UserWarning",
+    "ignore:rnn_dropout > 0 is deprecated:UserWarning",
+    "ignore:use_tanh = True is deprecated:UserWarning",
+)
+
+L, B = 7, 3
+
+
+def _perturb(module, seed):
+    """Moves every trainable parameter away from its initial value (layer norm weights, biases,
+    the input_to_hidden Linear included) so that each one matters for the comparison."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def _pair(oracle_cls, ours_cls, args, kwargs, dtype, seed=0):
+    torch.manual_seed(seed)
+    oracle = oracle_cls(*args, **kwargs).to(dtype)
+    _perturb(oracle, seed + 1)
+    ours = ours_cls(*args, **kwargs).to(dtype)
+    ours.load_state_dict(oracle.state_dict(), strict=True)
+    oracle.train()
+    ours.train()
+    return oracle, ours
+
+
+def _run(module, x, c0, mask_pad, weights):
+    x = x.detach().clone().requires_grad_(True)
+    c0 = None if c0 is None else c0.detach().clone().requires_grad_(True)
+    h, c = module(x, c0, mask_pad=mask_pad)
+    wh, wc = weights
+    (h * wh).sum().add((c * wc).sum()).backward()
+    grads = {name: p.grad for name, p in module.named_parameters()}
+    return h.detach(), c.detach(), x.grad, None if c0 is None else c0.grad, grads
+
+
+def _assert_close(actual, expected, what, dtype):
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(actual, expected, **tol, msg=lambda m: f"{what}: {m}")
+
+
+def _compare(oracle, ours, x, c0, mask_pad, dtype, out_shape_h, out_shape_c):
+    g = torch.Generator().manual_seed(123)
+    weights = (torch.randn(out_shape_h, generator=g, dtype=dtype),
+               torch.randn(out_shape_c, generator=g, dtype=dtype))
+    ho, co, gxo, gc0o, gpo = _run(oracle, x, c0, mask_pad, weights)
+    hs, cs, gxs, gc0s, gps = _run(ours, x, c0, mask_pad, weights)
+    assert hs.dtype == ho.dtype == dtype
+    _assert_close(hs.reshape(ho.shape), ho, "h", dtype)
+    _assert_close(cs, co, "final c", dtype)
+    _assert_close(gxs, gxo, "grad of input", dtype)
+    if c0 is not None:
+        _assert_close(gc0s, gc0o, "grad of c0", dtype)
+    assert gps.keys() == gpo.keys()
+    for name in gpo:
+        if gpo[name] is None:
+            assert gps[name] is None, f"{name}: sru has no gradient (frozen), sru_cupy has one"
+            continue
+        assert gps[name] is not None, f"{name}: no gradient in sru_cupy"
+        _assert_close(gps[name], gpo[name], f"grad of {name}", dtype)
+    # the functional is not degenerate: the input gradient is not all zero
+    assert gxo.abs().sum() > 0
+
+
+def _mask_pad(lengths, L):
+    """(L, B) bool, True at padding (the end of each sequence)."""
+    steps = torch.arange(L).unsqueeze(1)
+    return steps >= torch.tensor(lengths).unsqueeze(0)
+
+
+SRU_CONFIGS = {
+    "uni-1layer-k4": (5, 4, dict(num_layers=1)),
+    "uni-3layers-k3": (4, 4, dict(num_layers=3)),
+    "bi-1layer-k4": (5, 4, dict(num_layers=1, bidirectional=True)),
+    "bi-3layers-k3": (8, 4, dict(num_layers=3, bidirectional=True)),
+    "projection": (8, 6, dict(num_layers=2, projection_size=3)),
+    "projection-bi": (9, 4, dict(num_layers=2, projection_size=3, bidirectional=True)),
+    "layer_norm-before": (5, 4, dict(num_layers=2, layer_norm=True)),
+    "layer_norm-after": (5, 4, dict(num_layers=2, layer_norm=True, normalize_after=True,
+                                    bidirectional=True)),
+    "rescale-k3": (4, 4, dict(num_layers=2, rescale=True, highway_bias=-1.5)),
+    "rescale-k4": (5, 4, dict(num_layers=2, rescale=True, highway_bias=-1.5)),
+    "no-rescale-k3": (4, 4, dict(num_layers=2, rescale=False, highway_bias=-1.5)),
+    "rescale-bi-k3": (8, 4, dict(num_layers=2, rescale=True, highway_bias=0.7,
+                                 bidirectional=True)),
+    "no-skip": (5, 4, dict(num_layers=2, has_skip_term=False)),
+    "no-skip-bi-k3": (8, 4, dict(num_layers=2, has_skip_term=False, bidirectional=True,
+                                 rescale=True)),
+    "v1": (5, 4, dict(num_layers=2, v1=True)),
+    "v1-bi-k3": (8, 4, dict(num_layers=2, v1=True, bidirectional=True)),
+    "proj_input_to_hidden_first": (5, 4, dict(num_layers=2, proj_input_to_hidden_first=True)),
+    "proj_input_to_hidden_first-bi": (5, 3, dict(num_layers=2, bidirectional=True,
+                                                proj_input_to_hidden_first=True)),
+    "use_tanh": (5, 4, dict(num_layers=2, use_tanh=True, bidirectional=True)),
+    "nn_rnn_compatible_return": (5, 4, dict(num_layers=3, bidirectional=True,
+                                            nn_rnn_compatible_return=True)),
+    "everything": (9, 4, dict(num_layers=3, bidirectional=True, projection_size=3,
+                              layer_norm=True, rescale=True, highway_bias=-1.0, use_tanh=True,
+                              proj_input_to_hidden_first=True)),
+}
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask_pad"])
+@pytest.mark.parametrize("name", list(SRU_CONFIGS))
+def test_sru_parity(name, mask):
+    input_size, hidden, kwargs = SRU_CONFIGS[name]
+    dtype = torch.float64
+    oracle, ours = _pair(sru.SRU, sru_cupy.SRU, (input_size, hidden), kwargs, dtype)
+    dirs = 2 if kwargs.get("bidirectional") else 1
+    layers = kwargs["num_layers"]
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(L, B, input_size, generator=g, dtype=dtype)
+    c0 = 0.5 * torch.randn(layers, B, hidden * dirs, generator=g, dtype=dtype)
+    mask_pad = _mask_pad([L, 4, 1], L) if mask else None
+    c_shape = ((layers * dirs, B, hidden) if kwargs.get("nn_rnn_compatible_return")
+               else (layers, B, hidden * dirs))
+    _compare(oracle, ours, x, c0, mask_pad, dtype, (L, B, hidden * dirs), c_shape)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_sru_parity_float32_no_c0(bidirectional):
+    oracle, ours = _pair(sru.SRU, sru_cupy.SRU, (6, 5),
+                         dict(num_layers=2, bidirectional=bidirectional, highway_bias=-0.5,
+                              rescale=True), torch.float32)
+    dirs = 2 if bidirectional else 1
+    x = torch.randn(L, B, 6)
+    _compare(oracle, ours, x, None, None, torch.float32, (L, B, 5 * dirs), (2, B, 5 * dirs))
+
+
+def test_sru_parity_mask_pad_uint8():
+    """sru users pass mask_pad as a uint8/byte tensor (1 = pad)."""
+    oracle, ours = _pair(sru.SRU, sru_cupy.SRU, (5, 4), dict(num_layers=2, bidirectional=True),
+                         torch.float64)
+    x = torch.randn(L, B, 5, dtype=torch.float64)
+    mask_pad = _mask_pad([3, L, 5], L).to(torch.uint8)
+    _compare(oracle, ours, x, None, mask_pad, torch.float64, (L, B, 8), (2, B, 8))
+
+
+CELL_CONFIGS = {
+    "default": (5, 4, dict()),  # SRUCell's rescale default is True in sru 2.6
+    "k3-highway": (4, 4, dict(highway_bias=-1.0)),
+    "no-rescale": (4, 4, dict(rescale=False, highway_bias=-1.0)),
+    "bi": (8, 4, dict(bidirectional=True, highway_bias=0.5)),
+    "n_proj": (9, 6, dict(n_proj=3)),
+    "layer_norm": (5, 4, dict(layer_norm=True)),
+    "layer_norm-after-bi": (5, 4, dict(layer_norm=True, normalize_after=True,
+                                       bidirectional=True)),
+    "no-skip": (5, 4, dict(has_skip_term=False)),
+    "v1-tanh": (4, 4, dict(v1=True, use_tanh=True)),
+    "weight_c_init": (5, 4, dict(weight_c_init=0.3)),
+}
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask_pad"])
+@pytest.mark.parametrize("name", list(CELL_CONFIGS))
+def test_cell_parity(name, mask):
+    input_size, hidden, kwargs = CELL_CONFIGS[name]
+    dtype = torch.float64
+    oracle, ours = _pair(sru.SRUCell, sru_cupy.SRUCell, (input_size, hidden), kwargs, dtype)
+    out = hidden * (2 if kwargs.get("bidirectional") else 1)
+    x = torch.randn(L, B, input_size, dtype=dtype)
+    c0 = torch.randn(B, out, dtype=dtype)
+    mask_pad = _mask_pad([2, L, 5], L) if mask else None
+    _compare(oracle, ours, x, c0, mask_pad, dtype, (L, B, out), (B, out))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_cell_parity_one_step(bidirectional):
+    """Rank-2 input (B, input_size) is one step; sru 2.6's CPU loop returns h as (1, B, out),
+    sru_cupy as (B, out): the values must agree."""
+    oracle, ours = _pair(sru.SRUCell, sru_cupy.SRUCell, (5, 4),
+                         dict(bidirectional=bidirectional), torch.float64)
+    out = 8 if bidirectional else 4
+    x = torch.randn(B, 5, dtype=torch.float64)
+    c0 = torch.randn(B, out, dtype=torch.float64)
+    _compare(oracle, ours, x, c0, None, torch.float64, (B, out), (B, out))
+    h, _ = ours(x, c0)
+    assert h.shape == (B, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sru_parity_dropout_same_seed(dtype):
+    """In train mode with dropout and rnn_dropout, both draw their masks from the global
+    generator in the same order with the same shapes, so equal seeds give equal outputs. This
+    checks that the mask is applied to h (variational, one per column) and rnn_dropout to the
+    input, as in sru. In float64 the mask value 1/(1-p) must not be rounded to float32."""
+    oracle, ours = _pair(sru.SRU, sru_cupy.SRU, (5, 4),
+                         dict(num_layers=3, dropout=0.3, rnn_dropout=0.3, bidirectional=True),
+                         dtype)
+    x = torch.randn(L, B, 5, dtype=dtype)
+    torch.manual_seed(11)
+    ho, co = oracle(x)
+    torch.manual_seed(11)
+    hs, cs = ours(x)
+    _assert_close(hs, ho, "h with dropout", dtype)
+    _assert_close(cs, co, "final c with dropout", dtype)
+    # and the dropout did something: eval mode differs
+    with torch.no_grad():
+        he, _ = ours.eval()(x)
+    assert not torch.allclose(he, hs)
+
+
+STATE_DICT_CONFIGS = [
+    (5, 4, dict()),
+    (4, 4, dict(num_layers=3, bidirectional=True)),
+    (8, 6, dict(projection_size=3, layer_norm=True)),
+    (8, 6, dict(projection_size=7)),  # not smaller than the output: no projection
+    (5, 4, dict(proj_input_to_hidden_first=True, layer_norm=True, normalize_after=True)),
+    (5, 4, dict(v1=True, has_skip_term=False, rescale=True, highway_bias=-2.0)),
+    (5, 4, dict(rescale=True, highway_bias=-2.0, dropout=0.1, rnn_dropout=0.1)),
+]
+
+
+@pytest.mark.parametrize("cls_name", ["SRU", "SRUCell"])
+@pytest.mark.parametrize("config", range(len(STATE_DICT_CONFIGS)))
+def test_state_dict_keys_shapes_and_init_match(cls_name, config):
+    """Default constructor arguments give the same state_dict keys, shapes, dtypes and
+    requires_grad flags as sru's; with the same seed even the initial values are identical
+    (same initialisation recipe, same order of random draws)."""
+    input_size, hidden, kwargs = STATE_DICT_CONFIGS[config]
+    kwargs = dict(kwargs)
+    if cls_name == "SRUCell":
+        for key in ("num_layers", "proj_input_to_hidden_first"):
+            kwargs.pop(key, None)
+        if "projection_size" in kwargs:
+            kwargs["n_proj"] = kwargs.pop("projection_size")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(3)
+        oracle = getattr(sru, cls_name)(input_size, hidden, **kwargs)
+        torch.manual_seed(3)
+        ours = getattr(sru_cupy, cls_name)(input_size, hidden, **kwargs)
+    so, ss = oracle.state_dict(), ours.state_dict()
+    assert list(ss.keys()) == list(so.keys())
+    for key in so:
+        assert ss[key].shape == so[key].shape, key
+        assert ss[key].dtype == so[key].dtype, key
+        torch.testing.assert_close(ss[key], so[key], rtol=0, atol=0, msg=key)
+    flags_o = {n: p.requires_grad for n, p in oracle.named_parameters()}
+    flags_s = {n: p.requires_grad for n, p in ours.named_parameters()}
+    assert flags_s == flags_o
+    assert [n for n, _ in ours.named_buffers()] == [n for n, _ in oracle.named_buffers()]
+
+
+@pytest.mark.parametrize("cls_name", ["SRU", "SRUCell"])
+def test_every_sru_constructor_argument_is_accepted(cls_name):
+    """Each keyword of sru 2.6's constructor exists in ours with the same default (except
+    amp_recurrence_fp16, whose default is a documented choice: keep the 16-bit type under
+    autocast); a call with all of them by keyword works."""
+    theirs = inspect.signature(getattr(sru, cls_name).__init__).parameters
+    mine = inspect.signature(getattr(sru_cupy, cls_name).__init__).parameters
+    for name, param in theirs.items():
+        if name == "self":
+            continue
+        assert name in mine, f"{cls_name}: sru argument {name!r} missing"
+        if name != "amp_recurrence_fp16":
+            assert mine[name].default == param.default, (
+                f"{cls_name}({name}=...): default {mine[name].default!r}, sru has "
+                f"{param.default!r}")
+    kwargs = {name: p.default for name, p in theirs.items()
+              if name not in ("self", "input_size", "hidden_size")}
+    module = getattr(sru_cupy, cls_name)(5, 4, **kwargs)
+    assert module.hidden_size == 4
