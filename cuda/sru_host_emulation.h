@@ -13,6 +13,9 @@
 #include <cstring>
 #include <cstddef>
 #include <utility>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define __global__
 #define __device__
@@ -41,11 +44,17 @@ static inline void sru_host_call(void (*kernel)(Args...), void** args, std::inde
     kernel(*static_cast<typename std::remove_reference<Args>::type*>(args[I])...);
 }
 
-// Runs kernel<<<grid, block>>>(args...) on the calling process.
+// Runs kernel<<<grid, block>>>(args...) on the calling process, on up to `threads` OpenMP threads
+// (0: OpenMP's default). Small launches pass 1: waking threads costs more than they save.
 template <typename... Args>
-static void sru_host_run_grid(void (*kernel)(Args...), dim3 grid, dim3 block, void** args) {
+static void sru_host_run_grid(void (*kernel)(Args...), dim3 grid, dim3 block, void** args,
+                              int threads) {
     const long long blocks = (long long)grid.x * grid.y * grid.z;
-#pragma omp parallel for schedule(dynamic, 1) if (blocks > 1)
+#ifdef _OPENMP
+    if (threads <= 0) threads = omp_get_max_threads();
+    if (threads > blocks) threads = (int)blocks;
+#endif
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
     for (long long linear = 0; linear < blocks; ++linear) {
         gridDim = grid;
         blockDim = block;
@@ -66,18 +75,19 @@ static void sru_host_run_grid(void (*kernel)(Args...), dim3 grid, dim3 block, vo
 // A launchable kernel instantiation, by the name expression NVRTC would be given.
 struct sru_host_kernel {
     const char* name;
-    void (*launch)(dim3 grid, dim3 block, void** args);
+    void (*launch)(dim3 grid, dim3 block, void** args, int threads);
 };
 
 // Defines the C entry point over a table of sru_host_kernel:
-//   int sru_host_launch(name, gx, gy, gz, bx, by, bz, args) -> 0, or -1 for an unknown name.
+//   int sru_host_launch(name, gx, gy, gz, bx, by, bz, args, threads) -> 0, or -1 for an unknown
+//   name; threads as for sru_host_run_grid.
 #define SRU_HOST_DEFINE_LAUNCH(table)                                                              \
     extern "C" int sru_host_launch(const char* name, unsigned int gx, unsigned int gy,            \
                                    unsigned int gz, unsigned int bx, unsigned int by,             \
-                                   unsigned int bz, void** args) {                                \
+                                   unsigned int bz, void** args, int threads) {                   \
         for (std::size_t i = 0; i < sizeof(table) / sizeof(table[0]); ++i)                       \
             if (std::strcmp(table[i].name, name) == 0) {                                          \
-                table[i].launch(dim3(gx, gy, gz), dim3(bx, by, bz), args);                        \
+                table[i].launch(dim3(gx, gy, gz), dim3(bx, by, bz), args, threads);               \
                 return 0;                                                                        \
             }                                                                                    \
         return -1;                                                                               \

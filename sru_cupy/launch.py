@@ -50,7 +50,8 @@ class _Problem:
         self.array_type = type(U)
         self.reference = U
         self.dtype = _storage_name(U, storage_dtype, "U")
-        self.storage = np.dtype(U.dtype)  # outputs and state arrays share U's dtype
+        # Outputs and state arrays share U's dtype, in native byte order (the kernels read native).
+        self.storage = np.dtype(U.dtype).newbyteorder("=")
         self.arith = kernels.ARITHMETIC_DTYPES[self.dtype]
         self.L, self.B = int(U.shape[0]), int(U.shape[1])
         self.d = int(hidden_size)
@@ -89,10 +90,11 @@ class _Problem:
         self._same_kind(array, argname)
         if tuple(array.shape) != shape:
             raise ValueError(f"{argname}: expected shape {shape}, got {tuple(array.shape)}")
-        if np.dtype(array.dtype) != self.storage:
+        if np.dtype(array.dtype).newbyteorder("=") != self.storage:
             raise TypeError(f"{argname}: expected dtype {self.storage.name} like U, "
                             f"got {np.dtype(array.dtype).name}")
-        return self.xp.ascontiguousarray(array)
+        # Byte-swapped input is converted to native order (a copy, like a non-contiguous one).
+        return self.xp.ascontiguousarray(array.astype(self.storage, copy=False))
 
     def param(self, array, argname, shape, required=True):
         """A contiguous array in the arithmetic dtype (weight_c, bias, mask_h)."""
@@ -185,7 +187,8 @@ def recurrence_forward(U, x, weight_c, bias, c0=None, *, hidden_size, bidirectio
         grid, block = p.grid()
         name = kernels.kernel_name("sru_recurrence_forward", p.dtype, p.k)
         p.backend.launch(name, grid, block,
-                         [h, c, c_last, U, x, weight_c, bias, c0, mask_h, mask_pad, *p.sizes()])
+                         [h, c, c_last, U, x, weight_c, bias, c0, mask_h, mask_pad, *p.sizes()],
+                         work=L * B * D)
         return h, c, c_last
 
 
@@ -236,7 +239,7 @@ def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, *, hid
             p.backend.launch(name, grid, block,
                              [grads["U"], grads["x"], grads["weight_c_partial"], grads["bias_partial"],
                               grads["c0"], U, x, weight_c, bias, c0, mask_h, mask_pad, c, grad_h,
-                              grad_c_last, *p.sizes()])
+                              grad_c_last, *p.sizes()], work=L * B * D)
         if reduce_params:
             grads["weight_c"] = grads["weight_c_partial"].sum(axis=1).reshape(2 * D)
             grads["bias"] = grads["bias_partial"].sum(axis=1).reshape(2 * D)

@@ -74,7 +74,7 @@ def device_guard(array):
     return _cupy().cuda.Device(array.device.id)
 
 
-def launch(kernel_name, grid, block, args):
+def launch(kernel_name, grid, block, args, work=None):
     """Launches on the current device's current stream (the caller holds the device guard)."""
     cupy = _cupy()
     device_id = cupy.cuda.runtime.getDevice()

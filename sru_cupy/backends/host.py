@@ -76,7 +76,7 @@ def _openmp_flags(compiler):
 def translation_unit():
     """The C++ text that is compiled: emulation header, kernels, and a table of instantiations."""
     entries = ",\n".join(
-        f'    {{"{n}", [](dim3 g, dim3 b, void** a) {{ sru_host_run_grid(&{n}, g, b, a); }}}}'
+        f'    {{"{n}", [](dim3 g, dim3 b, void** a, int t) {{ sru_host_run_grid(&{n}, g, b, a, t); }}}}'
         for n in kernels.all_kernel_names())
     return (kernels.assembled_source(with_host_emulation=True)
             + "\n\nstatic const sru_host_kernel sru_host_kernels[] = {\n" + entries + "\n};\n"
@@ -144,7 +144,7 @@ def library():
             path = _build(compiler)
             lib = ctypes.CDLL(path)
             lib.sru_host_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [
-                ctypes.POINTER(ctypes.c_void_p)]
+                ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
             lib.sru_host_launch.restype = ctypes.c_int
             lib.sru_host_kernel_count.restype = ctypes.c_int
             lib.sru_host_kernel_name.argtypes = [ctypes.c_int]
@@ -173,13 +173,20 @@ def _as_ctype(value):
                     f"int64 scalar, got {type(value).__name__}")
 
 
-def launch(kernel_name, grid, block, args):
-    """Runs one kernel instantiation over NumPy arrays (the call returns when it has finished)."""
+#: Below this many column-steps (threads x time steps) a launch runs on one OS thread.
+PARALLEL_WORK = 1 << 18
+
+
+def launch(kernel_name, grid, block, args, work=None):
+    """Runs one kernel instantiation over NumPy arrays (the call returns when it has finished).
+
+    ``work`` (column-steps) decides whether the blocks are spread over OpenMP threads."""
     lib = library()
+    threads = 1 if work is not None and work < PARALLEL_WORK else 0
     values = [_as_ctype(a) for a in args]  # kept alive until the call returns
     pointers = (ctypes.c_void_p * len(values))(
         *[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
-    status = lib.sru_host_launch(kernel_name.encode(), *grid, *block, pointers)
+    status = lib.sru_host_launch(kernel_name.encode(), *grid, *block, pointers, threads)
     if status != 0:
         raise RuntimeError(f"sru_cupy host backend: kernel {kernel_name!r} is not in the library "
                            f"{lib.path}")

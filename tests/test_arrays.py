@@ -1,0 +1,506 @@
+"""sru_cupy.arrays: the NumPy/CuPy SRU layers.
+
+- gradients of the array layer (input, c0, every parameter) against central finite differences in
+  float64, over uni/bi, 1-2 layers, projection, layer norm before/after, k = 3 / k = 4, no skip
+  term, v1, rescale, mask_pad, tanh, dropout, batch_first and input_to_hidden;
+- the array layer against the PyTorch ``sru_cupy.SRU`` on the same weights (outputs and every
+  gradient, float64), with weights moved both ways (torch state_dict -> .npz -> arrays, arrays .npz
+  -> torch ``load_state_dict(strict=True)``), and the same initialisation recipe;
+- save/load round trips and their errors;
+- that sru_cupy.arrays and sru_cupy.functional work with torch blocked from being imported;
+- that examples/cupy_train.py --short learns (and reports failure when it cannot have learned).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from sru_cupy import arrays
+from sru_cupy.arrays import SRU, SRUCell
+from sru_cupy.backends import host
+
+pytestmark = pytest.mark.skipif(not host.available(), reason="host backend: no C++ compiler found")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Build the host library into a per-session temporary cache unless the caller chose one (the
+    subprocesses below inherit the variable and find the library built)."""
+    if os.environ.get("SRU_CUPY_CACHE_DIR"):
+        host.library()
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SRU_CUPY_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "sru_cupy_cache"))
+        host.library()
+        yield
+
+
+# -- finite differences ---------------------------------------------------------------------------
+
+#: name -> (class, constructor kwargs, forward extras). Sizes are tiny: every element is perturbed.
+FD_CASES = {
+    "uni-1layer-k4": (SRU, dict(input_size=3, hidden_size=2, num_layers=1), {}),
+    "bi-2layers-k4-k3": (SRU, dict(input_size=3, hidden_size=2, num_layers=2,
+                                   bidirectional=True), {}),
+    "k3-rescale-highway": (SRU, dict(input_size=3, hidden_size=3, num_layers=2, rescale=True,
+                                     highway_bias=-0.7), {}),
+    "k4-rescale": (SRU, dict(input_size=4, hidden_size=2, num_layers=1, rescale=True), {}),
+    "projection": (SRU, dict(input_size=6, hidden_size=5, num_layers=2, projection_size=2), {}),
+    "layer-norm-pre": (SRU, dict(input_size=3, hidden_size=3, num_layers=2, layer_norm=True), {}),
+    "layer-norm-post-bi": (SRU, dict(input_size=3, hidden_size=2, num_layers=2, layer_norm=True,
+                                     normalize_after=True, bidirectional=True), {}),
+    "no-skip": (SRU, dict(input_size=3, hidden_size=3, num_layers=2, has_skip_term=False), {}),
+    "v1": (SRU, dict(input_size=3, hidden_size=2, num_layers=2, v1=True), {}),
+    "tanh-mask-pad-bi": (SRU, dict(input_size=3, hidden_size=2, num_layers=2, use_tanh=True,
+                                   bidirectional=True), {"mask_pad": True}),
+    "dropout-training": (SRU, dict(input_size=3, hidden_size=3, num_layers=2, dropout=0.4,
+                                   rnn_dropout=0.3, layer_norm=True), {"training": True}),
+    "batch-first-input-to-hidden": (SRU, dict(input_size=3, hidden_size=2, num_layers=2,
+                                              bidirectional=True, batch_first=True,
+                                              proj_input_to_hidden_first=True,
+                                              nn_rnn_compatible_return=True), {"mask_pad": True}),
+    "cell-k4-projection-tanh": (SRUCell, dict(input_size=5, hidden_size=2, n_proj=1,
+                                              use_tanh=True, bidirectional=True), {}),
+}
+
+
+def _perturbed_model(cls, kwargs, seed=0):
+    """A float64 model whose parameters (layer norm, biases included) are all generic values."""
+    model = cls(**kwargs, dtype="float64", seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    for name in model.trainable_names():
+        model.params[name] += rng.standard_normal(model.params[name].shape) * 0.3
+    return model
+
+
+def _inputs(model, L=4, B=3, seed=1, mask_pad=False):
+    rng = np.random.default_rng(seed)
+    batch_first = model.batch_first
+    x = rng.standard_normal((B, L, model.input_size) if batch_first else (L, B, model.input_size))
+    layers = getattr(model, "num_layers", None)
+    c0 = rng.standard_normal((B, model.output_size) if layers is None
+                             else (layers, B, model.output_size))
+    pad = None
+    if mask_pad:
+        pad = np.zeros((L, B), dtype=bool)
+        pad[L - 1:, 0] = True
+        pad[:2, 2] = True
+        if batch_first:
+            pad = pad.T.copy()
+    return x, c0, pad
+
+
+@pytest.mark.parametrize("case", list(FD_CASES))
+def test_gradients_match_finite_differences(case):
+    cls, kwargs, extra = FD_CASES[case]
+    model = _perturbed_model(cls, kwargs)
+    x, c0, mask_pad = _inputs(model, mask_pad=extra.get("mask_pad", False))
+    training = extra.get("training", False)
+    h, c, cache = model.forward(x, c0, mask_pad, training=training, rng=7)
+    rng = np.random.default_rng(2)
+    grad_h, grad_c = rng.standard_normal(h.shape), rng.standard_normal(c.shape)
+
+    def loss():
+        hh, cc, _ = model.forward(x, c0, mask_pad, training=training, rng=7, keep_cache=False)
+        return float((hh * grad_h).sum() + (cc * grad_c).sum())
+
+    if training:  # the masks are on: a different rng gives a different output
+        h_other, _, _ = model.forward(x, c0, mask_pad, training=True, rng=8)
+        assert not np.allclose(h_other, h)
+    grad_x, grad_c0, grads = model.backward(cache, grad_h, grad_c)
+    assert set(grads) == set(model.trainable_names())
+    if cls is SRU:
+        expected = {n for n in model.param_shapes()
+                    if not n.endswith("scale_x") and not (model.config["v1"]
+                                                          and n.endswith("weight_c"))}
+        assert set(grads) == expected
+
+    def numeric(array):
+        flat = array.reshape(-1)  # a view: perturbs the array in place
+        out = np.empty(flat.size)
+        for i in range(flat.size):
+            saved = flat[i]
+            flat[i] = saved + 1e-6
+            up = loss()
+            flat[i] = saved - 1e-6
+            down = loss()
+            flat[i] = saved
+            out[i] = (up - down) / 2e-6
+        return out.reshape(array.shape)
+
+    checks = [("x", grad_x, x), ("c0", grad_c0, c0)]
+    checks += [(name, grads[name], model.params[name]) for name in model.trainable_names()]
+    for name, analytic, array in checks:
+        assert analytic.shape == array.shape, f"{name}: gradient shape {analytic.shape}"
+        np.testing.assert_allclose(analytic, numeric(array), rtol=1e-5, atol=1e-7,
+                                   err_msg=f"{case}: gradient of {name}")
+
+
+# -- against the torch SRU ------------------------------------------------------------------------
+
+TORCH_CASES = {
+    "uni-1layer": dict(input_size=4, hidden_size=3, num_layers=1),
+    "bi-layer-norm": dict(input_size=4, hidden_size=3, num_layers=2, bidirectional=True,
+                          layer_norm=True),
+    "post-norm-rescale": dict(input_size=4, hidden_size=3, num_layers=2, layer_norm=True,
+                              normalize_after=True, rescale=True, highway_bias=-1.0),
+    "projection-tanh": dict(input_size=6, hidden_size=5, num_layers=2, projection_size=2,
+                            use_tanh=True),
+    "v1-bf-i2h-compat": dict(input_size=4, hidden_size=3, num_layers=2, v1=True, bidirectional=True,
+                             proj_input_to_hidden_first=True, batch_first=True,
+                             nn_rnn_compatible_return=True),
+    "no-skip": dict(input_size=4, hidden_size=3, num_layers=2, has_skip_term=False),
+}
+
+
+def _torch_pair(torch, config, seed=0):
+    from sru_cupy import SRU as TorchSRU
+    torch.manual_seed(seed)
+    torch_model = TorchSRU(**config).double()
+    with torch.no_grad():  # generic values everywhere (layer norm included)
+        for name, p in torch_model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    return torch_model
+
+
+def _compare_with_torch(torch, torch_model, model, mask_pad=True, L=5, B=3):
+    rng = np.random.default_rng(3)
+    x, c0, pad = _inputs(model, L=L, B=B, seed=4, mask_pad=mask_pad)
+    h, c, cache = model.forward(x, c0, pad)
+    xt = torch.tensor(x, requires_grad=True)
+    c0t = torch.tensor(c0, requires_grad=True)
+    ht, ct = torch_model(xt, c0t, None if pad is None else torch.from_numpy(pad))
+    np.testing.assert_allclose(h, ht.detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(c, ct.detach().numpy(), rtol=1e-10, atol=1e-12)
+    grad_h, grad_c = rng.standard_normal(h.shape), rng.standard_normal(c.shape)
+    ((ht * torch.from_numpy(grad_h)).sum() + (ct * torch.from_numpy(grad_c)).sum()).backward()
+    grad_x, grad_c0, grads = model.backward(cache, grad_h, grad_c)
+    np.testing.assert_allclose(grad_x, xt.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(grad_c0, c0t.grad.numpy(), rtol=1e-10, atol=1e-12)
+    torch_grads = {n: p.grad for n, p in torch_model.named_parameters() if p.requires_grad}
+    assert set(grads) == set(torch_grads)
+    for name, g in torch_grads.items():
+        np.testing.assert_allclose(grads[name], g.numpy(), rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("case", list(TORCH_CASES))
+def test_matches_torch_sru_from_torch_state_dict(case, tmp_path):
+    """torch state_dict -> .npz (no config) -> array layer: same outputs and gradients."""
+    torch = pytest.importorskip("torch")
+    config = TORCH_CASES[case]
+    torch_model = _torch_pair(torch, config)
+    path = tmp_path / "torch_weights.npz"
+    np.savez(path, **{k: v.detach().numpy() for k, v in torch_model.state_dict().items()})
+    model = SRU(**config, dtype="float64", seed=5)
+    model.load_params(path)
+    _compare_with_torch(torch, torch_model, model)
+
+
+def test_torch_state_dict_loads_directly():
+    """A torch state_dict's tensors are read through DLPack (bfloat16 too): no conversion."""
+    torch = pytest.importorskip("torch")
+    config = TORCH_CASES["projection-tanh"]
+    torch_model = _torch_pair(torch, config)
+    model = SRU(**config, dtype="float64", seed=1).load_state_dict(torch_model.state_dict())
+    _compare_with_torch(torch, torch_model, model)
+    bf16 = {k: v.to(torch.bfloat16) for k, v in torch_model.state_dict().items()}
+    model32 = SRU(**config, seed=1).load_state_dict(bf16)
+    for name, value in bf16.items():
+        np.testing.assert_array_equal(model32.params[name], value.float().numpy(), err_msg=name)
+
+
+@pytest.mark.parametrize("case", ["bi-layer-norm", "projection-tanh", "v1-bf-i2h-compat"])
+def test_matches_torch_sru_loading_array_npz(case, tmp_path):
+    """array layer .npz -> torch load_state_dict(strict=True): same outputs and gradients."""
+    torch = pytest.importorskip("torch")
+    config = TORCH_CASES[case]
+    model = _perturbed_model(SRU, config, seed=6)
+    path = model.save(tmp_path / "model")
+    assert path.endswith(".npz")
+    torch_model = _torch_pair(torch, config, seed=9)
+    with np.load(path) as data:
+        state = {k: torch.from_numpy(data[k]) for k in data.files if k != arrays.CONFIG_KEY}
+    torch_model.load_state_dict(state, strict=True)
+    _compare_with_torch(torch, torch_model, model)
+
+
+def test_initialisation_recipe_matches_torch():
+    """Deterministic parts equal; random parts with the same spread per gate slot."""
+    torch = pytest.importorskip("torch")
+    from sru_cupy import SRU as TorchSRU
+    config = dict(input_size=48, hidden_size=40, num_layers=2, dropout=0.2, rnn_dropout=0.1,
+                  rescale=True, highway_bias=-1.0, projection_size=0, layer_norm=True,
+                  bidirectional=True)
+    torch.manual_seed(0)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rnn_dropout is deprecated in sru
+        ref = {k: v.detach().numpy() for k, v in TorchSRU(**config).state_dict().items()}
+    ours = SRU(**config, dtype="float64", seed=0).state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
+    for name in ref:
+        if name.endswith(("bias", "scale_x", "layer_norm.weight")):
+            np.testing.assert_allclose(ours[name], ref[name], rtol=1e-6, err_msg=name)
+        elif name.endswith("weight"):  # (fan_in, dirs * d * k): compare each of the k slots
+            k = ref[name].shape[1] // (2 * 40)
+            for slot in range(k):
+                a = ours[name].reshape(-1, k)[:, slot]
+                b = ref[name].reshape(-1, k)[:, slot]
+                assert abs(a.std() / b.std() - 1) < 0.1, f"{name} slot {slot}"
+                assert np.abs(a).max() <= np.abs(b).max() * 1.05, f"{name} slot {slot}"
+        elif name.endswith("weight_c"):
+            assert abs(ours[name].std() / ref[name].std() - 1) < 0.2, name
+
+
+# -- save / load ----------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip(tmp_path):
+    model = _perturbed_model(SRU, dict(input_size=3, hidden_size=4, num_layers=2,
+                                       layer_norm=True, projection_size=2, bidirectional=True))
+    path = model.save(str(tmp_path / "m.npz"))
+    loaded = SRU.load(path)
+    assert loaded.config == model.config and loaded.dtype == model.dtype
+    assert set(loaded.params) == set(model.params)
+    for name in model.params:
+        np.testing.assert_array_equal(loaded.params[name], model.params[name])
+    x, c0, _ = _inputs(model)
+    np.testing.assert_array_equal(loaded.forward(x, c0)[0], model.forward(x, c0)[0])
+    # The generic loader and the float32 override; and the cell.
+    assert type(arrays.load(path)) is SRU
+    assert SRU.load(path, dtype="float32").params["rnn_lst.0.weight"].dtype == np.float32
+    cell = _perturbed_model(SRUCell, dict(input_size=3, hidden_size=2, layer_norm=True))
+    cell_path = cell.save(tmp_path / "cell")
+    loaded_cell = arrays.load(cell_path)
+    assert type(loaded_cell) is SRUCell and loaded_cell.config == cell.config
+    xc = np.random.default_rng(0).standard_normal((4, 2, 3))
+    np.testing.assert_array_equal(loaded_cell.forward(xc)[0], cell.forward(xc)[0])
+    with np.load(path) as data:
+        meta = json.loads(str(data[arrays.CONFIG_KEY]))
+    assert meta["class"] == "SRU" and meta["config"]["projection_size"] == 2
+
+
+def test_load_errors_are_clear(tmp_path):
+    model = SRU(3, 4, num_layers=2, seed=0)
+    path = model.save(tmp_path / "m")
+    with np.load(path) as data:
+        entries = {k: data[k] for k in data.files}
+
+    def write(name, **changes):
+        data = {k: v for k, v in entries.items() if changes.get(k, 0) is not None}
+        data.update({k: v for k, v in changes.items() if v is not None})
+        target = tmp_path / name
+        np.savez(target, **data)
+        return str(target)
+
+    with pytest.raises(KeyError, match=r"missing keys \['rnn_lst.1.bias'\]"):
+        SRU.load(write("missing.npz", **{"rnn_lst.1.bias": None}))
+    with pytest.raises(KeyError, match=r"unexpected keys \['rnn_lst.2.bias'\]"):
+        SRU.load(write("extra.npz", **{"rnn_lst.2.bias": np.zeros(8)}))
+    with pytest.raises(ValueError, match=r"rnn_lst.0.weight: expected shape \(3, 16\), got "
+                                         r"\(3, 12\)"):
+        SRU.load(write("shape.npz", **{"rnn_lst.0.weight": np.zeros((3, 12))}))
+    with pytest.raises(ValueError, match=r"no '__config__' entry"):
+        SRU.load(write("noconfig.npz", __config__=None))
+    with pytest.raises(ValueError, match=r"holds a SRU, not a SRUCell"):
+        SRUCell.load(path)
+    with pytest.raises(ValueError, match=r"saved for SRU\(.*\), not for this SRU"):
+        SRU(3, 5, num_layers=2).load_params(path)
+    with pytest.raises(ValueError, match=r"__config__ is not a valid config entry"):
+        SRU.load(write("badconfig.npz", __config__=np.array("{not json")))
+    # strict=False tolerates missing/unexpected names but still checks shapes.
+    other = SRU(3, 4, num_layers=2, seed=1)
+    other.load_state_dict({"rnn_lst.0.bias": entries["rnn_lst.0.bias"], "extra": np.ones(1)},
+                          strict=False)
+    np.testing.assert_array_equal(other.params["rnn_lst.0.bias"], entries["rnn_lst.0.bias"])
+    with pytest.raises(ValueError, match=r"rnn_lst.0.bias: expected shape"):
+        other.load_state_dict({"rnn_lst.0.bias": np.zeros(3)}, strict=False)
+
+
+# -- forward behaviour and errors -----------------------------------------------------------------
+
+
+def test_dropout_only_in_training_and_masks_are_variational():
+    model = SRU(4, 4, num_layers=2, dropout=0.5, dtype="float64", seed=0)
+    x = np.random.default_rng(0).standard_normal((6, 64, 4))
+    h_eval, _, _ = model.forward(x)
+    h_eval2, _, _ = model.forward(x, training=False, rng=3)
+    np.testing.assert_array_equal(h_eval, h_eval2)
+    h_train, _, _ = model.forward(x, training=True, rng=3)
+    assert not np.allclose(h_train, h_eval)
+    np.testing.assert_array_equal(h_train, model.forward(x, training=True, rng=3)[0])
+    # One Bernoulli(1 - p) / (1 - p) value per (batch, column), shared by every step.
+    mask = arrays._dropout_mask(np, np.random.default_rng(0), (200, 50), 0.5, np.dtype(np.float64))
+    assert set(np.unique(mask)) == {0.0, 2.0}
+    assert abs(mask.mean() - 1.0) < 0.05
+
+
+def test_input_errors_name_the_argument():
+    model = SRU(3, 4, num_layers=2, seed=0)
+    x = np.zeros((5, 2, 3), np.float32)
+    with pytest.raises(ValueError, match=r"^x: expected last axis input_size = 3, got 4"):
+        model.forward(np.zeros((5, 2, 4), np.float32))
+    with pytest.raises(ValueError, match=r"^x: expected rank 3"):
+        model.forward(np.zeros((5, 3), np.float32))
+    with pytest.raises(ValueError, match=r"^c0: expected shape \(num_layers, B, output_size\)"):
+        model.forward(x, np.zeros((2, 3, 4), np.float32))
+    with pytest.raises(ValueError, match=r"^mask_pad: expected shape \(L, B\)"):
+        model.forward(x, mask_pad=np.zeros((2, 5), bool))
+    with pytest.raises(TypeError, match=r"^x: expected a floating dtype, got int64"):
+        model.forward(np.zeros((5, 2, 3), np.int64))
+    with pytest.raises(TypeError, match=r"^x: expected a numpy.ndarray, a cupy.ndarray"):
+        model.forward([[[0.0] * 3]])
+    h, c, cache = model.forward(x)
+    with pytest.raises(ValueError, match=r"^grad_h: expected shape \(5, 2, 4\) like h"):
+        model.backward(cache, np.zeros((5, 2, 3), np.float32))
+    with pytest.raises(ValueError, match=r"^grad_c: expected shape \(2, 2, 4\) like c"):
+        model.backward(cache, np.zeros_like(h), np.zeros((2, 4), np.float32))
+    with pytest.raises(TypeError, match=r"^cache: expected the cache returned by this model"):
+        SRU(3, 4, num_layers=2).backward(cache, np.zeros_like(h))
+    with pytest.raises(ValueError, match=r"^device: expected 'cpu', 'cuda' or 'cuda:N'"):
+        SRU(3, 4, device="tpu")
+    with pytest.raises(TypeError, match=r"^dtype: expected float32 or float64, got float16"):
+        SRU(3, 4, dtype="float16")
+    _, _, none_cache = model.forward(x, keep_cache=False)
+    assert none_cache is None
+
+
+def test_torch_tensors_are_accepted_as_inputs():
+    torch = pytest.importorskip("torch")
+    model = SRU(3, 4, num_layers=2, seed=0, dtype="float64")
+    x = np.random.default_rng(0).standard_normal((5, 2, 3))
+    h, c, cache = model.forward(torch.from_numpy(x), mask_pad=torch.zeros(5, 2, dtype=torch.bool))
+    assert type(h) is np.ndarray
+    np.testing.assert_array_equal(h, model.forward(x)[0])
+    grad_x, _, _ = model.backward(cache, torch.ones(5, 2, 4, dtype=torch.float64))
+    assert type(grad_x) is np.ndarray
+
+
+# -- no torch -------------------------------------------------------------------------------------
+
+_NO_TORCH_SCRIPT = textwrap.dedent("""
+    import importlib.abc, sys
+
+    class BlockTorch(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError(f"blocked import of {name}")
+            return None
+
+    sys.meta_path.insert(0, BlockTorch())
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("the blocker did not block torch")
+
+    import numpy as np
+    import sru_cupy.arrays as arrays
+    import sru_cupy.functional as F
+
+    model = arrays.SRU(3, 4, num_layers=2, layer_norm=True, dropout=0.1, seed=0)
+    x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
+    h, c, cache = model.forward(x, training=True, rng=0)
+    grad_x, grad_c0, grads = model.backward(cache, np.ones_like(h), np.ones_like(c))
+    assert grad_x.shape == x.shape and len(grads) == 10, (grad_x.shape, sorted(grads))
+    path = model.save(sys.argv[1])
+    arrays.SRU.load(path)
+    U = np.random.default_rng(1).standard_normal((5, 2, 16)).astype(np.float32)
+    b = np.zeros(8, np.float32)
+    hh, cc, last = F.recurrence_forward(U, None, b, b, hidden_size=4)
+    F.recurrence_backward(hh, None, U, None, b, b, None, cc, hidden_size=4)
+    F.recurrence_inference(U, None, b, b, hidden_size=4)
+    assert "torch" not in sys.modules, "torch was imported"
+    assert "cupy" not in sys.modules, "cupy was imported"
+    print("ok without torch")
+""")
+
+
+def test_arrays_and_functional_never_import_torch(tmp_path):
+    result = subprocess.run([sys.executable, "-c", _NO_TORCH_SCRIPT, str(tmp_path / "m.npz")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok without torch" in result.stdout
+
+
+# -- the example ----------------------------------------------------------------------------------
+
+
+def _run_example(*args):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "examples", "cupy_train.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def _losses(stdout):
+    initial = next(line for line in stdout.splitlines() if line.startswith("initial:"))
+    final = next(line for line in stdout.splitlines() if line.startswith("final:"))
+    return float(initial.split()[2]), float(final.split()[2]), float(final.split()[4])
+
+
+def test_example_short_learns():
+    result = _run_example("--short", "--device", "cpu")
+    assert result.returncode == 0, result.stdout + result.stderr
+    initial, final, accuracy = _losses(result.stdout)
+    assert final <= initial / 4 and accuracy >= 0.9, result.stdout
+    assert "learned: yes" in result.stdout
+
+
+def test_example_reports_failure_when_it_cannot_have_learned():
+    result = _run_example("--short", "--steps", "2")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "learned: NO" in result.stdout
+
+
+# -- GPU ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["bi-layer-norm", "projection-tanh", "v1-bf-i2h-compat"])
+def test_cuda_model_matches_cpu_model(case):
+    import cupy
+    config = TORCH_CASES[case]
+    cpu = _perturbed_model(SRU, config, seed=3)
+    gpu = SRU(**config, dtype="float64", device="cuda")
+    gpu.load_state_dict(cpu.state_dict())
+    assert isinstance(gpu.params["rnn_lst.0.weight"], cupy.ndarray)
+    x, c0, pad = _inputs(cpu, L=6, B=4, seed=2, mask_pad=True)
+    h, c, cache = cpu.forward(x, c0, pad)
+    hg, cg, cache_g = gpu.forward(cupy.asarray(x), cupy.asarray(c0), cupy.asarray(pad))
+    np.testing.assert_allclose(cupy.asnumpy(hg), h, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(cupy.asnumpy(cg), c, rtol=1e-9, atol=1e-11)
+    rng = np.random.default_rng(0)
+    grad_h, grad_c = rng.standard_normal(h.shape), rng.standard_normal(c.shape)
+    gx, gc0, grads = cpu.backward(cache, grad_h, grad_c)
+    gxg, gc0g, grads_g = gpu.backward(cache_g, cupy.asarray(grad_h), cupy.asarray(grad_c))
+    np.testing.assert_allclose(cupy.asnumpy(gxg), gx, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(cupy.asnumpy(gc0g), gc0, rtol=1e-9, atol=1e-11)
+    for name in grads:
+        np.testing.assert_allclose(cupy.asnumpy(grads_g[name]), grads[name], rtol=1e-9,
+                                   atol=1e-11, err_msg=name)
+    # Dropout masks come from CuPy's generator on the model's device.
+    h1 = gpu.forward(cupy.asarray(x), training=True, rng=1)[0]
+    assert isinstance(h1, cupy.ndarray)
+    with pytest.raises(TypeError, match=r"^x: the model is on cuda:\d \(CuPy arrays\), got a "
+                                        r"numpy.ndarray"):
+        gpu.forward(x)
+    with pytest.raises(TypeError, match=r"^x: the model is on the CPU"):
+        cpu.forward(cupy.asarray(x))
+
+
+@pytest.mark.gpu
+def test_example_learns_on_cuda():
+    result = _run_example("--short", "--device", "cuda")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "learned: yes" in result.stdout
