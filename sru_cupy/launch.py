@@ -75,7 +75,11 @@ class _Problem:
 
     # -- argument preparation -------------------------------------------------------------------
     def _same_kind(self, array, argname):
-        if type(array) is not self.array_type:
+        try:
+            same = backend_for(array) is self.backend
+        except TypeError:
+            same = False
+        if not same:
             raise TypeError(f"{argname}: expected {self.array_type.__module__}."
                             f"{self.array_type.__name__} like U, got {type(array).__module__}."
                             f"{type(array).__name__} (do not mix NumPy and CuPy arrays)")
@@ -103,8 +107,7 @@ class _Problem:
                 raise ValueError(f"{argname}: required, got None")
             return None
         self._same_kind(array, argname)
-        if int(np.prod(array.shape)) != int(np.prod(shape)) or (
-                array.ndim != len(shape) and tuple(array.shape) not in self._param_shapes(shape)):
+        if tuple(array.shape) != shape and tuple(array.shape) not in self._param_shapes(shape):
             raise ValueError(f"{argname}: expected shape {shape}, got {tuple(array.shape)}")
         name = np.dtype(array.dtype).name
         if name not in _FLOAT_NAMES:
@@ -128,11 +131,23 @@ class _Problem:
     def empty(self, shape, arith=False):
         return self.backend.empty(shape, np.dtype(self.arith) if arith else self.storage)
 
+    def check_out_keys(self, out, allowed):
+        if out is None:
+            return
+        unknown = sorted(set(out) - set(allowed))
+        if unknown:
+            raise ValueError(f"out: expected keys among {sorted(allowed)}, got unknown {unknown}")
+        given = [a for a in out.values() if a is not None]
+        if len({id(a) for a in given}) != len(given):
+            raise ValueError("out: the same array is given for two outputs")
+
     def output(self, out, key, shape, arith=False):
         if out is None or out.get(key) is None:
             return self.empty(shape, arith)
         array = out[key]
         self._same_kind(array, f"out[{key!r}]")
+        if not getattr(array.flags, "writeable", True):
+            raise ValueError(f"out[{key!r}]: expected a writeable array, got a read-only one")
         dtype = np.dtype(self.arith) if arith else self.storage
         if tuple(array.shape) != shape or np.dtype(array.dtype) != dtype:
             raise ValueError(f"out[{key!r}]: expected shape {shape} and dtype {dtype.name}, got "
@@ -173,6 +188,7 @@ def recurrence_forward(U, x, weight_c, bias, c0=None, *, hidden_size, bidirectio
         mask_h = p.param(mask_h, "mask_h", (B, D), required=False)
         mask_pad = p.pad_mask(mask_pad)
 
+        p.check_out_keys(out, ("h", "c", "c_last"))
         h = p.output(out, "h", (L, B, D))
         c = p.output(out, "c", (L, B, D)) if store_c else None
         c_last = p.output(out, "c_last", (B, D))
@@ -219,6 +235,7 @@ def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, *, hid
         grad_h = p.data(grad_h, (L, B, D), "grad_h")
         grad_c_last = p.data(grad_c_last, (B, D), "grad_c_last", required=False)
 
+        p.check_out_keys(out, ("U", "x", "c0", "weight_c_partial", "bias_partial"))
         grads = {
             "U": p.output(out, "U", (L, B, D * p.k)),
             "x": p.output(out, "x", (L, B, D)) if p.reads_x else None,

@@ -1,0 +1,483 @@
+"""The host backend (sru_cupy.backends.host): building, caching and loading the C++ build of the
+CUDA sources, its failure modes, its kernel table, the 16-bit conversions of sru_numeric.cuh as the
+kernels use them, and the OpenMP-parallel grid walk.
+
+Tests that need fresh module state (an empty cache, another compiler) run in a subprocess.
+"""
+
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import sru_cupy
+from sru_cupy import kernels
+from sru_cupy.backends import KernelCompileError, host
+from sru_cupy.launch import recurrence_backward, recurrence_forward
+from sru_cupy.reference import recurrence_forward_reference
+
+REPO = Path(sru_cupy.__file__).resolve().parent.parent
+COMPILER = host.find_compiler()
+needs_compiler = pytest.mark.skipif(COMPILER is None, reason="host backend: no C++ compiler found")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+LIBRARY_NAME = re.compile(r"^sru_host_[0-9a-f]{24}\.so$")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Build the host library into a per-session temporary cache unless the caller chose one."""
+    if os.environ.get("SRU_CUPY_CACHE_DIR"):
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SRU_CUPY_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "sru_cupy_cache"))
+        yield
+
+
+def _env(cache, **changes):
+    """The environment of a subprocess: this one's, the checkout importable, the given cache, and
+    `changes` (None removes a variable)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["SRU_CUPY_CACHE_DIR"] = str(cache)
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
+    return env
+
+
+def _python(code, env, timeout=240):
+    """Runs `code` in a fresh interpreter; returns the JSON object it prints last."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _script(path, body):
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+_LOAD_AND_RUN = """
+    import json, os
+    import numpy as np
+    from sru_cupy.backends import host
+    from sru_cupy.launch import recurrence_forward
+    lib = host.library()
+    U = np.full((2, 1, 3), 0.5, np.float32)
+    h, c, c_last = recurrence_forward(U, np.ones((2, 1, 1), np.float32), None,
+                                      np.zeros(2, np.float32), hidden_size=1)
+    st = os.stat(lib.path)
+    print(json.dumps({"path": lib.path, "ino": st.st_ino, "mtime": st.st_mtime_ns,
+                      "h": h.ravel().tolist(), "count": lib.sru_host_kernel_count()}))
+"""
+
+
+def _libraries(cache):
+    """The host libraries in the cache (other files, such as build records and locks, may exist)."""
+    return sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*.so") if p.is_file())
+
+
+def _temporary_files(cache):
+    """Half-written files (write_atomic's temporaries) left in the cache."""
+    return sorted(str(p) for p in cache.rglob(".tmp-*"))
+
+
+# -- build, cache, reuse -----------------------------------------------------------------------
+
+
+@needs_compiler
+def test_library_is_built_once_into_the_cache_and_reused(tmp_path):
+    """The first use compiles the library into <cache>/host; a fresh process loads that file and
+    runs no compile of the kernels (a compiler wrapper logs every invocation)."""
+    cache = tmp_path / "cache"
+    log = tmp_path / "cxx.log"
+    wrapper = _script(tmp_path / "cxx-wrapper", f'echo "$@" >> "{log}"\nexec "{COMPILER}" "$@"\n')
+    env = _env(cache, CXX=wrapper)
+
+    first = _python(_LOAD_AND_RUN, env)
+    path = Path(first["path"])
+    assert path.parent == cache / "host", path
+    assert LIBRARY_NAME.match(path.name), path.name
+    assert _libraries(cache) == [f"host/{path.name}"] and _temporary_files(cache) == []
+    assert stat.S_IMODE((cache / "host").stat().st_mode) & 0o077 == 0, "cache folder not private"
+    assert first["count"] == len(kernels.all_kernel_names())
+    ref_h, _, _ = recurrence_forward_reference(np.full((2, 1, 3), 0.5), np.ones((2, 1, 1)), None,
+                                               np.zeros(2), hidden_size=1)
+    np.testing.assert_allclose(first["h"], ref_h.ravel(), rtol=1e-6)  # the loaded library works
+    builds = [line for line in log.read_text().splitlines() if "sru_host.cpp" in line]
+    assert len(builds) == 1, f"expected one compile of the kernels, got {builds}"
+    assert "-O3" in builds[0] and "-shared" in builds[0]
+
+    second = _python(_LOAD_AND_RUN, env)
+    assert second["path"] == first["path"]
+    assert (second["ino"], second["mtime"]) == (first["ino"], first["mtime"]), "library rewritten"
+    assert second["h"] == first["h"]
+    builds = [line for line in log.read_text().splitlines() if "sru_host.cpp" in line]
+    assert len(builds) == 1, f"the second process compiled the kernels again: {builds}"
+    assert _libraries(cache) == [f"host/{path.name}"] and _temporary_files(cache) == []
+
+
+@needs_compiler
+def test_concurrent_first_builds_leave_one_complete_library(tmp_path):
+    """Two processes building into the same empty cache at once both load a working library, and
+    the cache ends with one library and no temporary files."""
+    cache = tmp_path / "cache"
+    env = _env(cache)
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(_LOAD_AND_RUN)], env=env,
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert results[0]["path"] == results[1]["path"]
+    assert results[0]["h"] == results[1]["h"]
+    libraries = _libraries(cache)
+    assert len(libraries) == 1 and LIBRARY_NAME.match(Path(libraries[0]).name), libraries
+    assert _temporary_files(cache) == []
+
+
+_EXPECT_FAILURE = """
+    import json
+    from sru_cupy.backends import KernelCompileError, host
+    from sru_cupy.launch import recurrence_forward
+    import numpy as np
+    result = {"available": host.available()}
+    for attempt in ("library", "launch"):
+        try:
+            if attempt == "library":
+                host.library()
+            else:
+                recurrence_forward(np.zeros((1, 1, 3), np.float32), np.zeros((1, 1, 1), np.float32),
+                                   None, np.zeros(2, np.float32), hidden_size=1)
+        except Exception as exc:
+            result[attempt] = {"type": type(exc).__name__,
+                               "compile_error": isinstance(exc, KernelCompileError),
+                               "runtime_error": isinstance(exc, RuntimeError),
+                               "message": str(exc),
+                               "log": getattr(exc, "log", None),
+                               "options": getattr(exc, "options", None)}
+        else:
+            result[attempt] = None
+    print(json.dumps(result))
+"""
+
+
+def test_failing_compiler_raises_kernel_compile_error_with_log_and_options(tmp_path):
+    cache = tmp_path / "cache"
+    broken = _script(tmp_path / "broken-cxx",
+                     'echo "broken-cxx: error: deliberate failure for $*" >&2\nexit 1\n')
+    got = _python(_EXPECT_FAILURE, _env(cache, CXX=broken))
+    for attempt in ("library", "launch"):
+        error = got[attempt]
+        assert error is not None, f"{attempt}: no error raised by a compiler that always fails"
+        assert error["compile_error"] and error["runtime_error"], error["type"]
+        assert error["type"] == KernelCompileError.__name__
+        message = error["message"]
+        assert "deliberate failure" in message, message  # the compiler's log
+        assert "deliberate failure" in error["log"]
+        options = error["options"]
+        assert options[0] == str(broken), options  # the command: compiler, flags, files
+        for flag in ("-O3", "-std=c++17", "-shared", "-fPIC"):
+            assert flag in options, options
+            assert flag in message, message
+        assert any(option.endswith("sru_host.cpp") for option in options), options
+    # Nothing half-built is left behind.
+    if cache.exists():
+        assert _libraries(cache) == [] and _temporary_files(cache) == []
+
+
+@pytest.mark.parametrize("how", ["CXX-missing", "PATH-empty"])
+def test_no_compiler_raises_a_clear_runtime_error(tmp_path, how):
+    cache = tmp_path / "cache"
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    if how == "CXX-missing":
+        env = _env(cache, CXX=tmp_path / "no-such-compiler", PATH=empty)
+    else:
+        env = _env(cache, CXX=None, PATH=empty)
+    got = _python(_EXPECT_FAILURE, env)
+    assert got["available"] is False
+    for attempt in ("library", "launch"):
+        error = got[attempt]
+        assert error is not None, f"{attempt}: no error without a compiler"
+        assert error["type"] == "RuntimeError" and not error["compile_error"], error
+        assert "no C++ compiler" in error["message"] and "CXX" in error["message"], error["message"]
+    assert not cache.exists(), "the cache folder was created although nothing could be built"
+
+
+def test_find_compiler_prefers_cxx(tmp_path, monkeypatch):
+    fake = _script(tmp_path / "my-cxx", "exit 0\n")
+    monkeypatch.setenv("CXX", str(fake))
+    assert host.find_compiler() == str(fake)
+    monkeypatch.setenv("CXX", str(tmp_path / "absent"))
+    assert host.find_compiler() is None  # an explicit $CXX is not silently replaced
+    assert host.available() is False
+
+
+# -- the kernel table --------------------------------------------------------------------------
+
+
+@needs_compiler
+def test_library_exports_every_kernel_name():
+    lib = host.library()
+    names = [lib.sru_host_kernel_name(i).decode() for i in range(lib.sru_host_kernel_count())]
+    expected = kernels.all_kernel_names()
+    assert len(expected) == 16
+    assert sorted(names) == sorted(expected)
+    assert len(set(names)) == len(names)
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["sru_recurrence_forward<int, 3>", "sru_recurrence_forward<float, 5>",
+                                  "sru_recurrence_forward", ""])
+def test_launching_an_unknown_kernel_raises(name):
+    with pytest.raises(RuntimeError, match="not in the library"):
+        host.launch(name, (1, 1, 1), (1, 1, 1), [])
+
+
+@needs_compiler
+@pytest.mark.parametrize("value", [1.5, 3, True, np.float16(1)], ids=["float", "int", "bool", "f16"])
+def test_launch_rejects_scalars_without_an_exact_c_type(value):
+    """A Python float would be passed as a double where the kernel may expect a float."""
+    with pytest.raises(TypeError, match="kernel argument"):
+        host.launch("sru_recurrence_forward<float, 3>", (1, 1, 1), (1, 1, 1), [value])
+
+
+# -- 16-bit conversions ------------------------------------------------------------------------
+
+
+def _finite_patterns(dtype):
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    values = bits.view(dtype)
+    return values[np.isfinite(values.astype(np.float32))]
+
+
+def _half_path_forward(u0, u3, c0, mask_h, *, forget_bias):
+    """Forward with k = 4, v1 (weight_c None), u1 = u2 = 0 and b_r = 0 (so r = 1/2 exactly),
+    b_f = forget_bias (0: f = 1/2 exactly; -1e30: f = 0 exactly). u0, u3: (L, N); c0: (N,)."""
+    L, N = u0.shape
+    U = np.zeros((L, 1, N, 4), dtype=u0.dtype)
+    U[..., 0] = u0[:, None, :]
+    U[..., 3] = u3[:, None, :]
+    bias = np.zeros(2 * N, np.float32)
+    bias[:N] = forget_bias
+    return recurrence_forward(U.reshape(L, 1, 4 * N), None, None, bias, c0.reshape(1, N),
+                              hidden_size=N, mask_h=mask_h.reshape(1, N).astype(np.float32))
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), BF16], ids=["f16", "bf16"])
+def test_every_finite_16bit_value_round_trips(dtype):
+    """Load and store are exact for every finite value: with f = 0, c = u0; with m = 0, h = u3."""
+    values = _finite_patterns(dtype)
+    assert values.size > 63000
+    u = values[None, :]
+    h, c, c_last = _half_path_forward(u, u, np.zeros(values.size, dtype), np.zeros(values.size),
+                                      forget_bias=-1e30)
+    for name, out in (("c", c[0, 0]), ("h", h[0, 0]), ("c_last", c_last[0])):
+        assert out.dtype == dtype
+        same = out.view(np.uint16) == values.view(np.uint16)
+        zero = (out.astype(np.float32) == 0) & (values.astype(np.float32) == 0)  # -0 may become +0
+        bad = ~(same | zero)
+        assert not bad.any(), (f"{name}: {bad.sum()} values changed, e.g. "
+                               f"{values[bad][:5].astype(np.float32)} -> {out[bad][:5].astype(np.float32)}")
+
+
+def _rounding_inputs(dtype, rng, N):
+    """Columns of (c0 (N,), u0 (L, N), u3 (L, N), m (N,)) in classes that stress the rounding:
+    random finite values, values at the range limit (m up to 3, so h overflows), h straddling the
+    overflow threshold, subnormals, values around the smallest normal, and two exact ties at the
+    overflow threshold. c0 and u0 keep the state finite (the kernel's f would be nan otherwise)."""
+    info = ml_dtypes.finfo(dtype) if dtype == BF16 else np.finfo(dtype)
+    big, tiny = float(info.max), float(info.smallest_subnormal)
+    normal, nmant = float(info.smallest_normal), int(info.nmant)
+    L = 4
+    finite = _finite_patterns(dtype).astype(np.float64)
+    moderate = finite[np.abs(finite) < big / 4]
+    c0, u0, u3, m = np.zeros(N), np.zeros((L, N)), np.zeros((L, N)), np.ones(N)
+    for j in range(N):
+        kind = j % 5
+        if kind == 0:  # random values of every magnitude
+            state = rng.choice(moderate, 1 + L)
+            c0[j], u0[:, j], u3[:, j] = state[0], state[1:], rng.choice(finite, L)
+            m[j] = rng.choice([0.0, 1.0, 0.75, 1.5, 1 / 0.7])
+        elif kind == 1:  # large values, one sign for the state; m up to 3: h overflows
+            sign = rng.choice([-1.0, 1.0])
+            state = sign * big * (1 - rng.integers(0, 64, 1 + L) * 2.0 ** -nmant)
+            c0[j], u0[:, j] = state[0], state[1:]
+            u3[:, j] = big * (1 - rng.integers(0, 64, L) * 2.0 ** -nmant) * rng.choice([-1.0, 1.0], L)
+            m[j] = rng.uniform(0.5, 3.0)
+        elif kind == 2:  # h = (c - max/2) m / 2 + max/2 with c ~ max, m ~ 2: around max and beyond
+            state = big * (1 - rng.integers(0, 64, 1 + L) * 2.0 ** -nmant)
+            c0[j], u0[:, j], u3[:, j] = state[0], state[1:], big / 2
+            m[j] = 2.0 * (1 + rng.uniform(0, 4) * 2.0 ** -nmant)
+        elif kind == 3:  # subnormals: every stored c is a subnormal, many of them ties
+            k = rng.integers(-(2 ** nmant) + 1, 2 ** nmant, 1 + 2 * L)
+            c0[j], u0[:, j], u3[:, j] = k[0] * tiny, k[1:L + 1] * tiny, k[L + 1:] * tiny
+            m[j] = rng.choice([1.0, 0.75, 1.25, 1.5, 3.0])
+        else:  # around the smallest normal: results on both sides of the subnormal boundary
+            state = normal * rng.uniform(0.5, 2.0, 1 + L)
+            c0[j], u0[:, j], u3[:, j] = state[0], state[1:], normal * rng.uniform(-0.1, 0.1, L)
+            m[j] = rng.choice([1.0, 0.9, 1.1])
+    # Exact ties at the overflow threshold: c = max, u3 = the next value down, m = 3:
+    # h = (max - below) * 3 / 2 + below = max + ulp / 2, the midpoint between max and infinity.
+    below = float(np.nextafter(np.array(big, dtype=dtype), np.array(0, dtype=dtype)))
+    for j, sign in ((N - 2, 1.0), (N - 1, -1.0)):
+        c0[j], u0[:, j], u3[:, j], m[j] = sign * big, sign * big, sign * below, 3.0
+    return c0.astype(dtype), u0.astype(dtype), u3.astype(dtype), m.astype(np.float32)
+
+
+def _emulate_forward(c0, u0, u3, m, dtype):
+    """The kernel's float32 arithmetic for this configuration, step by step, rounded to `dtype` at
+    every store (numpy / ml_dtypes round float32 to nearest even)."""
+    f = np.float32(0.5)
+    state = c0.astype(np.float32)
+    hs, cs = [], []
+    with np.errstate(over="ignore", invalid="ignore"):
+        for t in range(u0.shape[0]):
+            x0, s = u0[t].astype(np.float32), u3[t].astype(np.float32)
+            state = (state - x0) * f + x0
+            h = ((state - s) * m) * f + s  # r = 1/2 like f
+            hs.append(h.astype(dtype))
+            cs.append(state.astype(dtype))
+        return np.stack(hs), np.stack(cs), state.astype(dtype)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), BF16], ids=["f16", "bf16"])
+def test_16bit_rounding_matches_float32_rounded_to_nearest_even(dtype):
+    """With f = r = 1/2 exactly the kernel's float32 arithmetic can be replayed in NumPy; every
+    stored h and c must be that float32 value rounded to nearest even: ties, subnormals, the
+    smallest normal, and overflow to infinity at and past the threshold."""
+    rng = np.random.default_rng(16)
+    N = 1000
+    c0, u0, u3, m = _rounding_inputs(dtype, rng, N)
+    h, c, c_last = _half_path_forward(u0, u3, c0, m, forget_bias=0.0)
+    ref_h, ref_c, ref_c_last = _emulate_forward(c0, u0, u3, m, dtype)
+    # The cases exercise what they claim to.
+    assert np.isinf(ref_h.astype(np.float32)).sum() > 20
+    assert np.isinf(ref_h[-1, -2:].astype(np.float32)).all()  # the exact ties round to inf
+    info = ml_dtypes.finfo(dtype) if dtype == BF16 else np.finfo(dtype)
+    sub = np.abs(ref_c.astype(np.float32))
+    assert ((sub > 0) & (sub < float(info.smallest_normal))).sum() > 100
+    for name, out, ref in (("h", h[:, 0], ref_h), ("c", c[:, 0], ref_c), ("c_last", c_last[0], ref_c_last)):
+        assert out.dtype == dtype
+        nan = np.isnan(out.astype(np.float32))
+        assert np.array_equal(nan, np.isnan(ref.astype(np.float32))), f"{name}: nan where not expected"
+        bad = (out.view(np.uint16) != ref.view(np.uint16)) & ~nan
+        assert not bad.any(), (f"{name}: {bad.sum()} stores differ from round-to-nearest-even, e.g. "
+                               f"got {out[bad][:4].astype(np.float32)}, "
+                               f"expected {ref[bad][:4].astype(np.float32)}")
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), BF16], ids=["f16", "bf16"])
+def test_16bit_nan_stays_nan(dtype):
+    """A nan stays nan through load and store, whatever its payload: including float32 nans whose
+    rounding would carry out of the nan range (0x7fffffff, the GPU's canonical nan, would become
+    -0 in bfloat16 under plain round-to-nearest-even)."""
+    values = np.array([[1.0, np.nan, -np.nan, 2.0]]).astype(dtype)
+    h, c, _ = _half_path_forward(np.zeros_like(values), values, np.zeros(4, dtype),
+                                 np.zeros(4), forget_bias=0.0)
+    assert np.isnan(h[0, 0].astype(np.float32)).tolist() == [False, True, True, False]
+    h, c, c_last = _half_path_forward(values, np.zeros_like(values), np.zeros(4, dtype), np.ones(4),
+                                      forget_bias=-1e30)
+    assert np.isnan(c[0, 0].astype(np.float32)).tolist() == [False, True, True, False]
+    # nan payloads from a float32 parameter: h = ((c - u3) m) r + u3 with m = nan.
+    payloads = np.array([0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0x7FBFFFFF, 0x7FC00000, 0x3F800000],
+                        dtype=np.uint32)
+    m = payloads.view(np.float32)
+    ones = np.ones((1, m.size), dtype)
+    h, _, _ = _half_path_forward(ones, ones * 0.5, np.ones(m.size, dtype), m, forget_bias=0.0)
+    assert np.isnan(h[0, 0].astype(np.float32)).tolist() == [True] * 5 + [False], \
+        h[0, 0].view(np.uint16)
+
+
+# -- the emulated grid ---------------------------------------------------------------------------
+
+
+def _problem(rng, L=13, B=5, d=100, dtype=np.float32):
+    D = 2 * d
+    data = lambda *shape: (rng.standard_normal(shape) * 0.5).astype(dtype)  # noqa: E731
+    mask_pad = np.zeros((L, B), bool)
+    mask_pad[L - 3:, 1] = True
+    mask_pad[:2, 2] = True
+    return dict(U=data(L, B, 3 * D), x=data(L, B, D), weight_c=data(2 * D), bias=data(2 * D),
+                c0=data(B, D), mask_h=(rng.random((B, D)) > 0.2).astype(np.float32) * 1.25,
+                mask_pad=mask_pad, grad_h=data(L, B, D), grad_c_last=data(B, D), d=d)
+
+
+def _run(p):
+    opts = dict(hidden_size=p["d"], bidirectional=True, use_tanh=True, scale_x=1.5,
+                mask_h=p["mask_h"], mask_pad=p["mask_pad"])
+    args = [p[k] for k in ("U", "x", "weight_c", "bias", "c0")]
+    h, c, c_last = recurrence_forward(*args, **opts)
+    g = recurrence_backward(p["grad_h"], p["grad_c_last"], *args, c, **opts)
+    return {"h": h, "c": c, "c_last": c_last, "gU": g["U"], "gx": g["x"], "gc0": g["c0"],
+            "gwc": g["weight_c_partial"], "gb": g["bias_partial"]}
+
+
+@needs_compiler
+@pytest.mark.parametrize("block", [1, 7, 64, 1000, 1024])
+def test_block_size_does_not_change_results(monkeypatch, block):
+    """The grid walk covers every column exactly once whatever the block size (partial blocks,
+    one thread per block, one block for all)."""
+    p = _problem(np.random.default_rng(3))
+    expected = _run(p)
+    monkeypatch.setattr(host, "BLOCK_SIZE", block)
+    got = _run(p)
+    for key in expected:
+        assert np.array_equal(got[key], expected[key]), key
+
+
+_OMP_RUN = """
+    import json, sys
+    import numpy as np
+    sys.path.insert(0, {tests!r})
+    from sru_cupy.backends import host
+    from test_host_backend import _problem, _run
+    host.PARALLEL_WORK = {parallel_work}
+    p = _problem(np.random.default_rng(3))
+    np.savez({out!r}, **_run(p))
+    print(json.dumps({{"ok": True}}))
+"""
+
+
+@needs_compiler
+def test_openmp_threads_do_not_change_results(tmp_path, monkeypatch):
+    """The OpenMP-parallel grid walk (forced with PARALLEL_WORK = 0) gives bit-identical results to
+    one thread (OMP_NUM_THREADS=1, and the small-work single-thread path); each column is one
+    thread's."""
+    if host._openmp_flags(COMPILER) != ["-fopenmp"]:
+        pytest.skip("the compiler has no OpenMP: the grid is walked by one thread anyway")
+    p = _problem(np.random.default_rng(3))
+    grid_blocks = -(-p["U"].shape[1] * 2 * p["d"] // host.BLOCK_SIZE)
+    assert grid_blocks >= 8  # enough blocks for several threads
+    assert p["U"].shape[0] * p["U"].shape[1] * 2 * p["d"] < host.PARALLEL_WORK  # default: 1 thread
+    expected = _run(p)
+    monkeypatch.setattr(host, "PARALLEL_WORK", 0)
+    runs = {"in-process, parallel": _run(p)}
+    for threads, parallel_work in ((1, 0), (3, 0), (4, host.PARALLEL_WORK)):
+        out = tmp_path / f"omp{threads}.npz"
+        code = _OMP_RUN.format(tests=str(Path(__file__).resolve().parent), out=str(out),
+                               parallel_work=parallel_work)
+        _python(code, _env(os.environ["SRU_CUPY_CACHE_DIR"], OMP_NUM_THREADS=threads))
+        runs[f"OMP_NUM_THREADS={threads}, PARALLEL_WORK={parallel_work}"] = dict(np.load(out))
+    for run, got in runs.items():
+        for key in expected:
+            assert np.array_equal(got[key], expected[key]), f"{run}: {key}"
