@@ -126,6 +126,9 @@ class _Problem:
         if tuple(mask_pad.shape) != (self.L, self.B):
             raise ValueError(f"mask_pad: expected shape (L, B) = {(self.L, self.B)}, "
                              f"got {tuple(mask_pad.shape)}")
+        if np.dtype(mask_pad.dtype) in (np.dtype(np.bool_), np.dtype(np.uint8)):
+            # Already one byte per step, zero meaning a real step: no temporary needed.
+            return self.xp.ascontiguousarray(mask_pad).view(self.xp.uint8)
         return self.xp.ascontiguousarray(mask_pad != 0).view(self.xp.uint8)
 
     def empty(self, shape, arith=False):

@@ -26,6 +26,10 @@ def _dropout_mask(reference: Tensor, shape, p: float) -> Tensor:
     return reference.new_empty(shape).bernoulli_(1 - p).div_(1 - p)
 
 
+def _refresh_scale_x(module, incompatible_keys):
+    module._scale_x_value = float(module.scale_x.reshape(-1)[0])
+
+
 class SRUCell(nn.Module):
     """One SRU layer (unidirectional or bidirectional).
 
@@ -88,6 +92,11 @@ class SRUCell(nn.Module):
         self.weight_c = nn.Parameter(torch.empty(2 * self.output_size))
         self.bias = nn.Parameter(torch.empty(2 * self.output_size))
         self.register_buffer("scale_x", torch.ones(1))
+        # scale_x as a Python float for the kernel: reading the buffer in forward would sync the
+        # device and break torch.compile(fullgraph=True). Kept equal to the buffer by
+        # reset_parameters and after load_state_dict.
+        self._scale_x_value = 1.0
+        self.register_load_state_dict_post_hook(_refresh_scale_x)
         self.layer_norm: Optional[nn.LayerNorm] = None
         if layer_norm:
             self.layer_norm = nn.LayerNorm(self.output_size if normalize_after else input_size)
@@ -101,6 +110,7 @@ class SRUCell(nn.Module):
             self.bias[self.output_size:] = self.highway_bias
             scale = math.sqrt(1 + 2 * math.exp(self.highway_bias))
             self.scale_x.fill_(scale if self.rescale and self.has_skip_term else 1.0)
+            self._scale_x_value = float(self.scale_x[0])
             if self.weight is not None:
                 fan_in = self.weight.shape[0]
                 self.weight.uniform_(-math.sqrt(3.0 / fan_in), math.sqrt(3.0 / fan_in))
@@ -221,7 +231,7 @@ class SRUCell(nn.Module):
         h, c = ops.recurrence(U, x, None if self.v1 else self.weight_c, self.bias, c0,
                               hidden_size=self.hidden_size, bidirectional=self.bidirectional,
                               has_skip_term=self.has_skip_term, use_tanh=self.use_tanh,
-                              scale_x=float(self.scale_x[0]), mask_h=mask_h, mask_pad=mask_pad)
+                              scale_x=self._scale_x_value, mask_h=mask_h, mask_pad=mask_pad)
         if self.layer_norm is not None and self.normalize_after:
             h = self.layer_norm(h)
         return h, c

@@ -87,6 +87,19 @@ def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
+def _prepared(U, x, weight_c, bias, c0, mask_h, mask_pad):
+    """The op's inputs as the kernels take them, converted by PyTorch (its allocator, its stream):
+    contiguous data, parameters in the arithmetic dtype, mask_pad as bytes. The launch layer then
+    makes no temporaries of its own, which keeps launches legal inside CUDA graph capture."""
+    arith = _arith_dtype(U.dtype)
+    params = [None if t is None else t.to(arith).contiguous() for t in (weight_c, bias, mask_h)]
+    if mask_pad is not None:
+        mask_pad = (mask_pad if mask_pad.dtype in (torch.bool, torch.uint8) else mask_pad != 0)
+        mask_pad = mask_pad.contiguous()
+    return [_contiguous(U), _contiguous(x), params[0], params[1], _contiguous(c0), params[2],
+            mask_pad]
+
+
 def _options(hidden_size, bidirectional, has_skip_term, use_tanh, scale_x, dtype, device):
     options = dict(hidden_size=hidden_size, bidirectional=bidirectional,
                    has_skip_term=has_skip_term, use_tanh=use_tanh, scale_x=scale_x)
@@ -116,7 +129,7 @@ def recurrence_forward_op(U: Tensor, x: Optional[Tensor], weight_c: Optional[Ten
     h = U.new_empty((L, B, D))
     c = U.new_empty((L, B, D) if store_c else (0,))
     c_last = U.new_empty((B, D))
-    inputs = [_contiguous(t) for t in (U, x, weight_c, bias, c0, mask_h, mask_pad)]
+    inputs = _prepared(U, x, weight_c, bias, c0, mask_h, mask_pad)
     with _device_context(U.device):
         arrays = [_as_array(t) for t in inputs]
         out = {"h": _as_array(h), "c_last": _as_array(c_last)}
@@ -161,8 +174,9 @@ def recurrence_backward_op(grad_h: Tensor, grad_c_last: Optional[Tensor], U: Ten
     grad_c0 = U.new_empty((B, D))
     grad_wc_partial = U.new_empty((2, B, D), dtype=arith)
     grad_bias_partial = U.new_empty((2, B, D), dtype=arith)
-    inputs = [_contiguous(t) for t in (grad_h, grad_c_last, U, x, weight_c, bias, c0, c, mask_h,
-                                       mask_pad)]
+    inputs = [_contiguous(grad_h), _contiguous(grad_c_last)] + _prepared(
+        U, x, weight_c, bias, c0, mask_h, mask_pad)
+    inputs.insert(7, _contiguous(c))  # launch order: ..., c0, c, mask_h, mask_pad
     with _device_context(U.device):
         a = [_as_array(t) for t in inputs]
         out = {"U": _as_array(grad_U), "c0": _as_array(grad_c0),
@@ -234,7 +248,7 @@ def recurrence(U: Tensor, x: Optional[Tensor], weight_c: Optional[Tensor], bias:
     bias and mask_h may be float32. Differentiable in U, x, weight_c, bias and c0.
     """
     _check(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional, has_skip_term)
-    if U.device.type == "cpu":
+    if U.device.type == "cpu" and not torch.compiler.is_compiling():
         _notice_cpu_path()
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (U, x, weight_c, bias, c0))
@@ -246,6 +260,9 @@ def recurrence(U: Tensor, x: Optional[Tensor], weight_c: Optional[Tensor], bias:
 
 def _check(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional, has_skip_term):
     """Argument checks with messages naming the argument, before anything is launched."""
+    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+        raise (ValueError if isinstance(hidden_size, int) and not isinstance(hidden_size, bool)
+               else TypeError)(f"hidden_size: expected a positive int, got {hidden_size!r}")
     if not isinstance(U, Tensor):
         raise TypeError(f"U: expected a torch.Tensor, got {type(U).__name__}")
     if U.dtype not in _STORAGE_DTYPES:

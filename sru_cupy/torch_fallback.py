@@ -65,8 +65,9 @@ def recurrence_forward(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, 
     shape = (L, U.shape[1], D)
     h = _processing_order(torch.stack(hs), dirs).reshape(shape) if L else U.new_zeros(shape, dtype=A)
     c = _processing_order(torch.stack(cs), dirs).reshape(shape) if L else U.new_zeros(shape, dtype=A)
-    return (h.to(U.dtype), c.to(U.dtype) if store_c else U.new_empty((0,)),
-            state.reshape(B, D).to(U.dtype))
+    # Fresh contiguous outputs, as the op's fake implementation promises (never an input's alias).
+    return (h.to(U.dtype).contiguous(), c.to(U.dtype).contiguous() if store_c else U.new_empty((0,)),
+            state.reshape(B, D).to(U.dtype, copy=True).contiguous())
 
 
 def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, mask_h, mask_pad,
@@ -115,5 +116,5 @@ def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, mask_h
     reads_x = has_skip_term and k == 3
     grad_x = (_processing_order(grad_skip, dirs).reshape(L, B, D) * scale_x).to(U.dtype) \
         if reads_x else U.new_empty((0,))
-    return (grad_U, grad_x, grad_v.sum(1).reshape(2 * D), grad_b.sum(1).reshape(2 * D),
-            gc.reshape(B, D).to(U.dtype))
+    return (grad_U.contiguous(), grad_x.contiguous(), grad_v.sum(1).reshape(2 * D),
+            grad_b.sum(1).reshape(2 * D), gc.reshape(B, D).to(U.dtype, copy=True).contiguous())
