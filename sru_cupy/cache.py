@@ -150,19 +150,25 @@ def file_digest(path):
     return digest.hexdigest()
 
 
+#: What the package writes in the cache folder; clear() removes these and nothing else.
+OWN_SUBFOLDERS = ("host", "ptx")
+
+
 def clear():
-    """Removes every file and folder inside the cache folder; returns the number of files removed."""
+    """Empties the cache: removes sru_cupy's own sub-folders (``OWN_SUBFOLDERS``) and returns how
+    many files they held. Other files are left alone, and a folder that cache_dir() would refuse
+    is not touched at all (PermissionError), as it may be someone else's."""
     import shutil
     root = cache_root()
     if not os.path.isdir(root):
         return 0
+    reason = unsafe_reason(root)
+    if reason:
+        raise PermissionError(f"not clearing {root}: {reason}")
     removed = 0
-    for entry in os.listdir(root):
+    for entry in OWN_SUBFOLDERS:
         path = os.path.join(root, entry)
         if os.path.isdir(path) and not os.path.islink(path):
             removed += sum(len(files) for _, _, files in os.walk(path))
             shutil.rmtree(path)
-        else:
-            os.unlink(path)
-            removed += 1
     return removed

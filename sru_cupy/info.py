@@ -96,6 +96,9 @@ def report():
                         else "compiled by NVRTC at first use per device"))
     root = cache.cache_root()
     lines.append(f"Kernel cache: {root} (${cache.ENV_VAR} moves it): {_folder_summary(root)}")
+    refused = cache.unsafe_reason(root) if os.path.isdir(root) else None
+    if refused:
+        lines.append(f"  refused ({refused}): kernels are cached in a private temporary folder")
     for sub in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         lines.append(f"  {sub}/: {_folder_summary(os.path.join(root, sub))}")
     cupy_cache = os.environ.get("CUPY_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cupy",

@@ -162,6 +162,9 @@ _SCALAR_CTYPES = {
 }
 
 
+_POINTER_ARRAYS = {}
+
+
 def _as_ctype(value):
     if value is None:
         return ctypes.c_void_p(None)
@@ -184,8 +187,12 @@ def launch(kernel_name, grid, block, args, work=None):
     lib = library()
     threads = 1 if work is not None and work < PARALLEL_WORK else 0
     values = [_as_ctype(a) for a in args]  # kept alive until the call returns
-    pointers = (ctypes.c_void_p * len(values))(
-        *[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
+    # addressof, not cast(pointer(v)), and one array type per length: both avoid leaving
+    # reference cycles behind on every call.
+    array_type = _POINTER_ARRAYS.get(len(values))
+    if array_type is None:
+        array_type = _POINTER_ARRAYS[len(values)] = ctypes.c_void_p * len(values)
+    pointers = array_type(*[ctypes.addressof(v) for v in values])
     status = lib.sru_host_launch(kernel_name.encode(), *grid, *block, pointers, threads)
     if status != 0:
         raise RuntimeError(f"sru_cupy host backend: kernel {kernel_name!r} is not in the library "
