@@ -1,5 +1,7 @@
 # sru_cupy development tasks.
 #   make venv       build .venv (editable install with the test and torch extras)
+#   make demo       train a character-level language model, SRU vs LSTM of the same size, for
+#                   about two minutes, and print bits-per-character and speed (DEMO_ARGS=...)
 #   make test       run the test suite inside .venv (extra args: PYTEST_ARGS=...)
 #   make gpu-check  on a GPU machine (torch, cupy, pytest installed; no downloads): environment
 #                   report, whole test suite, GPU benchmark -> $(GPU_CHECK_OUT)
@@ -9,6 +11,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 VENV_PY := $(VENV)/bin/python
 VENV_PIP := $(VENV_PY) -m pip
@@ -18,7 +21,7 @@ VENV_STAMP := $(VENV)/.sru_cupy-venv.stamp
 # Results folder of gpu-check; empty means benchmarks/results/<device>-<date>.
 GPU_CHECK_OUT ?=
 
-.PHONY: venv test gpu-check clean distclean
+.PHONY: venv test demo gpu-check clean distclean
 
 venv: $(VENV_STAMP)
 
@@ -31,8 +34,11 @@ $(VENV_STAMP): setup.cfg pyproject.toml
 	$(VENV_PIP) install torch==2.13.0
 	# pynvrtc 9.2 is a yanked sdist (so pinned exactly) whose build needs wheel.
 	$(VENV_PIP) install --no-build-isolation pynvrtc==9.2
-	$(VENV_PIP) install -e '.[test,torch]'
+	$(VENV_PIP) install -e '.[test,torch,examples,bench]'
 	touch $@
+
+demo: $(VENV_STAMP)
+	$(VENV_PY) examples/train_lm.py $(DEMO_ARGS)
 
 test: $(VENV_STAMP)
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
