@@ -34,6 +34,30 @@ struct sru_column {
     bool skip, use_tanh;
 };
 
+// The column this thread runs: col (of B * D), its batch entry b, its direction, and its
+// constants. False for the threads past the last column.
+template <typename A>
+__device__ __forceinline__ bool sru_thread_column(
+    const A* __restrict__ weight_c, const A* __restrict__ bias, const A* __restrict__ mask_h,
+    long long batch, int d, int dirs, int flags, long long& col, long long& b, bool& reverse,
+    sru_column<A>& column)
+{
+    const long long D = (long long)dirs * d;
+    col = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= batch * D) return false;
+    b = col / D;
+    const long long unit = col - b * D;
+    reverse = unit >= d;
+    column.skip = (flags & SRU_FLAG_SKIP) != 0;
+    column.use_tanh = (flags & SRU_FLAG_TANH) != 0;
+    column.v_f = weight_c ? weight_c[unit] : A(0);
+    column.v_r = weight_c ? weight_c[unit + D] : A(0);
+    column.b_f = bias[unit];
+    column.b_r = bias[unit + D];
+    column.m = mask_h ? mask_h[col] : A(1);
+    return true;
+}
+
 // The inputs of one step, loaded before they are needed. x' is scale_x * x (K = 3 with skip),
 // u3 (K = 4) or unused.
 template <typename A>
@@ -96,22 +120,12 @@ __global__ void sru_recurrence_forward(
 {
     typedef typename sru_acc<T>::type A;
     const int P = SRU_FORWARD_PREFETCH;
-    const long long D = (long long)dirs * d;
-    const long long ncols = batch * D;
-    const long long col = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (col >= ncols) return;
-
-    const long long b = col / D;
-    const long long unit = col - b * D;
+    const long long ncols = batch * dirs * d;
+    long long col, b;
+    bool reverse;
     sru_column<A> column;
-    column.skip = (flags & SRU_FLAG_SKIP) != 0;
-    column.use_tanh = (flags & SRU_FLAG_TANH) != 0;
-    column.v_f = weight_c ? weight_c[unit] : A(0);
-    column.v_r = weight_c ? weight_c[unit + D] : A(0);
-    column.b_f = bias[unit];
-    column.b_r = bias[unit + D];
-    column.m = mask_h ? mask_h[col] : A(1);
-    const bool reverse = unit >= d;
+    if (!sru_thread_column(weight_c, bias, mask_h, batch, d, dirs, flags, col, b, reverse, column))
+        return;
     // Offsets of this column's first processed step, and strides per processed step.
     const long long t0 = reverse ? length - 1 : 0;
     const long long step = reverse ? -ncols : ncols;
@@ -234,23 +248,13 @@ __global__ void sru_recurrence_backward(
 {
     typedef typename sru_acc<T>::type A;
     const int P = SRU_BACKWARD_PREFETCH;
-    const long long D = (long long)dirs * d;
-    const long long ncols = batch * D;
-    const long long col = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (col >= ncols) return;
-
-    const long long b = col / D;
-    const long long unit = col - b * D;
+    const long long ncols = batch * dirs * d;
+    long long col, b;
+    bool reverse;
     sru_column<A> column;
-    column.skip = (flags & SRU_FLAG_SKIP) != 0;
-    column.use_tanh = (flags & SRU_FLAG_TANH) != 0;
-    column.v_f = weight_c ? weight_c[unit] : A(0);
-    column.v_r = weight_c ? weight_c[unit + D] : A(0);
-    column.b_f = bias[unit];
-    column.b_r = bias[unit + D];
-    column.m = mask_h ? mask_h[col] : A(1);
+    if (!sru_thread_column(weight_c, bias, mask_h, batch, d, dirs, flags, col, b, reverse, column))
+        return;
     const A initial = c0 ? sru_load(c0 + col) : A(0);
-    const bool reverse = unit >= d;
     // Walk from the last processed step back to the first: time goes down for direction 0, up for
     // direction 1. `step` moves one processed step back.
     const long long t_last = reverse ? 0 : length - 1;

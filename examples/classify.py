@@ -30,7 +30,8 @@ from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_lm import (autocast, check_precision, check_sru_backend, count_parameters,  # noqa: E402
-                      describe_device, grad_scaler, make_rnn, pick_device, synchronize)
+                      describe_device, grad_scaler, make_rnn, optimize, pick_device,
+                      synchronize)
 
 LABELS = {"sru": "SRU", "lstm": "LSTM"}
 
@@ -134,17 +135,7 @@ def train_epoch(model, optimizer, scheduler, scaler, x, y, batch, generator, dev
         with autocast(device, precision):
             logits = model(inputs)
         loss = F.cross_entropy(logits.float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            scaler.step(optimizer)
-            scaler.update()
+        optimize(model, optimizer, scaler, loss)
         scheduler.step()
         total += float(loss.detach()) * len(idx)
     return total / len(y)

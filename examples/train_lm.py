@@ -251,18 +251,24 @@ def training_step(model, optimizer, scaler, inputs, targets, device, precision):
     with autocast(device, precision):
         logits, _ = model(inputs)
     loss = bits_per_char(logits, targets)
+    optimize(model, optimizer, scaler, loss)
+    return loss.detach()
+
+
+def optimize(model, optimizer, scaler, loss, max_norm=1.0):
+    """Backward of ``loss``, gradient clipping and an optimizer step (through the GradScaler when
+    one is given)."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()
     else:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         scaler.step(optimizer)
         scaler.update()
-    return loss.detach()
 
 
 def warm_up(model, sampler, device, precision):

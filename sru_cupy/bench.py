@@ -144,20 +144,21 @@ def copy_bandwidth(device, timer, nbytes=None):
 
 
 def _recurrence_rows(cfg, device, dtype, timer, bandwidth):
-    """The forward (training and inference) and backward kernels alone, vs their memory floor."""
+    """The forward (training and inference) and backward kernels of one of the config's layers
+    alone, vs their memory floor."""
     import torch
     from . import ops
-    L, B, d = cfg["L"], cfg["B"], cfg["d"]
+    L, B, D, bi = cfg["L"], cfg["B"], cfg["d"], cfg["bidirectional"]
     g = torch.Generator(device="cpu").manual_seed(0)
-    U = (torch.randn(L, B, 3 * d, generator=g) * 0.5).to(device, dtype)
-    x = torch.randn(L, B, d, generator=g).to(device, dtype)
-    weight_c = torch.randn(2 * d, generator=g).to(device)
-    bias = torch.zeros(2 * d, device=device)
-    options = (d, False, True, False, 1.0)
+    U = (torch.randn(L, B, 3 * D, generator=g) * 0.5).to(device, dtype)
+    x = torch.randn(L, B, D, generator=g).to(device, dtype)
+    weight_c = torch.randn(2 * D, generator=g).to(device)
+    bias = torch.zeros(2 * D, device=device)
+    options = (D // 2 if bi else D, bi, True, False, 1.0)
     _, c, _ = ops.recurrence_forward_op(U, x, weight_c, bias, None, None, None, *options, True)
     grad_h = torch.randn_like(x)
     size = torch.tensor([], dtype=dtype).element_size()
-    elements = L * B * d
+    elements = L * B * D
     kernels = {
         "forward (training)": (lambda: ops.recurrence_forward_op(
             U, x, weight_c, bias, None, None, None, *options, True), 6),
