@@ -111,6 +111,7 @@ def train(rank, world_size, args):
             first, last = sum(losses[:n]) / n, sum(losses[-n:]) / n
             print(f"done: {args.steps} steps on {world_size} ranks, mean loss of the first "
                   f"{n} steps {first:.4f}, of the last {n} steps {last:.4f}", flush=True)
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 
