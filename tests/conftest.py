@@ -8,6 +8,7 @@
 """
 
 import functools
+import os
 
 import pytest
 
@@ -19,6 +20,18 @@ def pytest_addoption(parser):
         default=False,
         help="also run tests marked slow",
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_kernel_cache(tmp_path_factory):
+    """Kernels built by the tests go into a per-session temporary cache folder (inherited by the
+    subprocesses tests start), unless the caller chose one with SRU_CUPY_CACHE_DIR."""
+    if os.environ.get("SRU_CUPY_CACHE_DIR"):
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SRU_CUPY_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "sru_cupy_cache"))
+        yield
 
 
 def pytest_configure(config):

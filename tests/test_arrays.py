@@ -30,17 +30,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    """Build the host library into a per-session temporary cache unless the caller chose one (the
-    subprocesses below inherit the variable and find the library built)."""
-    if os.environ.get("SRU_CUPY_CACHE_DIR"):
-        host.library()
-        yield
-        return
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SRU_CUPY_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "sru_cupy_cache"))
-        host.library()
-        yield
+def _host_library_built():
+    """The subprocesses below find the host library already built in the session's cache."""
+    host.library()
 
 
 # -- finite differences ---------------------------------------------------------------------------

@@ -6,7 +6,6 @@ reference), that torch tensors are read through DLPack without a copy (bfloat16 
 errors name the argument, and (GPU) that CuPy's current stream and the arrays' device are used.
 """
 
-import os
 
 import ml_dtypes
 import numpy as np
@@ -17,17 +16,6 @@ from sru_cupy.backends import host
 from sru_cupy.reference import recurrence_backward_reference, recurrence_forward_reference
 
 pytestmark = pytest.mark.skipif(not host.available(), reason="host backend: no C++ compiler found")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    """Build the host library into a per-session temporary cache unless the caller chose one."""
-    if os.environ.get("SRU_CUPY_CACHE_DIR"):
-        yield
-        return
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SRU_CUPY_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "sru_cupy_cache"))
-        yield
 
 
 BF16 = np.dtype(ml_dtypes.bfloat16)

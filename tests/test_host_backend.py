@@ -31,17 +31,6 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 LIBRARY_NAME = re.compile(r"^sru_host_[0-9a-f]{24}\.so$")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    """Build the host library into a per-session temporary cache unless the caller chose one."""
-    if os.environ.get("SRU_CUPY_CACHE_DIR"):
-        yield
-        return
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SRU_CUPY_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "sru_cupy_cache"))
-        yield
-
-
 def _env(cache, **changes):
     """The environment of a subprocess: this one's, the checkout importable, the given cache, and
     `changes` (None removes a variable)."""

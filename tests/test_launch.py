@@ -10,7 +10,6 @@ that an element a kernel forgets to write cannot pass.
 
 import dataclasses
 import itertools
-import os
 import zlib
 
 import ml_dtypes
@@ -22,17 +21,6 @@ from sru_cupy.launch import recurrence_backward, recurrence_forward
 from sru_cupy.reference import recurrence_backward_reference, recurrence_forward_reference
 
 pytestmark = pytest.mark.skipif(not host.available(), reason="host backend: no C++ compiler found")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    """Build the host library into a per-session temporary cache unless the caller chose one."""
-    if os.environ.get("SRU_CUPY_CACHE_DIR"):
-        yield
-        return
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SRU_CUPY_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "sru_cupy_cache"))
-        yield
 
 
 DTYPES = {

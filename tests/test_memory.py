@@ -36,17 +36,6 @@ WARMUP = 1_000
 RSS_TOLERANCE = 2 * 2 ** 20  # bytes
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    """Build the host library into a per-session temporary cache unless the caller chose one."""
-    if os.environ.get("SRU_CUPY_CACHE_DIR"):
-        yield
-        return
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SRU_CUPY_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "sru_cupy_cache"))
-        yield
-
-
 def rss_bytes():
     gc.collect()
     with open("/proc/self/statm") as f:

@@ -12,7 +12,6 @@ CUDA graphs, multi-GPU, 16-bit, AMP); they are skipped with the reason elsewhere
 
 import dataclasses
 import itertools
-import os
 import warnings
 import zlib
 
@@ -23,17 +22,6 @@ import torch
 from sru_cupy import launch, ops
 from sru_cupy.backends import host
 from sru_cupy.reference import recurrence_backward_reference, recurrence_forward_reference
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    """Build the host library into a per-session temporary cache unless the caller chose one."""
-    if os.environ.get("SRU_CUPY_CACHE_DIR"):
-        yield
-        return
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SRU_CUPY_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "sru_cupy_cache"))
-        yield
 
 
 @pytest.fixture(autouse=True)
@@ -443,7 +431,6 @@ def test_opcheck_backward(cpu_impl, name, with_grad_c_last):
 
 def test_backward_op_outputs_are_contiguous(cpu_impl):
     """The fake impl promises contiguous gradients; the real outputs must have those strides."""
-    opts = Opts(kvar="k3", c0=True)
     L, B, d = 5, 3, 4
     U = torch.randn(B, L, 3 * d).transpose(0, 1)
     x = torch.randn(B, L, d).transpose(0, 1)

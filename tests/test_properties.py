@@ -61,17 +61,6 @@ DTYPES = {"float64": np.dtype(np.float64), "float32": np.dtype(np.float32),
           "float16": np.dtype(np.float16), "bfloat16": BF16}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    """Build the host library into a per-session temporary cache unless the caller chose one."""
-    if os.environ.get("SRU_CUPY_CACHE_DIR"):
-        yield
-        return
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SRU_CUPY_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "sru_cupy_cache"))
-        yield
-
-
 # -- the drawn problem ---------------------------------------------------------------------------
 
 
