@@ -799,7 +799,7 @@ class SRU(_ArrayModule):
                     raise ValueError(f"mask_pad: expected shape (B, L), got "
                                      f"{tuple(mask_pad.shape)}")
                 mask_pad = mask_pad.T
-        L, B = int(x.shape[0]), int(x.shape[1])
+        B = int(x.shape[1])
         if x.shape[-1] != self.input_size:
             raise ValueError(f"x: expected last axis input_size = {self.input_size}, got "
                              f"{x.shape[-1]}")

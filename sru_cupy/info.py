@@ -82,7 +82,7 @@ def report():
     from .backends import host
     compiler = host.find_compiler()
     lines.append("Backends:")
-    lines.append(f"  NumPy arrays and CPU tensors: "
+    lines.append("  NumPy arrays and CPU tensors: "
                  + (f"host kernels, compiled with {compiler}" if compiler else
                     "no C++ compiler: NumPy arrays cannot run; CPU tensors use the vectorized "
                     "PyTorch path"))

@@ -16,9 +16,6 @@ import numpy as np
 from . import kernels
 from .backends import backend_for
 
-_FLOAT_NAMES = ("float16", "float32", "float64", "bfloat16")
-
-
 def _storage_name(array, storage_dtype, argname):
     name = np.dtype(array.dtype).name
     if storage_dtype is not None:
@@ -110,7 +107,7 @@ class _Problem:
         if tuple(array.shape) != shape and tuple(array.shape) not in self._param_shapes(shape):
             raise ValueError(f"{argname}: expected shape {shape}, got {tuple(array.shape)}")
         name = np.dtype(array.dtype).name
-        if name not in _FLOAT_NAMES:
+        if name not in kernels.STORAGE_TYPES:  # the floating dtypes the package knows
             raise TypeError(f"{argname}: expected a floating dtype, got {name}")
         return self.xp.ascontiguousarray(array.reshape(-1).astype(self.arith, copy=False))
 

@@ -26,6 +26,24 @@ def _dropout_mask(reference: Tensor, shape, p: float) -> Tensor:
     return reference.new_empty(shape).bernoulli_(1 - p).div_(1 - p)
 
 
+def _resolve_transform_module(transform_module, custom_m):
+    """``custom_m`` is the `sru` 2.6 name of ``transform_module``; at most one may be given."""
+    if custom_m is None:
+        return transform_module
+    if transform_module is not None:
+        raise ValueError("custom_m: an alias of transform_module; give only one of them")
+    return custom_m
+
+
+def _time_major(input: Tensor, mask_pad: Optional[Tensor]):
+    """Batch-first input (B, L, n) and mask_pad (B, L) as time-major views (L, B, n), (L, B)."""
+    if mask_pad is not None:
+        if mask_pad.dim() != 2:
+            raise ValueError(f"mask_pad: expected shape (B, L), got {tuple(mask_pad.shape)}")
+        mask_pad = mask_pad.transpose(0, 1)
+    return input.transpose(0, 1), mask_pad
+
+
 def _refresh_scale_x(module, incompatible_keys):
     module._scale_x_value = float(module.scale_x.reshape(-1)[0])
 
@@ -54,10 +72,7 @@ class SRUCell(nn.Module):
         for name, value in (("dropout", dropout), ("rnn_dropout", rnn_dropout)):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
-        if custom_m is not None:
-            if transform_module is not None:
-                raise ValueError("custom_m: an alias of transform_module; give only one of them")
-            transform_module = custom_m
+        transform_module = _resolve_transform_module(transform_module, custom_m)
         if projection_size is not None:
             n_proj = projection_size
         self.input_size = input_size
@@ -182,11 +197,7 @@ class SRUCell(nn.Module):
                 mask_pad = mask_pad.unsqueeze(1 if self.batch_first else 0)
         self._check_input(input)
         if self.batch_first:
-            input = input.transpose(0, 1)
-            if mask_pad is not None:
-                if mask_pad.dim() != 2:
-                    raise ValueError(f"mask_pad: expected shape (B, L), got {tuple(mask_pad.shape)}")
-                mask_pad = mask_pad.transpose(0, 1)
+            input, mask_pad = _time_major(input, mask_pad)
         h, c = self._forward_time_major(input, c0, mask_pad)
         if self.batch_first:
             h = h.transpose(0, 1)
@@ -280,10 +291,7 @@ class SRU(nn.Module):
         super().__init__()
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers: expected a positive int, got {num_layers!r}")
-        if custom_m is not None:
-            if transform_module is not None:
-                raise ValueError("custom_m: an alias of transform_module; give only one of them")
-            transform_module = custom_m
+        transform_module = _resolve_transform_module(transform_module, custom_m)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.output_size = hidden_size * 2 if bidirectional else hidden_size
@@ -347,12 +355,7 @@ class SRU(nn.Module):
                                  f"{'(B, L, n_in)' if self.batch_first else '(L, B, n_in)'}, got "
                                  f"shape {tuple(input.shape)}")
             if self.batch_first:
-                input = input.transpose(0, 1)
-                if mask_pad is not None:
-                    if mask_pad.dim() != 2:
-                        raise ValueError(f"mask_pad: expected shape (B, L), got "
-                                         f"{tuple(mask_pad.shape)}")
-                    mask_pad = mask_pad.transpose(0, 1)
+                input, mask_pad = _time_major(input, mask_pad)
         B = input.shape[1]
         if input.shape[-1] != self.input_size:
             raise ValueError(f"input: expected last axis input_size = {self.input_size}, got "

@@ -12,7 +12,7 @@ the vectorized PyTorch implementation in ``torch_fallback``. Outputs are allocat
 """
 
 import contextlib
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
