@@ -2,7 +2,10 @@
 //
 // After the one GEMM U = x W over all steps, everything left is elementwise and serial only along
 // time, independently for each column (b, dir, j): b < B, dir < dirs, j < d, D = dirs * d.
-// One thread runs one column through time.
+// One thread runs N consecutive columns through time (template parameter N). The GPU build uses
+// N = 1: neighbouring threads then read neighbouring columns, so loads coalesce. The host build uses
+// N > 1 and interleaves the columns step by step, so a CPU core overlaps N independent dependency
+// chains (exp, divide) instead of waiting on one.
 //
 // Layouts (row-major, every array contiguous):
 //   u        (L, B, D, K)  slot 0: u0 candidate, 1: u1 forget, 2: u2 reset, 3: u3 learned skip (K = 4)
@@ -34,20 +37,45 @@ struct sru_column {
     bool skip, use_tanh;
 };
 
-// The column this thread runs: col (of B * D), its batch entry b, its direction, and its
-// constants. False for the threads past the last column.
-template <typename A>
-__device__ __forceinline__ bool sru_thread_column(
-    const A* __restrict__ weight_c, const A* __restrict__ bias, const A* __restrict__ mask_h,
-    long long batch, int d, int dirs, int flags, long long& col, long long& b, bool& reverse,
-    sru_column<A>& column)
+// Where a column's inputs are at its next processed step, and how far one processed step moves.
+template <typename T>
+struct sru_input_cursor {
+    const T* up;                // u (K values)
+    const T* xp;                // x; null unless the skip term reads x (K = 3 with skip)
+    const unsigned char* padp;  // mask_pad; null without padding
+    long long step;             // elements of (L, B, D) per processed step: +-B*D
+    long long pad_step;         // elements of mask_pad (L, B) per processed step: +-B
+};
+
+template <typename T, int K>
+__device__ __forceinline__ void sru_advance(sru_input_cursor<T>& in, int steps)
 {
+    in.up += steps * in.step * K;
+    if (in.xp) in.xp += steps * in.step;
+    if (in.padp) in.padp += steps * in.pad_step;
+}
+
+// Where one column sits: its constants, and a cursor at its first processed step (t0 = 0, or L - 1
+// when walking time down). Returns that step's element offset in (L, B, D), or -1 for a column
+// past the last one (col >= B * D).
+template <typename T, int K>
+__device__ __forceinline__ long long sru_locate_column(
+    const T* __restrict__ u, const T* __restrict__ x, const unsigned char* __restrict__ mask_pad,
+    const typename sru_acc<T>::type* __restrict__ weight_c,
+    const typename sru_acc<T>::type* __restrict__ bias,
+    const typename sru_acc<T>::type* __restrict__ mask_h, long long length, long long batch,
+    int d, int dirs, int flags, long long col, bool backwards,
+    sru_column<typename sru_acc<T>::type>& column, sru_input_cursor<T>& in)
+{
+    typedef typename sru_acc<T>::type A;
     const long long D = (long long)dirs * d;
-    col = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (col >= batch * D) return false;
-    b = col / D;
+    const long long ncols = batch * D;
+    if (col >= ncols) return -1;
+    const long long b = col / D;
     const long long unit = col - b * D;
-    reverse = unit >= d;
+    // Direction 1 runs time backwards; the backward pass walks each direction the other way.
+    const bool time_down = (unit >= d) != backwards;
+    const long long t0 = time_down ? length - 1 : 0;
     column.skip = (flags & SRU_FLAG_SKIP) != 0;
     column.use_tanh = (flags & SRU_FLAG_TANH) != 0;
     column.v_f = weight_c ? weight_c[unit] : A(0);
@@ -55,7 +83,13 @@ __device__ __forceinline__ bool sru_thread_column(
     column.b_f = bias[unit];
     column.b_r = bias[unit + D];
     column.m = mask_h ? mask_h[col] : A(1);
-    return true;
+    const long long first = t0 * ncols + col;
+    in.up = u + first * K;
+    in.xp = (column.skip && K == 3) ? x + first : 0;
+    in.padp = mask_pad ? mask_pad + t0 * batch + b : 0;
+    in.step = time_down ? -ncols : ncols;
+    in.pad_step = time_down ? -batch : batch;
+    return first;
 }
 
 // The inputs of one step, loaded before they are needed. x' is scale_x * x (K = 3 with skip),
@@ -66,11 +100,15 @@ struct sru_step_inputs {
     bool pad;
 };
 
+// The inputs i processed steps past the cursor.
 template <typename T, int K>
 __device__ __forceinline__ sru_step_inputs<typename sru_acc<T>::type> sru_load_step(
-    const T* up, const T* xp, const unsigned char* padp, typename sru_acc<T>::type scale_x)
+    const sru_input_cursor<T>& at, int i, typename sru_acc<T>::type scale_x)
 {
     typedef typename sru_acc<T>::type A;
+    const T* up = at.up + i * at.step * K;
+    const T* xp = at.xp ? at.xp + i * at.step : 0;
+    const unsigned char* padp = at.padp ? at.padp + i * at.pad_step : 0;
     sru_step_inputs<A> in;
     in.u0 = sru_load(up);
     in.u1 = sru_load(up + 1);
@@ -97,9 +135,56 @@ __device__ __forceinline__ A sru_forward_step(const sru_column<A>& col, const sr
     return col.skip ? (g - in.skip_in) * col.m * r + in.skip_in : g * col.m * r;
 }
 
+// One column of the forward pass: constants, state and pointers at its next processed step.
+template <typename T>
+struct sru_forward_column {
+    typedef typename sru_acc<T>::type A;
+    sru_column<A> column;
+    A state;
+    sru_input_cursor<T> in;
+    T* hp;
+    T* cp;                       // null for inference
+};
+
+// Runs P steps of each of the n (<= N) columns: the P steps' inputs of every column are loaded,
+// then the steps are computed column after column, so the N dependency chains interleave.
+template <typename T, int K, int N, int P>
+__device__ __forceinline__ void sru_forward_steps(sru_forward_column<T> (&cols)[N], int n,
+                                                  typename sru_acc<T>::type scale_x)
+{
+    typedef typename sru_acc<T>::type A;
+    sru_step_inputs<A> in[N][P];
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+        if (j >= n) break;
+        const sru_forward_column<T>& q = cols[j];
+#pragma unroll
+        for (int i = 0; i < P; ++i)
+            in[j][i] = sru_load_step<T, K>(q.in, i, scale_x);
+    }
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+            if (j >= n) break;
+            sru_forward_column<T>& q = cols[j];
+            sru_store(q.hp + i * q.in.step, sru_forward_step(q.column, in[j][i], q.state));
+            if (q.cp) sru_store(q.cp + i * q.in.step, q.state);
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+        if (j >= n) break;
+        sru_forward_column<T>& q = cols[j];
+        sru_advance<T, K>(q.in, P);
+        q.hp += P * q.in.step;
+        if (q.cp) q.cp += P * q.in.step;
+    }
+}
+
 // Forward kernel: writes h (L, B, D), c (L, B, D; null for inference) and c_last (B, D).
-// Steps are taken P at a time: the P steps' inputs are loaded, then the P steps are computed.
-template <typename T, int K>
+// Thread i runs columns i*N .. i*N+N-1; steps are taken P at a time, then one at a time.
+template <typename T, int K, int N>
 __global__ void sru_recurrence_forward(
     T* __restrict__ h,
     T* __restrict__ c,
@@ -120,52 +205,31 @@ __global__ void sru_recurrence_forward(
 {
     typedef typename sru_acc<T>::type A;
     const int P = SRU_FORWARD_PREFETCH;
-    const long long ncols = batch * dirs * d;
-    long long col, b;
-    bool reverse;
-    sru_column<A> column;
-    if (!sru_thread_column(weight_c, bias, mask_h, batch, d, dirs, flags, col, b, reverse, column))
-        return;
-    // Offsets of this column's first processed step, and strides per processed step.
-    const long long t0 = reverse ? length - 1 : 0;
-    const long long step = reverse ? -ncols : ncols;
-    const long long pad_step = reverse ? -batch : batch;
-    const T* up = u + (t0 * ncols + col) * K;
-    const T* xp = (column.skip && K == 3) ? x + t0 * ncols + col : 0;
-    const unsigned char* padp = mask_pad ? mask_pad + t0 * batch + b : 0;
-    T* hp = h + t0 * ncols + col;
-    T* cp = c ? c + t0 * ncols + col : 0;
-
-    A state = c0 ? sru_load(c0 + col) : A(0);
+    const long long first_col = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * N;
+    sru_forward_column<T> cols[N];
+    int n = 0;  // columns this thread runs: N, fewer in the last thread, 0 past the end
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+        sru_forward_column<T>& q = cols[j];
+        const long long col = first_col + j;
+        const long long first = sru_locate_column<T, K>(u, x, mask_pad, weight_c, bias, mask_h,
+                                                        length, batch, d, dirs, flags, col, false,
+                                                        q.column, q.in);
+        if (first < 0) break;
+        q.state = c0 ? sru_load(c0 + col) : A(0);
+        q.hp = h + first;
+        q.cp = c ? c + first : 0;
+        ++n;
+    }
+    if (n == 0) return;
     long long s = 0;
-    for (; s + P <= length; s += P) {
-        sru_step_inputs<A> in[P];
+    for (; s + P <= length; s += P) sru_forward_steps<T, K, N, P>(cols, n, scale_x);
+    for (; s < length; ++s) sru_forward_steps<T, K, N, 1>(cols, n, scale_x);
 #pragma unroll
-        for (int i = 0; i < P; ++i)
-            in[i] = sru_load_step<T, K>(up + i * step * K, xp ? xp + i * step : 0,
-                                        padp ? padp + i * pad_step : 0, scale_x);
-#pragma unroll
-        for (int i = 0; i < P; ++i) {
-            sru_store(hp + i * step, sru_forward_step(column, in[i], state));
-            if (cp) sru_store(cp + i * step, state);
-        }
-        up += P * step * K;
-        if (xp) xp += P * step;
-        if (padp) padp += P * pad_step;
-        hp += P * step;
-        if (cp) cp += P * step;
+    for (int j = 0; j < N; ++j) {
+        if (j >= n) break;
+        sru_store(c_last + first_col + j, cols[j].state);
     }
-    for (; s < length; ++s) {
-        const sru_step_inputs<A> in = sru_load_step<T, K>(up, xp, padp, scale_x);
-        sru_store(hp, sru_forward_step(column, in, state));
-        if (cp) sru_store(cp, state);
-        up += step * K;
-        if (xp) xp += step;
-        if (padp) padp += pad_step;
-        hp += step;
-        if (cp) cp += step;
-    }
-    sru_store(c_last + col, state);
 }
 
 // Partial sums of one column for the parameter gradients, accumulated in A.
@@ -219,10 +283,74 @@ __device__ __forceinline__ void sru_backward_step(
     if (gxp) sru_store(gxp, scale_x * dskip);
 }
 
+// One column of the backward pass: constants, carried dL/dc, partial sums and pointers at its
+// next step to process (processing runs against time).
+template <typename T>
+struct sru_backward_column {
+    typedef typename sru_acc<T>::type A;
+    sru_column<A> column;
+    A initial;                   // c0 (the state before the first forward step)
+    A gc;                        // dL/dc of the step last processed
+    sru_param_grads<A> grads;
+    sru_input_cursor<T> in;      // one processed step further is one forward step back
+    const T* cp;
+    const T* ghp;
+    T* gup;
+    T* gxp;                      // null unless grad_x is written
+};
+
+// Runs P steps of each of the n (<= N) columns, `remaining` being the steps not yet processed (the
+// current one is forward step number remaining - 1, whose c_{t-1} is c0 when it is the first).
+template <typename T, int K, int N, int P>
+__device__ __forceinline__ void sru_backward_steps(sru_backward_column<T> (&cols)[N], int n,
+                                                   long long remaining,
+                                                   typename sru_acc<T>::type scale_x)
+{
+    typedef typename sru_acc<T>::type A;
+    sru_step_inputs<A> in[N][P];
+    A c_cur[N][P], c_prev[N][P], gh[N][P];
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+        if (j >= n) break;
+        const sru_backward_column<T>& q = cols[j];
+#pragma unroll
+        for (int i = 0; i < P; ++i) {
+            const long long step = q.in.step;
+            in[j][i] = sru_load_step<T, K>(q.in, i, scale_x);
+            c_cur[j][i] = sru_load(q.cp + i * step);
+            c_prev[j][i] = remaining - i > 1 ? sru_load(q.cp + (i + 1) * step) : q.initial;
+            gh[j][i] = sru_load(q.ghp + i * step);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+            if (j >= n) break;
+            sru_backward_column<T>& q = cols[j];
+            sru_backward_step<T, K>(q.column, in[j][i], c_prev[j][i], c_cur[j][i], gh[j][i], scale_x,
+                                    q.gc, q.grads, q.gup + i * q.in.step * K,
+                                    q.gxp ? q.gxp + i * q.in.step : 0);
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+        if (j >= n) break;
+        sru_backward_column<T>& q = cols[j];
+        const long long step = q.in.step;
+        sru_advance<T, K>(q.in, P);
+        q.cp += P * step;
+        q.ghp += P * step;
+        q.gup += P * step * K;
+        if (q.gxp) q.gxp += P * step;
+    }
+}
+
 // Backward kernel, in reverse processing order. Writes grad_u (L, B, D, K), grad_x (L, B, D; null
 // unless the skip term reads x, i.e. K = 3 with skip), grad_c0 (B, D), and per-column partial sums
 // grad_weight_c, grad_bias (2, B, D) that the caller sums over B. grad_c_last may be null (zero).
-template <typename T, int K>
+// Thread i runs columns i*N .. i*N+N-1, as in the forward kernel.
+template <typename T, int K, int N>
 __global__ void sru_recurrence_backward(
     T* __restrict__ grad_u,
     T* __restrict__ grad_x,
@@ -249,68 +377,39 @@ __global__ void sru_recurrence_backward(
     typedef typename sru_acc<T>::type A;
     const int P = SRU_BACKWARD_PREFETCH;
     const long long ncols = batch * dirs * d;
-    long long col, b;
-    bool reverse;
-    sru_column<A> column;
-    if (!sru_thread_column(weight_c, bias, mask_h, batch, d, dirs, flags, col, b, reverse, column))
-        return;
-    const A initial = c0 ? sru_load(c0 + col) : A(0);
-    // Walk from the last processed step back to the first: time goes down for direction 0, up for
-    // direction 1. `step` moves one processed step back.
-    const long long t_last = reverse ? 0 : length - 1;
-    const long long step = reverse ? ncols : -ncols;
-    const long long pad_step = reverse ? batch : -batch;
-    const long long offset = t_last * ncols + col;
-    const T* up = u + offset * K;
-    const T* xp = (column.skip && K == 3) ? x + offset : 0;
-    const unsigned char* padp = mask_pad ? mask_pad + t_last * batch + b : 0;
-    const T* cp = c + offset;
-    const T* ghp = grad_h + offset;
-    T* gup = grad_u + offset * K;
-    T* gxp = grad_x ? grad_x + offset : 0;
-
-    A gc = grad_c_last ? sru_load(grad_c_last + col) : A(0);
-    sru_param_grads<A> grads = {A(0), A(0), A(0), A(0)};
-    long long remaining = length;  // steps not yet processed; the current one is number remaining-1
-    for (; remaining >= P; remaining -= P) {
-        sru_step_inputs<A> in[P];
-        A c_cur[P], c_prev[P], gh[P];
+    const long long first_col = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * N;
+    sru_backward_column<T> cols[N];
+    int n = 0;  // columns this thread runs: N, fewer in the last thread, 0 past the end
 #pragma unroll
-        for (int i = 0; i < P; ++i) {
-            in[i] = sru_load_step<T, K>(up + i * step * K, xp ? xp + i * step : 0,
-                                        padp ? padp + i * pad_step : 0, scale_x);
-            c_cur[i] = sru_load(cp + i * step);
-            c_prev[i] = remaining - i > 1 ? sru_load(cp + (i + 1) * step) : initial;
-            gh[i] = sru_load(ghp + i * step);
-        }
+    for (int j = 0; j < N; ++j) {
+        sru_backward_column<T>& q = cols[j];
+        const long long col = first_col + j;
+        // Start at the last processed forward step: time goes down for direction 0, up for 1.
+        const long long first = sru_locate_column<T, K>(u, x, mask_pad, weight_c, bias, mask_h,
+                                                        length, batch, d, dirs, flags, col, true,
+                                                        q.column, q.in);
+        if (first < 0) break;
+        q.initial = c0 ? sru_load(c0 + col) : A(0);
+        q.gc = grad_c_last ? sru_load(grad_c_last + col) : A(0);
+        q.grads.v_f = q.grads.v_r = q.grads.b_f = q.grads.b_r = A(0);
+        q.cp = c + first;
+        q.ghp = grad_h + first;
+        q.gup = grad_u + first * K;
+        q.gxp = grad_x ? grad_x + first : 0;
+        ++n;
+    }
+    if (n == 0) return;
+    long long remaining = length;  // steps not yet processed
+    for (; remaining >= P; remaining -= P) sru_backward_steps<T, K, N, P>(cols, n, remaining, scale_x);
+    for (; remaining > 0; --remaining) sru_backward_steps<T, K, N, 1>(cols, n, remaining, scale_x);
 #pragma unroll
-        for (int i = 0; i < P; ++i)
-            sru_backward_step<T, K>(column, in[i], c_prev[i], c_cur[i], gh[i], scale_x, gc, grads,
-                                    gup + i * step * K, gxp ? gxp + i * step : 0);
-        up += P * step * K;
-        if (xp) xp += P * step;
-        if (padp) padp += P * pad_step;
-        cp += P * step;
-        ghp += P * step;
-        gup += P * step * K;
-        if (gxp) gxp += P * step;
+    for (int j = 0; j < N; ++j) {
+        if (j >= n) break;
+        const long long col = first_col + j;
+        grad_weight_c[col] = cols[j].grads.v_f;
+        grad_weight_c[ncols + col] = cols[j].grads.v_r;
+        grad_bias[col] = cols[j].grads.b_f;
+        grad_bias[ncols + col] = cols[j].grads.b_r;
+        sru_store(grad_c0 + col, cols[j].gc);
     }
-    for (; remaining > 0; --remaining) {
-        const sru_step_inputs<A> in = sru_load_step<T, K>(up, xp, padp, scale_x);
-        const A c_prev = remaining > 1 ? sru_load(cp + step) : initial;
-        sru_backward_step<T, K>(column, in, c_prev, sru_load(cp), sru_load(ghp), scale_x, gc, grads,
-                                gup, gxp);
-        up += step * K;
-        if (xp) xp += step;
-        if (padp) padp += pad_step;
-        cp += step;
-        ghp += step;
-        gup += step * K;
-        if (gxp) gxp += step;
-    }
-    grad_weight_c[col] = grads.v_f;
-    grad_weight_c[ncols + col] = grads.v_r;
-    grad_bias[col] = grads.b_f;
-    grad_bias[ncols + col] = grads.b_r;
-    sru_store(grad_c0 + col, gc);
 }

@@ -36,6 +36,11 @@ K_VALUES = (3, 4)
 
 KERNELS = ("sru_recurrence_forward", "sru_recurrence_backward")
 
+#: Columns one thread runs (template parameter N): 1 on the GPU, where neighbouring threads reading
+#: neighbouring columns coalesce; more on the host, where one core interleaves several columns.
+GPU_COLUMNS_PER_THREAD = 1
+HOST_COLUMNS_PER_THREAD = 8
+
 #: Bits of the kernels' ``flags`` argument (SRU_FLAG_* in the source).
 FLAG_SKIP = 1
 FLAG_TANH = 2
@@ -96,18 +101,22 @@ def source_hash(*extra):
     return digest.hexdigest()
 
 
-def kernel_name(kernel, dtype, k):
-    """The name expression of one instantiation, e.g. ``sru_recurrence_forward<float, 3>``."""
+def kernel_name(kernel, dtype, k, columns=GPU_COLUMNS_PER_THREAD):
+    """The name expression of one instantiation, e.g. ``sru_recurrence_forward<float, 3, 1>``."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     if dtype not in STORAGE_TYPES:
         raise TypeError(f"dtype: expected one of {tuple(STORAGE_TYPES)}, got {dtype!r}")
     if k not in K_VALUES:
         raise ValueError(f"k: expected one of {K_VALUES}, got {k!r}")
-    return f"{kernel}<{STORAGE_TYPES[dtype]}, {k}>"
+    if not isinstance(columns, int) or isinstance(columns, bool) or not 1 <= columns <= 64:
+        raise ValueError(f"columns: expected an int from 1 to 64, got {columns!r}")
+    return f"{kernel}<{STORAGE_TYPES[dtype]}, {k}, {columns}>"
 
 
-def all_kernel_names():
-    """Every instantiation the package launches."""
-    return [kernel_name(kernel, dtype, k)
-            for kernel in KERNELS for dtype in STORAGE_TYPES for k in K_VALUES]
+def all_kernel_names(columns=(GPU_COLUMNS_PER_THREAD,)):
+    """Every instantiation the package launches, for each columns-per-thread value in ``columns``.
+
+    The default is the GPU set (what NVRTC and the PTX builds compile)."""
+    return [kernel_name(kernel, dtype, k, n)
+            for n in columns for kernel in KERNELS for dtype in STORAGE_TYPES for k in K_VALUES]

@@ -156,10 +156,13 @@ class _Problem:
             raise ValueError(f"out[{key!r}]: expected a C-contiguous array")
         return array
 
-    def grid(self):
-        ncols = self.B * self.D
-        block = self.backend.block_size(ncols)
-        return ((ncols + block - 1) // block, 1, 1), (block, 1, 1)
+    def kernel(self, kernel):
+        """(name, grid, block) of a kernel for this problem on this backend."""
+        columns = self.backend.columns_per_thread()
+        threads = (self.B * self.D + columns - 1) // columns
+        block = self.backend.block_size(threads)
+        name = kernels.kernel_name(kernel, self.dtype, self.k, columns)
+        return name, ((threads + block - 1) // block, 1, 1), (block, 1, 1)
 
     def sizes(self):
         return (self.scale_x, np.int64(self.L), np.int64(self.B), np.int32(self.d),
@@ -200,8 +203,7 @@ def recurrence_forward(U, x, weight_c, bias, c0=None, *, hidden_size, bidirectio
             else:
                 c_last[...] = c0
             return h, c, c_last
-        grid, block = p.grid()
-        name = kernels.kernel_name("sru_recurrence_forward", p.dtype, p.k)
+        name, grid, block = p.kernel("sru_recurrence_forward")
         p.backend.launch(name, grid, block,
                          [h, c, c_last, U, x, weight_c, bias, c0, mask_h, mask_pad, *p.sizes()],
                          work=L * B * D)
@@ -251,8 +253,7 @@ def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, *, hid
             else:
                 grads["c0"][...] = grad_c_last
         elif B > 0:
-            grid, block = p.grid()
-            name = kernels.kernel_name("sru_recurrence_backward", p.dtype, p.k)
+            name, grid, block = p.kernel("sru_recurrence_backward")
             p.backend.launch(name, grid, block,
                              [grads["U"], grads["x"], grads["weight_c_partial"], grads["bias_partial"],
                               grads["c0"], U, x, weight_c, bias, c0, mask_h, mask_pad, c, grad_h,

@@ -102,7 +102,7 @@ def test_library_is_built_once_into_the_cache_and_reused(tmp_path):
     assert LIBRARY_NAME.match(path.name), path.name
     assert _libraries(cache) == [f"host/{path.name}"] and _temporary_files(cache) == []
     assert stat.S_IMODE((cache / "host").stat().st_mode) & 0o077 == 0, "cache folder not private"
-    assert first["count"] == len(kernels.all_kernel_names())
+    assert first["count"] == len(kernels.all_kernel_names((host.COLUMNS_PER_THREAD,)))
     ref_h, _, _ = recurrence_forward_reference(np.full((2, 1, 3), 0.5), np.ones((2, 1, 1)), None,
                                                np.zeros(2), hidden_size=1)
     np.testing.assert_allclose(first["h"], ref_h.ravel(), rtol=1e-6)  # the loaded library works
@@ -222,18 +222,22 @@ def test_find_compiler_prefers_cxx(tmp_path, monkeypatch):
 
 
 @needs_compiler
-def test_library_exports_every_kernel_name():
-    lib = host.library()
+@pytest.mark.parametrize("columns", [host.COLUMNS_PER_THREAD, 1], ids=["host", "gpu"])
+def test_library_exports_every_kernel_name(columns):
+    lib = host.library(columns)
     names = [lib.sru_host_kernel_name(i).decode() for i in range(lib.sru_host_kernel_count())]
-    expected = kernels.all_kernel_names()
-    assert len(expected) == 16
+    expected = kernels.all_kernel_names((columns,))
+    assert len(expected) == 16  # 2 kernels x 4 storage types x K = 3, 4
+    assert all(name.endswith(f", {columns}>") for name in expected)
     assert sorted(names) == sorted(expected)
     assert len(set(names)) == len(names)
 
 
 @needs_compiler
-@pytest.mark.parametrize("name", ["sru_recurrence_forward<int, 3>", "sru_recurrence_forward<float, 5>",
-                                  "sru_recurrence_forward", ""])
+@pytest.mark.parametrize("name", ["sru_recurrence_forward<int, 3, 1>",
+                                  "sru_recurrence_forward<float, 5, 1>",
+                                  "sru_recurrence_forward<float, 3, 2>",
+                                  "sru_recurrence_forward<float, 3>", "sru_recurrence_forward", ""])
 def test_launching_an_unknown_kernel_raises(name):
     with pytest.raises(RuntimeError, match="not in the library"):
         host.launch(name, (1, 1, 1), (1, 1, 1), [])
@@ -244,7 +248,7 @@ def test_launching_an_unknown_kernel_raises(name):
 def test_launch_rejects_scalars_without_an_exact_c_type(value):
     """A Python float would be passed as a double where the kernel may expect a float."""
     with pytest.raises(TypeError, match="kernel argument"):
-        host.launch("sru_recurrence_forward<float, 3>", (1, 1, 1), (1, 1, 1), [value])
+        host.launch("sru_recurrence_forward<float, 3, 1>", (1, 1, 1), (1, 1, 1), [value])
 
 
 # -- 16-bit conversions ------------------------------------------------------------------------
@@ -441,6 +445,7 @@ _OMP_RUN = """
     from sru_cupy.backends import host
     from test_host_backend import _problem, _run
     host.PARALLEL_WORK = {parallel_work}
+    host.BLOCK_SIZE = {block}
     p = _problem(np.random.default_rng(3))
     np.savez({out!r}, **_run(p))
     print(json.dumps({{"ok": True}}))
@@ -454,9 +459,11 @@ def test_openmp_threads_do_not_change_results(tmp_path, monkeypatch):
     thread's."""
     if host._openmp_flags(COMPILER) != ["-fopenmp"]:
         pytest.skip("the compiler has no OpenMP: the grid is walked by one thread anyway")
+    block = 8  # small blocks: enough of them for several threads
+    monkeypatch.setattr(host, "BLOCK_SIZE", block)
     p = _problem(np.random.default_rng(3))
-    grid_blocks = -(-p["U"].shape[1] * 2 * p["d"] // host.BLOCK_SIZE)
-    assert grid_blocks >= 8  # enough blocks for several threads
+    threads = -(-p["U"].shape[1] * 2 * p["d"] // host.COLUMNS_PER_THREAD)
+    assert -(-threads // block) >= 8
     assert p["U"].shape[0] * p["U"].shape[1] * 2 * p["d"] < host.PARALLEL_WORK  # default: 1 thread
     expected = _run(p)
     monkeypatch.setattr(host, "PARALLEL_WORK", 0)
@@ -464,7 +471,7 @@ def test_openmp_threads_do_not_change_results(tmp_path, monkeypatch):
     for threads, parallel_work in ((1, 0), (3, 0), (4, host.PARALLEL_WORK)):
         out = tmp_path / f"omp{threads}.npz"
         code = _OMP_RUN.format(tests=str(Path(__file__).resolve().parent), out=str(out),
-                               parallel_work=parallel_work)
+                               parallel_work=parallel_work, block=block)
         _python(code, _env(os.environ["SRU_CUPY_CACHE_DIR"], OMP_NUM_THREADS=threads))
         runs[f"OMP_NUM_THREADS={threads}, PARALLEL_WORK={parallel_work}"] = dict(np.load(out))
     for run, got in runs.items():

@@ -45,6 +45,7 @@ OTHER_FACTORS = {
     "c0": ("noc0", "c0"),
     "sx": ("sx1", "sx1.7"),       # scale_x
     "gcl": ("nogcl", "gcl"),      # dL/dc_last given or None
+    "cols": ("hostcols", "cols1"),  # host columns per thread: the host's own, or the GPU's (1)
 }
 CORE_FACTORS = {"dir": ("uni", "bi"), "kvar": tuple(KVARIANTS), "dtype": tuple(DTYPES)}
 
@@ -61,14 +62,15 @@ class Case:
     c0: str = "c0"
     sx: str = "sx1.7"
     gcl: str = "gcl"
+    cols: str = "hostcols"
     L: int = 11  # 8 + 3 and 2 * 4 + 3: the prefetched loops and their tails both run
     B: int = 4
-    d: int = 9   # uni: 36 columns (one partial block), bi: 72 (a full and a partial block of 64)
+    d: int = 9   # uni: 36 columns, bi: 72: partial blocks, and (uni) a thread with 4 of its 8 columns
 
     @property
     def id(self):
         return "-".join([self.dir, self.kvar, self.dtype, self.wc, self.tanh, self.mh, self.pad,
-                         self.c0, self.sx, self.gcl, f"L{self.L}B{self.B}d{self.d}"])
+                         self.c0, self.sx, self.gcl, self.cols, f"L{self.L}B{self.B}d{self.d}"])
 
     @property
     def bidirectional(self):
@@ -85,6 +87,11 @@ class Case:
     @property
     def scale_x(self):
         return 1.7 if self.sx == "sx1.7" else 1.0
+
+    @property
+    def columns_per_thread(self):
+        """Columns per thread of the host launch (the CuPy backend always runs 1)."""
+        return 1 if self.cols == "cols1" else host.COLUMNS_PER_THREAD
 
     @property
     def dirs(self):
@@ -134,10 +141,13 @@ def _covering_design(rounds=2):
             for p in _pairs(row):
                 seen[p] = seen.get(p, 0) + 1
 
+        def best(candidates):  # a row already in the design adds nothing
+            return max((row for row in candidates if row not in rows), key=score)
+
         for core in core_rows:
-            add(max(({**core, **other} for other in other_choices), key=score))
+            add(best({**core, **other} for other in other_choices))
         while uncovered:
-            add(max(({**core, **other} for core in core_rows for other in other_choices), key=score))
+            add(best({**core, **other} for core in core_rows for other in other_choices))
     return rows
 
 
@@ -146,13 +156,15 @@ DESIGN_CASES = [Case(**row) for row in DESIGN_ROWS]
 
 #: Sizes: one step, a length past both prefetch depths (129 = 16 * 8 + 1 = 32 * 4 + 1), B*D not a
 #: multiple of the block size, d = 1, and a moderate case. Every option is on (padding at the end
-#: or the start and dL/dc_last given or not alternate), over every direction, k-variant and dtype.
+#: or the start and dL/dc_last given or not alternate), over every direction, k-variant and dtype,
+#: with the host's columns per thread and with the GPU's one.
 SIZES = {"L1": (1, 3, 4), "L129": (129, 2, 3), "oddcols": (9, 5, 13), "d1": (10, 3, 1),
          "moderate": (33, 5, 37)}
 SIZE_CASES = [
     Case(dir=direction, kvar=kvar, dtype=dtype, pad=("padend", "padstart")[i % 2],
-         gcl=("gcl", "nogcl")[(i // 4) % 2], L=L, B=B, d=d)
+         gcl=("gcl", "nogcl")[(i // 4) % 2], cols=cols, L=L, B=B, d=d)
     for size, (L, B, d) in SIZES.items()
+    for cols in OTHER_FACTORS["cols"]
     for i, (direction, kvar, dtype) in enumerate(itertools.product(("uni", "bi"), KVARIANTS, DTYPES))
 ]
 
@@ -274,6 +286,15 @@ def _padded_steps(mask_pad):
 
 
 def _check_case(case):
+    previous = host.COLUMNS_PER_THREAD
+    host.COLUMNS_PER_THREAD = case.columns_per_thread
+    try:
+        _check_case_on_host(case)
+    finally:
+        host.COLUMNS_PER_THREAD = previous
+
+
+def _check_case_on_host(case):
     inputs = _inputs(case)
     options = _options(case, inputs)
     dtype, arith = DTYPES[case.dtype], ARITH[case.dtype]

@@ -92,10 +92,14 @@ def array_module(array=None):
     return _cupy()
 
 
-def block_size(ncols):
+def columns_per_thread():
+    return kernels.GPU_COLUMNS_PER_THREAD
+
+
+def block_size(threads):
     # One thread per column and often few columns (B * D): small blocks spread them over more SMs.
     # At most 128 keeps every instantiation launchable (the float64 backward uses ~145 registers).
-    return 128 if ncols >= 128 * 1024 else 64
+    return 128 if threads >= 128 * 1024 else 64
 
 
 def check_same_device(array, reference, argname):

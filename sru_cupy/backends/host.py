@@ -31,9 +31,14 @@ name = "host"
 #: Block size the launch layer uses for this backend (each emulated block runs serially).
 BLOCK_SIZE = 64
 
+#: Columns each emulated thread runs, interleaved step by step (the kernels' template parameter N).
+#: Each value has a library of its own, built at its first use: set 1 to run the GPU's
+#: instantiations here (the tests do).
+COLUMNS_PER_THREAD = kernels.HOST_COLUMNS_PER_THREAD
+
 _BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-Wno-unknown-pragmas")
 _lock = threading.Lock()
-_library = None
+_libraries = {}  # columns per thread -> loaded library
 _compiler_info = {}
 
 
@@ -73,11 +78,12 @@ def _openmp_flags(compiler):
     return _compiler_info[key]
 
 
-def translation_unit():
-    """The C++ text that is compiled: emulation header, kernels, and a table of instantiations."""
+def translation_unit(columns):
+    """The C++ text that is compiled: emulation header, kernels, and a table of the instantiations
+    with ``columns`` columns per thread."""
     entries = ",\n".join(
         f'    {{"{n}", [](dim3 g, dim3 b, void** a, int t) {{ sru_host_run_grid(&{n}, g, b, a, t); }}}}'
-        for n in kernels.all_kernel_names())
+        for n in kernels.all_kernel_names((columns,)))
     return (kernels.assembled_source(with_host_emulation=True)
             + "\n\nstatic const sru_host_kernel sru_host_kernels[] = {\n" + entries + "\n};\n"
             + "SRU_HOST_DEFINE_LAUNCH(sru_host_kernels)\n")
@@ -93,10 +99,11 @@ def _record_matches(library_path, record_path, key):
         return False
 
 
-def _build(compiler):
-    """Path of the cached library for this source, compiler and flags, built if needed."""
+def _build(compiler, columns=None):
+    """Path of the cached library for this source, columns per thread (default
+    COLUMNS_PER_THREAD), compiler and flags, built if needed."""
     flags = list(_BASE_FLAGS) + _openmp_flags(compiler)
-    source = translation_unit()
+    source = translation_unit(COLUMNS_PER_THREAD if columns is None else columns)
     key = kernels.source_hash(source, compiler, _compiler_version(compiler), " ".join(flags),
                               sys.platform, os.uname().machine if hasattr(os, "uname") else "")
     folder = cache_dir("host")
@@ -130,18 +137,21 @@ def _build(compiler):
     return library_path
 
 
-def library():
-    """The loaded host library (built on first use). Raises RuntimeError without a compiler."""
-    global _library
-    if _library is not None:
-        return _library
+def library(columns=None):
+    """The loaded host library for ``columns`` columns per thread (default COLUMNS_PER_THREAD),
+    built on first use. Raises RuntimeError without a compiler."""
+    columns = COLUMNS_PER_THREAD if columns is None else columns
+    lib = _libraries.get(columns)
+    if lib is not None:
+        return lib
     with _lock:
-        if _library is None:
+        lib = _libraries.get(columns)
+        if lib is None:
             compiler = find_compiler()
             if compiler is None:
                 raise RuntimeError("sru_cupy host backend: no C++ compiler found (set $CXX, or install "
                                    "g++ or clang++)")
-            path = _build(compiler)
+            path = _build(compiler, columns)
             lib = ctypes.CDLL(path)
             lib.sru_host_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [
                 ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
@@ -150,8 +160,8 @@ def library():
             lib.sru_host_kernel_name.argtypes = [ctypes.c_int]
             lib.sru_host_kernel_name.restype = ctypes.c_char_p
             lib.path = path
-            _library = lib
-    return _library
+            _libraries[columns] = lib
+    return lib
 
 
 _SCALAR_CTYPES = {
@@ -182,8 +192,9 @@ PARALLEL_WORK = 1 << 18
 
 def launch(kernel_name, grid, block, args, work=None):
     """Runs one kernel instantiation over NumPy arrays (the call returns when it has finished).
-
-    ``work`` (column-steps) decides whether the blocks are spread over OpenMP threads."""
+    The instantiation must have COLUMNS_PER_THREAD columns per thread (the launch layer asks
+    columns_per_thread()). ``work`` (column-steps) decides whether the blocks are spread over
+    OpenMP threads."""
     lib = library()
     threads = 1 if work is not None and work < PARALLEL_WORK else 0
     values = [_as_ctype(a) for a in args]  # kept alive until the call returns
@@ -207,8 +218,12 @@ def array_module(array=None):
     return np
 
 
-def block_size(ncols):
+def block_size(threads):
     return BLOCK_SIZE
+
+
+def columns_per_thread():
+    return COLUMNS_PER_THREAD
 
 
 def check_same_device(array, reference, argname):
