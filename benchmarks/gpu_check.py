@@ -16,32 +16,42 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(label, command, out_dir, log_name, timeout, env):
-    """Runs a command, teeing its output to out_dir/log_name; returns (returncode, output)."""
+    """Runs a command, teeing its output to out_dir/log_name; returns (returncode, output). A command
+    still running after ``timeout`` seconds is killed (whether or not it is printing)."""
     print(f"== {label}: {' '.join(command)}", flush=True)
     started = time.time()
     log_path = os.path.join(out_dir, log_name)
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
+        timed_out = threading.Event()
+
+        def stop():
+            timed_out.set()
+            process.kill()
+
+        timer = threading.Timer(timeout, stop)
+        timer.start()
         output = []
         try:
-            deadline = started + timeout
             for line in process.stdout:
                 sys.stdout.write(line)
                 log.write(line)
                 output.append(line)
-                if time.time() > deadline:
-                    process.kill()
-                    log.write(f"\n[gpu-check] {label} stopped after {timeout} s\n")
-                    break
         finally:
             returncode = process.wait()
+            timer.cancel()
+        if timed_out.is_set():
+            note = f"[gpu-check] {label} stopped after {timeout} s\n"
+            log.write("\n" + note)
+            output.append(note)
     print(f"== {label}: exit {returncode} in {time.time() - started:.0f} s", flush=True)
     return returncode, "".join(output)
 

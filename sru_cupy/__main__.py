@@ -126,11 +126,13 @@ def _add_bench_arguments(parser):
                         help="folder for bench.json, bench.md and bench.png (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per measurement")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs before timing")
+    from . import bench
     parser.add_argument("--dtype", action="append", dest="dtypes",
-                        help="float32, bfloat16, ... (repeatable; default float32, and bfloat16 "
-                             "on GPU)")
+                        help=f"one of {', '.join(bench.DTYPES)} (repeatable; default float32, and "
+                             "bfloat16 on GPU)")
     parser.add_argument("--config", action="append", dest="configs",
-                        help="configuration name (repeatable; default all for the device)")
+                        help=f"one of {', '.join(c['name'] for c in bench.CONFIGS)} (repeatable; "
+                             "default all for the device)")
     parser.add_argument("--all", action="store_true",
                         help="also the large configurations that are skipped on the CPU")
 
@@ -140,8 +142,11 @@ def _run_bench(args):
         raise CommandError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats}, "
                            f"{args.warmup}")
     from . import bench
-    bench.run(args.device, out_dir=args.out, repeats=args.repeats, warmup=args.warmup,
-              dtypes=args.dtypes, configs=args.configs, include_all=args.all)
+    try:
+        bench.run(args.device, out_dir=args.out, repeats=args.repeats, warmup=args.warmup,
+                  dtypes=args.dtypes, configs=args.configs, include_all=args.all)
+    except ValueError as exc:  # a bad --device, --config or --dtype, found before any timing
+        raise CommandError(str(exc)) from None
     return 0
 
 

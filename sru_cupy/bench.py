@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 # Paper configurations (GTX 1070 figures in the 2017 paper), then larger ones.
 CONFIGS = [
@@ -30,6 +31,9 @@ CONFIGS = [
     {"name": "L128-B32-d512-4layer-bi", "L": 128, "B": 32, "d": 512, "layers": 4,
      "bidirectional": True},
 ]
+
+#: Storage dtypes the layers can be timed in.
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 PAPER_MS = {  # (forward, forward+backward) in ms, GTX 1070, batch 32, one layer
     "L32-B32-d256": {"cuDNN LSTM": (2.68, 6.51), "conv k=3": (0.23, 0.54), "SRU": (0.18, 0.40)},
@@ -97,7 +101,6 @@ def _models(cfg, device, dtype):
     models["cuDNN LSTM" if device.type == "cuda" else "torch LSTM"] = lstm
     models["conv k=3"] = _ConvStack(d, layers, device, dtype)
     try:
-        import warnings
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import sru
@@ -125,8 +128,11 @@ def _layer_rows(cfg, device, dtype, timer):
             out.float().sum().backward()
 
         try:
-            fwd = timer(forward)
-            fwd_bwd = timer(train_step)
+            with warnings.catch_warnings():
+                # the sru package warns on every CPU training call
+                warnings.filterwarnings("ignore", message="Running SRU on CPU")
+                fwd = timer(forward)
+                fwd_bwd = timer(train_step)
             rows.append({"model": name, "forward_ms": fwd, "forward_backward_ms": fwd_bwd})
         except Exception as error:
             skipped[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
@@ -198,16 +204,56 @@ def compile_cost(device):
     return results
 
 
-def run(device="auto", out_dir=None, repeats=20, warmup=5, dtypes=None, configs=None,
-        include_all=False, echo=print):
+def select_device(device):
+    """The torch.device for "auto" (cuda when PyTorch sees one, else cpu), "cpu" or "cuda[:N]"."""
     import torch
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected auto, cpu or cuda[:N], got {device!r}") from None
+    if chosen.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected auto, cpu or cuda[:N], got {device!r}")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested, but PyTorch sees no CUDA device")
+    return chosen
+
+
+def select_configs(device, configs=None, include_all=False):
+    """The configurations to run: those named (any of CONFIGS, GPU-only ones included), else all
+    of them on a GPU or with ``include_all``, else those that are not GPU-only."""
+    if configs is None:
+        return [c for c in CONFIGS
+                if include_all or device.type == "cuda" or not c.get("gpu_only")]
+    names = [c["name"] for c in CONFIGS]
+    unknown = [name for name in configs if name not in names]
+    if unknown:
+        raise ValueError(f"configs: expected names among {names}, got unknown {unknown}")
+    return [c for c in CONFIGS if c["name"] in configs]
+
+
+def select_dtypes(device, dtypes=None):
+    """float32, and bfloat16 on a GPU, unless ``dtypes`` names others (from DTYPES)."""
     if dtypes is None:
-        dtypes = ["float32", "bfloat16"] if device.type == "cuda" else ["float32"]
-    selected = [c for c in CONFIGS if (configs is None or c["name"] in configs)
-                and (include_all or device.type == "cuda" or not c.get("gpu_only"))]
+        return ["float32", "bfloat16"] if device.type == "cuda" else ["float32"]
+    unknown = [name for name in dtypes if name not in DTYPES]
+    if unknown or not dtypes:
+        raise ValueError(f"dtypes: expected names among {list(DTYPES)}, got {list(dtypes)}")
+    return list(dict.fromkeys(dtypes))
+
+
+def run(device="auto", out_dir=None, repeats=20, warmup=5, dtypes=None, configs=None,
+        include_all=False, echo=print):
+    """Runs the benchmark, prints its tables through ``echo`` and returns the result dict (also
+    written to ``out_dir`` as bench.json, bench.md and bench.png when given). Raises ValueError
+    for an unknown device, configuration or dtype, before anything is timed."""
+    import torch
+    device = select_device(device)
+    dtypes = select_dtypes(device, dtypes)
+    selected = select_configs(device, configs, include_all)
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats, warmup: expected >= 1 and >= 0, got {repeats}, {warmup}")
     timer = Timer(device, repeats, warmup)
     torch.manual_seed(0)
     from . import info

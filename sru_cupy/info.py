@@ -83,7 +83,8 @@ def report():
     compiler = host.find_compiler()
     lines.append("Backends:")
     lines.append("  NumPy arrays and CPU tensors: "
-                 + (f"host kernels, compiled with {compiler}" if compiler else
+                 + (f"host kernels ({host.COLUMNS_PER_THREAD} columns per thread), compiled "
+                    f"with {compiler}" if compiler else
                     "no C++ compiler: NumPy arrays cannot run; CPU tensors use the vectorized "
                     "PyTorch path"))
     if cupy is None:

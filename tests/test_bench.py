@@ -1,0 +1,158 @@
+"""The benchmark (sru_cupy.bench) on the CPU: what it times, the tables and files it writes, the
+compile-cost measurement and its argument checks. Tiny configurations keep it fast; the figures
+themselves are not asserted (performance is shown by the benchmark, not tested)."""
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the benchmark times PyTorch models")
+
+from sru_cupy import bench  # noqa: E402
+
+TINY = [
+    {"name": "tiny", "L": 5, "B": 3, "d": 8, "layers": 1, "bidirectional": False},
+    {"name": "tiny-2layer-bi", "L": 4, "B": 2, "d": 6, "layers": 2, "bidirectional": True},
+    {"name": "tiny-gpu", "L": 3, "B": 2, "d": 4, "layers": 1, "bidirectional": False,
+     "gpu_only": True},
+]
+CPU = torch.device("cpu")
+
+
+def _sru_package_works():
+    try:
+        import sru  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture
+def tiny_configs(monkeypatch):
+    monkeypatch.setattr(bench, "CONFIGS", TINY)
+    # The real compile-cost measurement has its own test; here a marker value proves it is
+    # reported as measured.
+    monkeypatch.setattr(bench, "compile_cost", lambda device: {"cold cache": 1.25,
+                                                                "warm cache": 0.5})
+
+
+def test_run_times_every_model_and_writes_json_markdown_and_chart(tiny_configs, tmp_path):
+    printed = []
+    out = tmp_path / "results"
+    result = bench.run("cpu", out_dir=str(out), repeats=2, warmup=1, echo=printed.append)
+
+    configs = ["tiny", "tiny-2layer-bi"]  # the GPU-only one is left out on the CPU
+    models = {"sru_cupy SRU", "torch LSTM", "conv k=3"} | (
+        {"sru package"} if _sru_package_works() else set())
+    for config in configs:
+        rows = [r for r in result["layers"] if r["config"] == config]
+        assert {r["model"] for r in rows} == models, (config, rows, result["skipped"])
+        for r in rows:
+            assert r["dtype"] == "float32"
+            assert r["forward_ms"] > 0 and r["forward_backward_ms"] > 0, r
+        kernels = [r for r in result["recurrence"] if r["config"] == config]
+        assert [r["kernel"] for r in kernels] == ["forward (training)", "forward (inference)",
+                                                  "backward"]
+        for r in kernels:
+            assert r["ms"] > 0 and r["floor_ms"] > 0
+            assert r["percent_of_floor"] == pytest.approx(100 * r["floor_ms"] / r["ms"])
+    assert {r["config"] for r in result["layers"]} == set(configs)
+    assert result["copy_bandwidth_GBps"] > 0
+    assert result["compile_seconds"] == {"cold cache": 1.25, "warm cache": 0.5}
+    assert result["repeats"] == 2 and result["warmup"] == 1 and result["device"].startswith("CPU")
+
+    assert json.loads((out / "bench.json").read_text()) == json.loads(json.dumps(result))
+    markdown = (out / "bench.md").read_text()
+    assert markdown == bench.format_markdown(result) + "\n"
+    assert "| tiny | float32 | sru_cupy SRU |" in markdown
+    assert "cold cache: 1.25 s, warm cache: 0.50 s" in markdown
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p.name for p in out.iterdir() if p.name not in ("bench.json", "bench.md",
+                                                                 "bench.png")]
+    assert any("sru_cupy SRU" in line for line in printed) and markdown.strip() in printed
+
+
+def test_markdown_ratios_are_time_over_the_sru_time():
+    result = {"device": "test device", "torch": "x", "threads": 2, "repeats": 20,
+              "copy_bandwidth_GBps": 10.0, "skipped": {"c float32 sru package": "ImportError"},
+              "layers": [
+                  {"config": "c", "dtype": "float32", "model": "sru_cupy SRU",
+                   "forward_ms": 2.0, "forward_backward_ms": 4.0},
+                  {"config": "c", "dtype": "float32", "model": "torch LSTM",
+                   "forward_ms": 5.0, "forward_backward_ms": 6.0},
+                  {"config": "c", "dtype": "bfloat16", "model": "sru_cupy SRU",
+                   "forward_ms": 1.0, "forward_backward_ms": 3.0},
+                  {"config": "c", "dtype": "bfloat16", "model": "conv k=3",
+                   "forward_ms": 0.5, "forward_backward_ms": 4.5}],
+              "recurrence": [{"config": "c", "dtype": "float32", "kernel": "backward", "ms": 2.0,
+                              "floor_ms": 0.5, "percent_of_floor": 25.0}]}
+    markdown = bench.format_markdown(result)
+    assert "| c | float32 | torch LSTM | 5.000 | 2.50 | 6.000 | 1.50 |" in markdown
+    assert "| c | float32 | sru_cupy SRU | 2.000 | 1.00 | 4.000 | 1.00 |" in markdown
+    # each dtype is compared with the SRU of the same dtype
+    assert "| c | bfloat16 | conv k=3 | 0.500 | 0.50 | 4.500 | 1.50 |" in markdown
+    assert "| c | float32 | backward | 2.0000 | 0.5000 | 25.0 |" in markdown
+    assert "Not measured: c float32 sru package (ImportError)" in markdown
+    table = bench.format_layer_table(result["layers"])
+    assert table.splitlines()[2].split()[-1] == "1.50"  # LSTM fwd+bwd ratio
+
+
+def test_timer_runs_warmup_then_repeats_and_returns_the_median():
+    calls = []
+    timer = bench.Timer(CPU, repeats=5, warmup=2)
+    median = timer(lambda: calls.append(1))
+    assert len(calls) == 7
+    assert 0 <= median < 100
+
+
+def test_copy_bandwidth_counts_read_and_write():
+    timer = bench.Timer(CPU, repeats=3, warmup=1)
+    assert bench.copy_bandwidth(CPU, timer, nbytes=1 << 20) > 1e6  # over 1 MB/s on any machine
+
+
+def test_compile_cost_measures_a_cold_then_a_warm_process():
+    result = bench.compile_cost(CPU)
+    assert "error" not in result, result
+    assert result["cold cache"] > 0 and result["warm cache"] > 0
+    # the cold process compiles the kernels; the warm one loads them from the cache
+    assert result["cold cache"] > result["warm cache"], result
+
+
+def test_configs_named_are_run_even_when_gpu_only(tiny_configs):
+    assert [c["name"] for c in bench.select_configs(CPU)] == ["tiny", "tiny-2layer-bi"]
+    assert [c["name"] for c in bench.select_configs(CPU, include_all=True)] == [
+        "tiny", "tiny-2layer-bi", "tiny-gpu"]
+    assert [c["name"] for c in bench.select_configs(CPU, ["tiny-gpu"])] == ["tiny-gpu"]
+
+
+def test_default_configs_hold_the_paper_sizes():
+    by_name = {c["name"]: c for c in bench.CONFIGS}
+    assert (by_name["L32-B32-d256"]["L"], by_name["L32-B32-d256"]["d"]) == (32, 256)
+    assert (by_name["L128-B32-d512"]["L"], by_name["L128-B32-d512"]["d"]) == (128, 512)
+    assert by_name["L256-B64-d1024"]["gpu_only"]
+    assert by_name["L128-B32-d512-4layer-bi"]["layers"] == 4
+    assert by_name["L128-B32-d512-4layer-bi"]["bidirectional"]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(configs=["L32-B32-d256", "nope"]), r"configs: expected names among .*'L32-B32-d256'.*"
+                                             r"got unknown \['nope'\]"),
+    (dict(dtypes=["float8"]), r"dtypes: expected names among .*float32.*got \['float8'\]"),
+    (dict(dtypes=[]), r"dtypes: expected names among"),
+    (dict(device="tpu"), r"device: expected auto, cpu or cuda\[:N\], got 'tpu'"),
+    (dict(device="meta"), r"device: expected auto, cpu or cuda\[:N\], got 'meta'"),
+    (dict(repeats=0), r"repeats, warmup: expected >= 1 and >= 0, got 0, 5"),
+    (dict(warmup=-1), r"repeats, warmup: expected >= 1 and >= 0, got 20, -1"),
+], ids=["config", "dtype", "no-dtype", "device", "meta-device", "repeats", "warmup"])
+def test_bad_arguments_are_rejected_before_timing(monkeypatch, kwargs, match):
+    monkeypatch.setattr(bench, "Timer", None)  # would fail if anything were timed
+    kwargs = dict({"device": "cpu"}, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        bench.run(echo=lambda line: None, **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="device: 'cuda' requested, but PyTorch sees no CUDA device"):
+        bench.select_device("cuda")
+    assert bench.select_device("auto") == CPU

@@ -1,0 +1,92 @@
+"""The environment report (sru_cupy.info, ``python -m sru_cupy info``): versions, GPUs, which backend
+each path uses and why, and the kernel caches; it must work without a GPU, CuPy, torch or a C++
+compiler, saying what is missing instead of raising."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sru_cupy import info
+from sru_cupy.backends import host
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _report_in_subprocess(tmp_path, block=(), **env):
+    """info.report() in a fresh process where the modules in ``block`` cannot be imported."""
+    code = textwrap.dedent(f"""
+        import json, sys
+        for name in {list(block)!r}:
+            sys.modules[name] = None  # import raises ImportError
+        from sru_cupy import info
+        print(json.dumps(info.report()))
+    """)
+    environment = dict(os.environ, SRU_CUPY_CACHE_DIR=str(tmp_path / "cache"), **env)
+    environment["PYTHONPATH"] = os.pathsep.join([str(ROOT), environment.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _line(lines, start):
+    found = [line for line in lines if line.strip().startswith(start)]
+    assert found, f"no line starting with {start!r} in:\n" + "\n".join(lines)
+    return found[0]
+
+
+def test_report_names_versions_backends_and_caches():
+    lines = info.report()
+    assert lines[0].startswith("sru_cupy ")
+    assert _line(lines, "Python ").startswith(f"Python {sys.version.split()[0]}")
+    assert _line(lines, "NumPy ") == f"NumPy {np.__version__}"
+    for name in ("CuPy", "PyTorch", "pynvrtc", "NVRTC"):
+        _line(lines, name + " ")
+    assert _line(lines, "GPUs:")
+    assert "$SRU_CUPY_CACHE_DIR moves it" in _line(lines, "Kernel cache: ")
+    _line(lines, "CuPy kernel cache: ")
+
+
+@pytest.mark.skipif(not host.available(), reason="needs a C++ compiler")
+def test_report_says_the_host_kernels_run_numpy_and_cpu_tensors():
+    line = _line(info.report(), "NumPy arrays and CPU tensors:")
+    assert f"host kernels ({host.COLUMNS_PER_THREAD} columns per thread)" in line
+    assert host.find_compiler() in line
+
+
+def test_report_works_without_cupy_and_torch(tmp_path):
+    lines = _report_in_subprocess(tmp_path, block=("cupy", "torch"))
+    assert _line(lines, "CuPy ").startswith("CuPy not available (ModuleNotFoundError")
+    assert _line(lines, "PyTorch ").startswith("PyTorch not available (ModuleNotFoundError")
+    assert "GPUs: none" in lines
+    assert "CuPy is not installed" in _line(lines, "CuPy arrays and CUDA tensors:")
+
+
+def test_report_without_a_compiler_says_which_cpu_path_runs(tmp_path):
+    lines = _report_in_subprocess(tmp_path, CXX=str(tmp_path / "no-such-compiler"))
+    line = _line(lines, "NumPy arrays and CPU tensors:")
+    assert "no C++ compiler" in line and "vectorized PyTorch path" in line
+
+
+@pytest.mark.skipif(not host.available(), reason="needs a C++ compiler")
+def test_report_lists_what_the_cache_holds(tmp_path, monkeypatch):
+    monkeypatch.setenv("SRU_CUPY_CACHE_DIR", str(tmp_path / "cache"))
+    before = info.report()
+    assert _line(before, "Kernel cache: ").endswith("absent")
+    (tmp_path / "cache" / "host").mkdir(parents=True)
+    (tmp_path / "cache" / "host" / "a.so").write_bytes(b"x" * 2_000_000)
+    after = info.report()
+    assert _line(after, "Kernel cache: ").endswith("1 files, 2.0 MB")
+    assert _line(after, "host/: ").strip() == "host/: 1 files, 2.0 MB"
+
+
+def test_device_name_of_the_cpu():
+    torch = pytest.importorskip("torch")
+    name = info.device_name(torch.device("cpu"))
+    assert name.startswith("CPU (") and f"{os.cpu_count()} cores" in name
