@@ -147,10 +147,12 @@ struct sru_forward_column {
 };
 
 // Runs P steps of each of the n (<= N) columns: the P steps' inputs of every column are loaded,
-// then the steps are computed column after column, so the N dependency chains interleave.
+// then each step is computed for every column in turn, so the N dependency chains interleave.
+// `more`: steps remain after these, so the pointers move on (past the last step they would point
+// outside the arrays).
 template <typename T, int K, int N, int P>
 __device__ __forceinline__ void sru_forward_steps(sru_forward_column<T> (&cols)[N], int n,
-                                                  typename sru_acc<T>::type scale_x)
+                                                  typename sru_acc<T>::type scale_x, bool more)
 {
     typedef typename sru_acc<T>::type A;
     sru_step_inputs<A> in[N][P];
@@ -172,6 +174,7 @@ __device__ __forceinline__ void sru_forward_steps(sru_forward_column<T> (&cols)[
             if (q.cp) sru_store(q.cp + i * q.in.step, q.state);
         }
     }
+    if (!more) return;
 #pragma unroll
     for (int j = 0; j < N; ++j) {
         if (j >= n) break;
@@ -223,8 +226,8 @@ __global__ void sru_recurrence_forward(
     }
     if (n == 0) return;
     long long s = 0;
-    for (; s + P <= length; s += P) sru_forward_steps<T, K, N, P>(cols, n, scale_x);
-    for (; s < length; ++s) sru_forward_steps<T, K, N, 1>(cols, n, scale_x);
+    for (; s + P <= length; s += P) sru_forward_steps<T, K, N, P>(cols, n, scale_x, s + P < length);
+    for (; s < length; ++s) sru_forward_steps<T, K, N, 1>(cols, n, scale_x, s + 1 < length);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
         if (j >= n) break;
@@ -301,6 +304,7 @@ struct sru_backward_column {
 
 // Runs P steps of each of the n (<= N) columns, `remaining` being the steps not yet processed (the
 // current one is forward step number remaining - 1, whose c_{t-1} is c0 when it is the first).
+// The pointers move on only while steps remain after these.
 template <typename T, int K, int N, int P>
 __device__ __forceinline__ void sru_backward_steps(sru_backward_column<T> (&cols)[N], int n,
                                                    long long remaining,
@@ -333,6 +337,7 @@ __device__ __forceinline__ void sru_backward_steps(sru_backward_column<T> (&cols
                                     q.gxp ? q.gxp + i * q.in.step : 0);
         }
     }
+    if (remaining == P) return;
 #pragma unroll
     for (int j = 0; j < N; ++j) {
         if (j >= n) break;

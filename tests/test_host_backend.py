@@ -236,10 +236,11 @@ def test_library_exports_every_kernel_name(columns):
 @needs_compiler
 @pytest.mark.parametrize("name", ["sru_recurrence_forward<int, 3, 1>",
                                   "sru_recurrence_forward<float, 5, 1>",
-                                  "sru_recurrence_forward<float, 3, 2>",
+                                  "sru_recurrence_forward<float, 3, 0>",
+                                  "sru_recurrence_forward<float, 3, 65>",
                                   "sru_recurrence_forward<float, 3>", "sru_recurrence_forward", ""])
 def test_launching_an_unknown_kernel_raises(name):
-    with pytest.raises(RuntimeError, match="not in the library"):
+    with pytest.raises(RuntimeError, match="not in the library|not a kernel instantiation"):
         host.launch(name, (1, 1, 1), (1, 1, 1), [])
 
 
@@ -432,10 +433,37 @@ def test_block_size_does_not_change_results(monkeypatch, block):
     one thread per block, one block for all)."""
     p = _problem(np.random.default_rng(3))
     expected = _run(p)
-    monkeypatch.setattr(host, "BLOCK_SIZE", block)
+    monkeypatch.setattr(host, "block_size", lambda threads: block)
     got = _run(p)
     for key in expected:
         assert np.array_equal(got[key], expected[key]), key
+
+
+@needs_compiler
+@pytest.mark.parametrize("L,B,d", [(13, 5, 100), (9, 3, 7), (1, 3, 1), (17, 4, 3)],
+                         ids=["L13B5d100", "L9B3d7", "L1B3d1", "L17B4d3"])
+def test_columns_per_thread_do_not_change_results(monkeypatch, L, B, d):
+    """A thread's N columns may straddle the direction and batch boundaries, and the last thread
+    may hold fewer than N: every column still gives exactly what one thread per column (the GPU's
+    N = 1) gives, bit for bit, as each column does the same operations in the same order."""
+    p = _problem(np.random.default_rng(L * 1000 + B * 10 + d), L=L, B=B, d=d)
+    monkeypatch.setattr(host, "COLUMNS_PER_THREAD", 1)
+    expected = _run(p)
+    for columns in (3, kernels.HOST_COLUMNS_PER_THREAD):
+        monkeypatch.setattr(host, "COLUMNS_PER_THREAD", columns)
+        got = _run(p)
+        for key in expected:
+            assert np.array_equal(got[key], expected[key]), f"N = {columns}: {key}"
+
+
+@pytest.mark.parametrize("threads", [1, 7, 64, 100, 1000, 10**6])
+def test_block_size_gives_every_core_several_blocks(threads):
+    block = host.block_size(threads)
+    assert 1 <= block <= host.BLOCK_SIZE
+    blocks = -(-threads // block)
+    wanted = host.BLOCKS_PER_CORE * host._cores()
+    # as many blocks as wanted, unless the threads run out (blocks of one) or the cap is reached
+    assert blocks >= wanted or block == 1 or block == host.BLOCK_SIZE, (block, blocks)
 
 
 _OMP_RUN = """

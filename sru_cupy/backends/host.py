@@ -14,6 +14,7 @@ import ctypes
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,8 +29,11 @@ from . import KernelCompileError
 
 name = "host"
 
-#: Block size the launch layer uses for this backend (each emulated block runs serially).
+#: Largest block the launch layer uses for this backend. Emulated blocks are what OpenMP spreads
+#: over cores (the threads of one block run one after another), so smaller blocks are chosen when
+#: needed to give every core several (see block_size).
 BLOCK_SIZE = 64
+BLOCKS_PER_CORE = 4
 
 #: Columns each emulated thread runs, interleaved step by step (the kernels' template parameter N).
 #: Each value has a library of its own, built at its first use: set 1 to run the GPU's
@@ -186,16 +190,22 @@ def _as_ctype(value):
                     f"int64 scalar, got {type(value).__name__}")
 
 
-#: Below this many column-steps (threads x time steps) a launch runs on one OS thread.
+#: Below this many column-steps (columns x time steps) a launch runs on one OS thread.
 PARALLEL_WORK = 1 << 18
+
+_COLUMNS_IN_NAME = re.compile(r",\s*(\d+)\s*>$")
 
 
 def launch(kernel_name, grid, block, args, work=None):
-    """Runs one kernel instantiation over NumPy arrays (the call returns when it has finished).
-    The instantiation must have COLUMNS_PER_THREAD columns per thread (the launch layer asks
-    columns_per_thread()). ``work`` (column-steps) decides whether the blocks are spread over
-    OpenMP threads."""
-    lib = library()
+    """Runs one kernel instantiation over NumPy arrays (the call returns when it has finished),
+    from the library of the columns per thread its name gives (``...<float, 3, 8>``: 8).
+    ``work`` (column-steps) decides whether the blocks are spread over OpenMP threads."""
+    match = _COLUMNS_IN_NAME.search(kernel_name)
+    columns = int(match.group(1)) if match else 0
+    if not 1 <= columns <= 64:
+        raise RuntimeError(f"sru_cupy host backend: kernel {kernel_name!r} is not a kernel "
+                           "instantiation with 1 to 64 columns per thread")
+    lib = library(columns)
     threads = 1 if work is not None and work < PARALLEL_WORK else 0
     values = [_as_ctype(a) for a in args]  # kept alive until the call returns
     # addressof, not cast(pointer(v)), and one array type per length: both avoid leaving
@@ -218,8 +228,16 @@ def array_module(array=None):
     return np
 
 
+def _cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def block_size(threads):
-    return BLOCK_SIZE
+    """BLOCK_SIZE, or smaller so that there are BLOCKS_PER_CORE blocks per core to share out."""
+    return max(1, min(BLOCK_SIZE, -(-threads // (BLOCKS_PER_CORE * _cores()))))
 
 
 def columns_per_thread():
