@@ -99,7 +99,7 @@ def columns_per_thread():
 def block_size(threads):
     # One thread per column (N = 1) and often few columns (B * D): small blocks spread them over
     # more SMs.
-    # At most 128 keeps every instantiation launchable (the float64 backward uses ~145 registers).
+    # At most 128 keeps every instantiation launchable (the float64 backward uses up to ~134 registers).
     return 128 if threads >= 128 * 1024 else 64
 
 
