@@ -74,8 +74,9 @@ def check_gradients(model, rank, world_size, step):
     return diff
 
 
-def train(rank, world_size, args):
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+def train(rank, world_size, args, store=None):
+    """One rank's training. ``store``: the rendezvous store (None: MASTER_ADDR/MASTER_PORT)."""
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, store=store)
     try:
         torch.manual_seed(args.seed)      # the same initial weights everywhere (DDP also
         model = Classifier()              # broadcasts rank 0's at construction)
@@ -116,11 +117,23 @@ def train(rank, world_size, args):
         dist.destroy_process_group()
 
 
-def _spawned(rank, world_size, args):
+def _exit_worker():
+    """Ends a worker that finished cleanly without running interpreter shutdown. After
+    destroy_process_group, a gloo worker thread may still be releasing finished collectives; their
+    tensors' Python objects need the GIL, and taking it during shutdown aborts the process
+    (std::terminate, seen in about 1 run of 30)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _spawned(rank, world_size, args, port):
     os.environ["RANK"] = str(rank)
     os.environ["LOCAL_RANK"] = str(rank)
     os.environ["WORLD_SIZE"] = str(world_size)
-    train(rank, world_size, args)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], port, world_size, is_master=False)
+    train(rank, world_size, args, store)
+    _exit_worker()
 
 
 def free_port():
@@ -151,10 +164,17 @@ def main(argv=None):
     try:
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun
             train(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
+            _exit_worker()
         else:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
-            mp.spawn(_spawned, args=(args.nproc, args), nprocs=args.nproc, join=True)
+            port = int(os.environ.get("MASTER_PORT") or free_port())
+            # The rendezvous store lives here, as torchrun's does in its agent, and outlives the
+            # workers: hosted by rank 0, it went away when rank 0 exited while another rank was
+            # still tearing its group down, which could abort that rank.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], port, is_master=True,
+                                  wait_for_workers=False)
+            mp.spawn(_spawned, args=(args.nproc, args, port), nprocs=args.nproc, join=True)
+            del store
     except GradientMismatch as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
