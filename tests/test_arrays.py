@@ -24,6 +24,8 @@ from sru_cupy import arrays
 from sru_cupy.arrays import SRU, SRUCell
 from sru_cupy.backends import host
 
+from child_env import child_env
+
 pytestmark = pytest.mark.skipif(not host.available(), reason="host backend: no C++ compiler found")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -429,10 +431,8 @@ def test_arrays_and_functional_never_import_torch(tmp_path):
 
 
 def _run_example(*args):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, os.path.join(ROOT, "examples", "cupy_train.py"), *args],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+                          capture_output=True, text=True, cwd=ROOT, env=child_env(), timeout=300)
 
 
 def _losses(stdout):

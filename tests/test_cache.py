@@ -27,6 +27,8 @@ import sru_cupy
 from sru_cupy import cache
 from sru_cupy.backends import host
 
+from child_env import child_env
+
 REPO = Path(sru_cupy.__file__).resolve().parent.parent
 COMPILER = host.find_compiler()
 needs_compiler = pytest.mark.skipif(COMPILER is None, reason="host backend: no C++ compiler found")
@@ -38,20 +40,10 @@ FALLBACK_PREFIX = "sru_cupy-cache-"
 
 
 def _env(cache_dir, **changes):
-    """The environment of a child: this one's, the checkout importable, the given cache folder (None
-    unsets it), and `changes` (None removes a variable)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-    env.pop("SRU_CUPY_CACHE_DIR", None)
-    if cache_dir is not None:
-        env["SRU_CUPY_CACHE_DIR"] = str(cache_dir)
-    env.setdefault("OMP_NUM_THREADS", "2")
-    for key, value in changes.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = str(value)
-    return env
+    """The environment of a child: the given cache folder (None unsets it), OpenMP at 2 threads
+    unless set here, and `changes` (None removes a variable)."""
+    changes.setdefault("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
+    return child_env(cache_dir, **changes)
 
 
 def _run(code, env, timeout=300, expect_rc=0):

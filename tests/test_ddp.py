@@ -2,7 +2,6 @@
 (gloo), started by torch.multiprocessing.spawn and by torchrun, in a subprocess with a timeout."""
 
 import math
-import os
 import re
 import socket
 import subprocess
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from child_env import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "ddp_train.py"
@@ -36,8 +37,7 @@ def _free_port():
 
 
 def _run(args):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    env = child_env(OMP_NUM_THREADS=1)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     env["MASTER_ADDR"], env["MASTER_PORT"] = "127.0.0.1", str(_free_port())

@@ -24,6 +24,8 @@ from sru_cupy.backends import KernelCompileError, host
 from sru_cupy.launch import recurrence_backward, recurrence_forward
 from sru_cupy.reference import recurrence_forward_reference
 
+from child_env import child_env
+
 REPO = Path(sru_cupy.__file__).resolve().parent.parent
 COMPILER = host.find_compiler()
 needs_compiler = pytest.mark.skipif(COMPILER is None, reason="host backend: no C++ compiler found")
@@ -32,17 +34,8 @@ LIBRARY_NAME = re.compile(r"^sru_host_[0-9a-f]{24}\.so$")
 
 
 def _env(cache, **changes):
-    """The environment of a subprocess: this one's, the checkout importable, the given cache, and
-    `changes` (None removes a variable)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-    env["SRU_CUPY_CACHE_DIR"] = str(cache)
-    for key, value in changes.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = str(value)
-    return env
+    """The environment of a subprocess: the given cache, and `changes` (None removes a variable)."""
+    return child_env(cache, **changes)
 
 
 def _python(code, env, timeout=240):

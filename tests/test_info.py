@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from sru_cupy import info
 from sru_cupy.backends import host
 
-ROOT = Path(__file__).resolve().parents[1]
+from child_env import child_env
 
 
 def _report_in_subprocess(tmp_path, block=(), **env):
@@ -27,10 +26,8 @@ def _report_in_subprocess(tmp_path, block=(), **env):
         from sru_cupy import info
         print(json.dumps(info.report()))
     """)
-    environment = dict(os.environ, SRU_CUPY_CACHE_DIR=str(tmp_path / "cache"), **env)
-    environment["PYTHONPATH"] = os.pathsep.join([str(ROOT), environment.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(tmp_path / "cache", **env),
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -3,16 +3,14 @@
 is tested with their modules: compile in test_ptx, clear-cache in test_cache, bench in test_bench,
 info in test_info."""
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from sru_cupy.__main__ import COMMANDS, main
 
-ROOT = Path(__file__).resolve().parents[1]
+from child_env import child_env
 
 
 def test_every_command_has_help(capsys):
@@ -64,8 +62,7 @@ def test_help_does_not_import_heavy_modules():
     code = ("import sys; from sru_cupy.__main__ import build_parser; build_parser(); "
             "print(sorted(m for m in ('torch', 'cupy', 'sru_cupy.ops', 'sru_cupy.backends.host') "
             "if m in sys.modules))")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -26,6 +26,8 @@ from sru_cupy import launch
 from sru_cupy.backends import host
 from sru_cupy.reference import recurrence_backward_reference, recurrence_forward_reference
 
+from child_env import child_env
+
 REPO = Path(sru_cupy.__file__).resolve().parent.parent
 needs_compiler = pytest.mark.skipif(not host.available(), reason="host backend: no C++ compiler found")
 needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/statm"),
@@ -250,9 +252,7 @@ _FDS_CHILD = """
 def test_library_loads_in_fresh_processes_keep_no_file_descriptors(tmp_path):
     """Three fresh interpreters (the first builds into an empty cache, the others load it): loading
     the library and 200 forward+backward calls leave the number of open descriptors unchanged."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-    env["SRU_CUPY_CACHE_DIR"] = str(tmp_path / "cache")
+    env = child_env(tmp_path / "cache")
     results = []
     for _ in range(3):
         proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_FDS_CHILD)], env=env,

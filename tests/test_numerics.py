@@ -11,7 +11,6 @@ reference is, and nothing leaks into other sequences.
 """
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ import sru_cupy
 from sru_cupy import launch
 from sru_cupy.backends import host
 from sru_cupy.reference import recurrence_backward_reference, recurrence_forward_reference
+
+from child_env import child_env
 
 pytestmark = pytest.mark.skipif(not host.available(), reason="host backend: no C++ compiler found")
 
@@ -474,8 +475,7 @@ def test_64bit_indexing_past_2_31_elements(tmp_path):
     a 32-bit index cannot take pytest down."""
     L, B, d = 2 ** 16 + 8, 2 ** 11, 2
     assert L * B * 2 * d * 4 > 2 ** 31
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env = child_env()
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _INDEX64, str(L), str(B), str(d)], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=3600)
