@@ -90,6 +90,33 @@ def _resolve_device(device, xp):
     raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
+_INT_OPTIONS = ("input_size", "hidden_size", "num_layers", "n_proj", "projection_size")
+_FLOAT_OPTIONS = ("dropout", "rnn_dropout", "highway_bias")
+
+
+def _config(**options):
+    """Constructor options checked (sizes positive ints, dropout probabilities in [0, 1)) and
+    normalised to plain int, float, bool or None: the saved ``__config__``."""
+    for name in ("input_size", "hidden_size", "num_layers"):
+        value = options.get(name, 1)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    for name in ("dropout", "rnn_dropout"):
+        if not 0.0 <= options[name] < 1.0:
+            raise ValueError(f"{name}: expected a probability in [0, 1), got {options[name]!r}")
+    config = {}
+    for name, value in options.items():
+        if name in _INT_OPTIONS:
+            config[name] = int(value)
+        elif name in _FLOAT_OPTIONS:
+            config[name] = float(value)
+        elif name == "weight_c_init":
+            config[name] = None if value is None else float(value)
+        else:
+            config[name] = bool(value)
+    return config
+
+
 def _check_dtype(dtype):
     dtype = np.dtype(dtype)
     if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
@@ -393,41 +420,20 @@ class SRUCell(_ArrayModule):
                  rescale=True, v1=False, amp_recurrence_fp16=True, normalize_after=False,
                  weight_c_init=None, batch_first=False, projection_size=None, *, device=None,
                  xp=None, dtype="float32", seed=None, _params=None, _prefix="", _init_rng=None):
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        for name, value in (("dropout", dropout), ("rnn_dropout", rnn_dropout)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
         if projection_size is not None:
             n_proj = projection_size
-        config = dict(input_size=int(input_size), hidden_size=int(hidden_size),
-                      dropout=float(dropout), rnn_dropout=float(rnn_dropout),
-                      bidirectional=bool(bidirectional), n_proj=int(n_proj),
-                      use_tanh=bool(use_tanh), highway_bias=float(highway_bias),
-                      has_skip_term=bool(has_skip_term), layer_norm=bool(layer_norm),
-                      rescale=bool(rescale), v1=bool(v1),
-                      amp_recurrence_fp16=bool(amp_recurrence_fp16),
-                      normalize_after=bool(normalize_after),
-                      weight_c_init=None if weight_c_init is None else float(weight_c_init),
-                      batch_first=bool(batch_first))
+        config = _config(input_size=input_size, hidden_size=hidden_size, dropout=dropout,
+                         rnn_dropout=rnn_dropout, bidirectional=bidirectional, n_proj=n_proj,
+                         use_tanh=use_tanh, highway_bias=highway_bias, has_skip_term=has_skip_term,
+                         layer_norm=layer_norm, rescale=rescale, v1=v1,
+                         amp_recurrence_fp16=amp_recurrence_fp16, normalize_after=normalize_after,
+                         weight_c_init=weight_c_init, batch_first=batch_first)
         self._setup(config, device, xp, dtype, seed)
-        self.input_size = int(input_size)
-        self.hidden_size = int(hidden_size)
-        self.bidirectional = bool(bidirectional)
-        self.output_size = self.hidden_size * (2 if bidirectional else 1)
-        self.dropout = float(dropout)
-        self.rnn_dropout = float(rnn_dropout)
-        self.use_tanh = bool(use_tanh)
-        self.highway_bias = float(highway_bias)
-        self.has_skip_term = bool(has_skip_term)
-        self.layer_norm = bool(layer_norm)
-        self.rescale = bool(rescale)
-        self.v1 = bool(v1)
-        self.normalize_after = bool(normalize_after)
-        self.weight_c_init = config["weight_c_init"]
-        self.batch_first = bool(batch_first)
-        self.amp_recurrence_fp16 = bool(amp_recurrence_fp16)
+        for name, value in config.items():
+            if name != "n_proj":
+                setattr(self, name, value)
+        n_proj = config["n_proj"]
+        self.output_size = self.hidden_size * (2 if self.bidirectional else 1)
         # A projection only when it makes the GEMM smaller (as in `sru`).
         self.projection_size = n_proj if 0 < n_proj < min(self.input_size, self.output_size) else 0
         self.num_matrices = 4 if self.has_skip_term and self.input_size != self.output_size else 3
@@ -699,25 +705,14 @@ class SRU(_ArrayModule):
                  nn_rnn_compatible_return=False, proj_input_to_hidden_first=False,
                  amp_recurrence_fp16=True, normalize_after=False, weight_c_init=None,
                  batch_first=False, *, device=None, xp=None, dtype="float32", seed=None):
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
-                            ("num_layers", num_layers)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        for name, value in (("dropout", dropout), ("rnn_dropout", rnn_dropout)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
-        config = dict(input_size=int(input_size), hidden_size=int(hidden_size),
-                      num_layers=int(num_layers), dropout=float(dropout),
-                      rnn_dropout=float(rnn_dropout), bidirectional=bool(bidirectional),
-                      projection_size=int(projection_size), use_tanh=bool(use_tanh),
-                      layer_norm=bool(layer_norm), highway_bias=float(highway_bias),
-                      has_skip_term=bool(has_skip_term), rescale=bool(rescale), v1=bool(v1),
-                      nn_rnn_compatible_return=bool(nn_rnn_compatible_return),
-                      proj_input_to_hidden_first=bool(proj_input_to_hidden_first),
-                      amp_recurrence_fp16=bool(amp_recurrence_fp16),
-                      normalize_after=bool(normalize_after),
-                      weight_c_init=None if weight_c_init is None else float(weight_c_init),
-                      batch_first=bool(batch_first))
+        config = _config(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers,
+                         dropout=dropout, rnn_dropout=rnn_dropout, bidirectional=bidirectional,
+                         projection_size=projection_size, use_tanh=use_tanh, layer_norm=layer_norm,
+                         highway_bias=highway_bias, has_skip_term=has_skip_term, rescale=rescale,
+                         v1=v1, nn_rnn_compatible_return=nn_rnn_compatible_return,
+                         proj_input_to_hidden_first=proj_input_to_hidden_first,
+                         amp_recurrence_fp16=amp_recurrence_fp16, normalize_after=normalize_after,
+                         weight_c_init=weight_c_init, batch_first=batch_first)
         self._setup(config, device, xp, dtype, seed)
         self.input_size = int(input_size)
         self.hidden_size = int(hidden_size)
