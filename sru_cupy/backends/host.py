@@ -99,7 +99,7 @@ def compiler_description(command=None):
     if command is None:
         return None
     if _is_ziglang(command):
-        return f"{ZIGLANG} {_compiler_version(command)} (the ziglang wheel)"
+        return f"the ziglang wheel's clang ({_compiler_version(command)})"
     return command[0]
 
 
