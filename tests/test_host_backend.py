@@ -710,3 +710,48 @@ def test_fresh_venv_plain_install_falls_back_and_cpu_extra_compiles(wheel, tmp_p
     assert Path(compiled["libraries"][0]).parent == ziglang_cache / "host"
     assert not [w for w in compiled["warnings"] if "NumPy implementation" in w], compiled["warnings"]
     assert compiled["error"] < 1e-5 and compiled["finite"], compiled
+
+
+_THREAD_COUNT_RUN = """
+    import json, os, threading, time
+    import numpy as np
+    from sru_cupy.backends import host
+    from sru_cupy.launch import recurrence_forward
+    host._openmp_flags = lambda compiler: []  # the std::thread walk
+    host.PARALLEL_WORK = 0
+    L, B, d = 200, 16, 256
+    rng = np.random.default_rng(0)
+    U = rng.standard_normal((L, B, 3 * d)).astype(np.float32)
+    x = rng.standard_normal((L, B, d)).astype(np.float32)
+    bias = np.zeros(2 * d, np.float32)
+    recurrence_forward(U[:1], x[:1], None, bias, hidden_size=d)  # builds and loads the library
+    counts, done = [], threading.Event()
+
+    def watch():  # ctypes releases the GIL during a launch, so this samples while it runs
+        while not done.is_set():
+            counts.append(len(os.listdir("/proc/self/task")))
+            time.sleep(0.0005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    time.sleep(0.05)
+    baseline = max(counts)
+    for _ in range(10):
+        recurrence_forward(U, x, None, bias, hidden_size=d)
+    done.set()
+    watcher.join()
+    print(json.dumps({"extra": max(counts) - baseline}))
+"""
+
+
+@needs_compiler
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc/self/task")
+@pytest.mark.parametrize("threads", [1, 3])
+def test_thread_workers_follow_omp_num_threads(threads):
+    """Without OpenMP the grid walk starts OMP_NUM_THREADS - 1 helper threads (the caller is a
+    worker too), as OpenMP would run OMP_NUM_THREADS threads, and none for OMP_NUM_THREADS=1."""
+    got = _python(_THREAD_COUNT_RUN, _env(os.environ["SRU_CUPY_CACHE_DIR"], OMP_NUM_THREADS=threads))
+    if threads == 1:
+        assert got["extra"] == 0, got
+    else:
+        assert 1 <= got["extra"] <= threads - 1, got
