@@ -52,6 +52,18 @@ def _folder_summary(path):
     return f"{len(files)} files, {size / 1e6:.1f} MB"
 
 
+def _cpu_path():
+    """Which implementation runs NumPy arrays and CPU tensors, and how to get the compiled one."""
+    from .backends import host
+    compiler = host.compiler_description()
+    if compiler:
+        return f"host kernels ({host.COLUMNS_PER_THREAD} columns per thread), compiled with {compiler}"
+    cxx = os.environ.get("CXX")
+    why = f"$CXX={cxx} not found" if cxx else "none on PATH, ziglang not installed"
+    return (f"no C++ compiler ({why}): NumPy arrays use the vectorized NumPy path, CPU tensors the "
+            "vectorized PyTorch path; pip install sru_cupy[cpu] for the compiled kernels")
+
+
 def report():
     """The report as a list of lines."""
     lines = [f"sru_cupy {importlib.import_module('sru_cupy').__version__}",
@@ -79,14 +91,8 @@ def report():
     lines.append("GPUs:" if gpus else "GPUs: none")
     lines += gpus
 
-    from .backends import host
-    compiler = host.find_compiler()
     lines.append("Backends:")
-    lines.append("  NumPy arrays and CPU tensors: "
-                 + (f"host kernels ({host.COLUMNS_PER_THREAD} columns per thread), compiled "
-                    f"with {compiler}" if compiler else
-                    "no C++ compiler: NumPy arrays cannot run; CPU tensors use the vectorized "
-                    "PyTorch path"))
+    lines.append("  NumPy arrays and CPU tensors: " + _cpu_path())
     if cupy is None:
         lines.append("  CuPy arrays and CUDA tensors: unavailable (CuPy is not installed: "
                      "pip install sru_cupy[cuda12] or [cuda13])")

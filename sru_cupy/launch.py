@@ -1,8 +1,9 @@
 """Launch layer: checks arguments, allocates outputs, sizes the grid and runs the SRU kernels.
 
-Arrays are NumPy arrays (run by the host backend, the C++ build of the kernels) or CuPy arrays (run
-by the CuPy backend on the current stream of the arrays' device). The same code serves both; the
-kernels themselves are in ``cuda/sru_recurrence.cu`` and their math is documented there.
+Arrays are NumPy arrays (run by the host backend, the C++ build of the kernels; where no C++
+compiler exists, by ``numpy_fallback``) or CuPy arrays (run by the CuPy backend on the current
+stream of the arrays' device). The same code serves both; the kernels themselves are in
+``cuda/sru_recurrence.cu`` and their math is documented there.
 
 Shapes, with D = dirs * hidden_size and k = 3 or 4:
     U (L, B, D*k)  x (L, B, D)  weight_c, bias (2*D,)  c0, mask_h (B, D)  mask_pad (L, B)
@@ -13,7 +14,7 @@ the arithmetic type (float32, float64 for float64 data) and converted to it here
 
 import numpy as np
 
-from . import kernels
+from . import kernels, numpy_fallback
 from .backends import backend_for
 
 def _storage_name(array, storage_dtype, argname):
@@ -164,6 +165,10 @@ class _Problem:
         name = kernels.kernel_name(kernel, self.dtype, self.k, columns)
         return name, ((threads + block - 1) // block, 1, 1), (block, 1, 1)
 
+    def uses_numpy_fallback(self):
+        """True for NumPy arrays where no C++ compiler can build the host kernels."""
+        return self.backend.name == "host" and not self.backend.available()
+
     def sizes(self):
         return (self.scale_x, np.int64(self.L), np.int64(self.B), np.int32(self.d),
                 np.int32(self.dirs), self.flags)
@@ -202,6 +207,10 @@ def recurrence_forward(U, x, weight_c, bias, c0=None, *, hidden_size, bidirectio
                 c_last[...] = 0
             else:
                 c_last[...] = c0
+            return h, c, c_last
+        if p.uses_numpy_fallback():
+            numpy_fallback.recurrence_forward(p, h, c, c_last, U, x, weight_c, bias, c0, mask_h,
+                                              mask_pad)
             return h, c, c_last
         name, grid, block = p.kernel("sru_recurrence_forward")
         p.backend.launch(name, grid, block,
@@ -252,6 +261,9 @@ def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, *, hid
                 grads["c0"][...] = 0
             else:
                 grads["c0"][...] = grad_c_last
+        elif B > 0 and p.uses_numpy_fallback():
+            numpy_fallback.recurrence_backward(p, grads, U, x, weight_c, bias, c0, mask_h, mask_pad,
+                                               c, grad_h, grad_c_last)
         elif B > 0:
             name, grid, block = p.kernel("sru_recurrence_backward")
             p.backend.launch(name, grid, block,

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import launch
 from .backends import host
+from .numpy_fallback import user_stacklevel as _user_stacklevel
 
 _STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _cpu_notice_shown = False
@@ -29,17 +30,6 @@ def cpu_implementation():
     return "host" if host.available() else "torch"
 
 
-def _user_stacklevel():
-    """The warnings stacklevel of the first caller outside this package."""
-    import os
-    import sys
-    package = os.path.dirname(os.path.abspath(__file__))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 def _notice_cpu_path():
     """Says once per process which CPU implementation runs and why, when it is the fallback."""
     global _cpu_notice_shown
@@ -48,7 +38,7 @@ def _notice_cpu_path():
         import warnings
         if cpu_implementation() == "torch":
             warnings.warn("sru_cupy: no C++ compiler found, CPU tensors use the vectorized PyTorch "
-                          "implementation (set $CXX or install g++ for the compiled kernels)",
+                          "implementation (pip install sru_cupy[cpu], or set $CXX, for the compiled kernels)",
                           stacklevel=_user_stacklevel())
 
 

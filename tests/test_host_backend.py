@@ -1,6 +1,8 @@
-"""The host backend (sru_cupy.backends.host): building, caching and loading the C++ build of the
-CUDA sources, its failure modes, its kernel table, the 16-bit conversions of sru_numeric.cuh as the
-kernels use them, and the OpenMP-parallel grid walk.
+"""The host backend (sru_cupy.backends.host): finding a compiler (the system's, else the ziglang
+wheel's), building, caching and loading the C++ build of the CUDA sources, its failure modes, its
+kernel table, the 16-bit conversions of sru_numeric.cuh as the kernels use them, the parallel grid
+walk (OpenMP, or std::thread workers), the kernels built by ziglang with no system compiler, and a
+fresh virtual environment where ``pip install sru_cupy[cpu]`` brings that compiler.
 
 Tests that need fresh module state (an empty cache, another compiler) run in a subprocess.
 """
@@ -25,6 +27,7 @@ from sru_cupy.launch import recurrence_backward, recurrence_forward
 from sru_cupy.reference import recurrence_forward_reference
 
 from child_env import child_env
+from test_packaging import wheel  # noqa: F401  (the fixture: a wheel built from the checkout)
 
 REPO = Path(sru_cupy.__file__).resolve().parent.parent
 COMPILER = host.find_compiler()
@@ -38,12 +41,19 @@ def _env(cache, **changes):
     return child_env(cache, **changes)
 
 
-def _python(code, env, timeout=240):
-    """Runs `code` in a fresh interpreter; returns the JSON object it prints last."""
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=REPO,
+def _python(code, env, timeout=240, with_stderr=False, python=sys.executable, cwd=REPO):
+    """Runs `code` in a fresh interpreter; returns the JSON object it prints last (and its stderr
+    when with_stderr)."""
+    proc = subprocess.run([str(python), "-c", textwrap.dedent(code)], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return (result, proc.stderr) if with_stderr else result
+
+
+#: Makes the ziglang wheel unimportable in a child process (put first in its code).
+_HIDE_ZIGLANG = "import sys; sys.modules['ziglang'] = None\n"
+BUILD_NOTICE = "compiling the CPU kernels (once per machine)"
 
 
 def _script(path, body):
@@ -89,7 +99,8 @@ def test_library_is_built_once_into_the_cache_and_reused(tmp_path):
     wrapper = _script(tmp_path / "cxx-wrapper", f'echo "$@" >> "{log}"\nexec "{COMPILER}" "$@"\n')
     env = _env(cache, CXX=wrapper)
 
-    first = _python(_LOAD_AND_RUN, env)
+    first, stderr = _python(_LOAD_AND_RUN, env, with_stderr=True)
+    assert stderr.count(BUILD_NOTICE) == 1, stderr  # one line while the build runs
     path = Path(first["path"])
     assert path.parent == cache / "host", path
     assert LIBRARY_NAME.match(path.name), path.name
@@ -103,7 +114,8 @@ def test_library_is_built_once_into_the_cache_and_reused(tmp_path):
     assert len(builds) == 1, f"expected one compile of the kernels, got {builds}"
     assert "-O3" in builds[0] and "-shared" in builds[0]
 
-    second = _python(_LOAD_AND_RUN, env)
+    second, stderr = _python(_LOAD_AND_RUN, env, with_stderr=True)
+    assert BUILD_NOTICE not in stderr, stderr
     assert second["path"] == first["path"]
     assert (second["ino"], second["mtime"]) == (first["ino"], first["mtime"]), "library rewritten"
     assert second["h"] == first["h"]
@@ -183,8 +195,32 @@ def test_failing_compiler_raises_kernel_compile_error_with_log_and_options(tmp_p
         assert _libraries(cache) == [] and _temporary_files(cache) == []
 
 
+_NO_COMPILER = """
+    import json, warnings
+    import numpy as np
+    from sru_cupy.backends import host
+    from sru_cupy.launch import recurrence_forward
+    result = {"available": host.available(), "command": host.compiler_command()}
+    try:
+        host.library()
+    except Exception as exc:
+        result["library"] = {"type": type(exc).__name__, "message": str(exc)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        h, c, c_last = recurrence_forward(np.full((2, 1, 3), 0.5, np.float32),
+                                          np.ones((2, 1, 1), np.float32), None,
+                                          np.zeros(2, np.float32), hidden_size=1)
+    result["h"] = h.ravel().tolist()
+    result["warnings"] = [str(w.message) for w in caught]
+    print(json.dumps(result))
+"""
+
+
 @pytest.mark.parametrize("how", ["CXX-missing", "PATH-empty"])
-def test_no_compiler_raises_a_clear_runtime_error(tmp_path, how):
+def test_no_compiler_library_raises_and_numpy_arrays_fall_back(tmp_path, how):
+    """No compiler at all (a $CXX that does not exist, or nothing on PATH and no ziglang): the
+    library cannot be built (a RuntimeError that says how to get a compiler), and NumPy arrays run
+    on the NumPy implementation, with its notice, building nothing."""
     cache = tmp_path / "cache"
     empty = tmp_path / "empty-bin"
     empty.mkdir()
@@ -192,23 +228,64 @@ def test_no_compiler_raises_a_clear_runtime_error(tmp_path, how):
         env = _env(cache, CXX=tmp_path / "no-such-compiler", PATH=empty)
     else:
         env = _env(cache, CXX=None, PATH=empty)
-    got = _python(_EXPECT_FAILURE, env)
-    assert got["available"] is False
-    for attempt in ("library", "launch"):
-        error = got[attempt]
-        assert error is not None, f"{attempt}: no error without a compiler"
-        assert error["type"] == "RuntimeError" and not error["compile_error"], error
-        assert "no C++ compiler" in error["message"] and "CXX" in error["message"], error["message"]
+    got = _python(_HIDE_ZIGLANG + textwrap.dedent(_NO_COMPILER), env)
+    assert got["available"] is False and got["command"] is None
+    error = got.get("library")
+    assert error is not None, "host.library(): no error without a compiler"
+    assert error["type"] == "RuntimeError", error
+    for words in ("no C++ compiler", "CXX", "pip install sru_cupy[cpu]"):
+        assert words in error["message"], error["message"]
+    ref_h, _, _ = recurrence_forward_reference(np.full((2, 1, 3), 0.5), np.ones((2, 1, 1)), None,
+                                               np.zeros(2), hidden_size=1)
+    np.testing.assert_allclose(got["h"], ref_h.ravel(), rtol=1e-6)
+    assert [w for w in got["warnings"] if "vectorized NumPy implementation" in w], got["warnings"]
     assert not cache.exists(), "the cache folder was created although nothing could be built"
 
 
 def test_find_compiler_prefers_cxx(tmp_path, monkeypatch):
     fake = _script(tmp_path / "my-cxx", "exit 0\n")
+    monkeypatch.setattr(host, "_ziglang_importable", lambda: True)
     monkeypatch.setenv("CXX", str(fake))
     assert host.find_compiler() == str(fake)
+    assert host.compiler_command() == [str(fake)]
     monkeypatch.setenv("CXX", str(tmp_path / "absent"))
-    assert host.find_compiler() is None  # an explicit $CXX is not silently replaced
-    assert host.available() is False
+    assert host.find_compiler() is None
+    assert host.compiler_command() is None  # an explicit $CXX is not silently replaced, not even
+    assert host.available() is False        # by ziglang
+
+
+@pytest.mark.parametrize("ziglang", [True, False], ids=["ziglang", "no-ziglang"])
+def test_ziglang_is_the_last_resort(tmp_path, monkeypatch, ziglang):
+    """With no $CXX: a compiler on PATH first, else ziglang (when importable), else none."""
+    monkeypatch.setattr(host, "_ziglang_importable", lambda: ziglang)
+    monkeypatch.delenv("CXX", raising=False)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    zig = [sys.executable, "-m", "ziglang", "c++"]
+    assert host.compiler_command() == (zig if ziglang else None)
+    assert host.available() is ziglang
+    gxx = _script(bin_dir / "g++", "exit 0\n")
+    assert host.compiler_command() == [str(gxx)]
+
+
+def test_ziglang_builds_baseline_code_with_threads_and_a_venv_independent_key():
+    """ziglang has no OpenMP (not probed: std::thread workers, -pthread), targets the baseline CPU
+    (zig would target the build machine's), and is named in the cache key by its version, not by
+    the interpreter that runs it."""
+    zig = [sys.executable, "-m", "ziglang", "c++"]
+    flags = host.compiler_flags(zig)
+    assert "-fopenmp" not in flags and "-pthread" in flags and "-mcpu=baseline" in flags, flags
+    for flag in ("-O3", "-std=c++17", "-shared", "-fPIC"):
+        assert flag in flags, flags
+    assert host._compiler_identity(zig) == host._compiler_identity(["/other/venv/python", *zig[1:]])
+    assert host._compiler_identity(zig) == host.ZIGLANG
+    assert host._compiler_identity(["/usr/bin/g++"]) == "/usr/bin/g++"
+    if host._ziglang_importable():
+        import importlib.metadata
+        assert host._compiler_version(zig) == "zig " + importlib.metadata.version("ziglang")
+        assert host.compiler_description(zig) == (f"the ziglang wheel's clang "
+                                                  f"({host._compiler_version(zig)})")
 
 
 # -- the kernel table --------------------------------------------------------------------------
@@ -459,27 +536,30 @@ def test_block_size_gives_every_core_several_blocks(threads):
     assert blocks >= wanted or block == 1 or block == host.BLOCK_SIZE, (block, blocks)
 
 
-_OMP_RUN = """
+_WALK_RUN = """
     import json, sys
     import numpy as np
     sys.path.insert(0, {tests!r})
     from sru_cupy.backends import host
     from test_host_backend import _problem, _run
+    if {no_openmp}:
+        host._openmp_flags = lambda compiler: []  # build for the std::thread workers
     host.PARALLEL_WORK = {parallel_work}
     host.BLOCK_SIZE = {block}
     p = _problem(np.random.default_rng(3))
     np.savez({out!r}, **_run(p))
-    print(json.dumps({{"ok": True}}))
+    print(json.dumps({{"flags": host.compiler_flags(host.compiler_command())}}))
 """
 
 
 @needs_compiler
-def test_openmp_threads_do_not_change_results(tmp_path, monkeypatch):
-    """The OpenMP-parallel grid walk (forced with PARALLEL_WORK = 0) gives bit-identical results to
-    one thread (OMP_NUM_THREADS=1, and the small-work single-thread path); each column is one
-    thread's."""
-    if host._openmp_flags(COMPILER) != ["-fopenmp"]:
-        pytest.skip("the compiler has no OpenMP: the grid is walked by one thread anyway")
+@pytest.mark.parametrize("walk", ["openmp", "threads"])
+def test_parallel_grid_walk_does_not_change_results(tmp_path, monkeypatch, walk):
+    """The parallel grid walk (forced with PARALLEL_WORK = 0), with OpenMP or, in a build without it
+    (as ziglang's), on std::thread workers, gives bit-identical results to one thread
+    (OMP_NUM_THREADS=1, and the small-work single-thread path); each column is one thread's."""
+    if walk == "openmp" and host._openmp_flags(COMPILER) != ["-fopenmp"]:
+        pytest.skip("the compiler has no OpenMP: the std::thread walk is the one tested")
     block = 8  # small blocks: enough of them for several threads
     monkeypatch.setattr(host, "BLOCK_SIZE", block)
     p = _problem(np.random.default_rng(3))
@@ -487,14 +567,191 @@ def test_openmp_threads_do_not_change_results(tmp_path, monkeypatch):
     assert -(-threads // block) >= 8
     assert p["U"].shape[0] * p["U"].shape[1] * 2 * p["d"] < host.PARALLEL_WORK  # default: 1 thread
     expected = _run(p)
-    monkeypatch.setattr(host, "PARALLEL_WORK", 0)
-    runs = {"in-process, parallel": _run(p)}
+    runs = {}
+    if walk == "openmp":
+        monkeypatch.setattr(host, "PARALLEL_WORK", 0)
+        runs["in-process, parallel"] = _run(p)
     for threads, parallel_work in ((1, 0), (3, 0), (4, host.PARALLEL_WORK)):
-        out = tmp_path / f"omp{threads}.npz"
-        code = _OMP_RUN.format(tests=str(Path(__file__).resolve().parent), out=str(out),
-                               parallel_work=parallel_work, block=block)
-        _python(code, _env(os.environ["SRU_CUPY_CACHE_DIR"], OMP_NUM_THREADS=threads))
+        out = tmp_path / f"{walk}{threads}.npz"
+        code = _WALK_RUN.format(tests=str(Path(__file__).resolve().parent), out=str(out),
+                                parallel_work=parallel_work, block=block,
+                                no_openmp=walk == "threads")
+        got = _python(code, _env(os.environ["SRU_CUPY_CACHE_DIR"], OMP_NUM_THREADS=threads))
+        assert ("-fopenmp" in got["flags"]) == (walk == "openmp"), got["flags"]
         runs[f"OMP_NUM_THREADS={threads}, PARALLEL_WORK={parallel_work}"] = dict(np.load(out))
     for run, got in runs.items():
         for key in expected:
             assert np.array_equal(got[key], expected[key]), f"{run}: {key}"
+
+
+# -- the ziglang compiler (pip install sru_cupy[cpu]) with no system compiler visible ----------------
+
+
+def _require_ziglang():
+    """The ziglang tests install nothing: the test extra brings the wheel."""
+    if not host._ziglang_importable():
+        pytest.fail("the ziglang wheel is not importable here: install the test extra "
+                    "(pip install -e .[test]), which has it")
+
+
+@pytest.fixture(scope="module")
+def ziglang_cache(tmp_path_factory):
+    """The kernel cache of the ziglang tests. Shared: a library built by ziglang is keyed by the
+    ziglang version (not the interpreter), so the fresh virtual environment with the same version
+    loads the one the kernel test built instead of spending another build."""
+    return tmp_path_factory.mktemp("ziglang-cache")
+
+
+#: A representative part of tests/test_launch.py, forward and backward against the float64
+#: reference: every direction x k-variant x dtype (the one-step size cases), the option
+#: combinations of the covering design, and the parallel grid walk; all with the host's columns per
+#: thread, so one library is built.
+_ZIGLANG_SUBSET = ("not cols1 and (test_options_against_reference or "
+                   "test_parallel_host_launches_against_reference or "
+                   "(test_sizes_against_reference and L1B3d4))")
+
+
+@pytest.mark.slow
+def test_kernels_built_by_ziglang_match_the_reference(tmp_path, ziglang_cache):
+    """With $CXX unset and no compiler on PATH, the host backend builds the kernels with ziglang
+    (no OpenMP: std::thread workers), and the launch tests pass on that library."""
+    _require_ziglang()
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    env = _env(ziglang_cache, CXX=None, PATH=empty)
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               "tests/test_launch.py", "-k", _ZIGLANG_SUBSET]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    summary = proc.stdout.strip().splitlines()[-1]
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) >= 50, summary
+    assert "skipped" not in summary and "failed" not in summary, summary
+    records = [json.loads(p.read_text()) for p in sorted((ziglang_cache / "host").glob("*.json"))]
+    assert len(records) == 1, records  # one library: the host's columns per thread
+    assert records[0]["compiler"][1:] == ["-m", "ziglang", "c++"], records[0]
+    assert "-fopenmp" not in records[0]["flags"] and "-pthread" in records[0]["flags"]
+
+
+_VENV_RUN = """
+    import json, warnings
+    import numpy as np
+    import sru_cupy
+    from sru_cupy import functional
+    from sru_cupy.arrays import SRU
+    from sru_cupy.backends import host
+    from sru_cupy.reference import recurrence_backward_reference, recurrence_forward_reference
+
+    rng = np.random.default_rng(0)
+    L, B, d = 9, 3, 5
+    data = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    U, x, wc, bias, grad_h = data(L, B, 6 * d), data(L, B, 2 * d), data(4 * d), data(4 * d), \\
+        data(L, B, 2 * d)
+    options = dict(hidden_size=d, bidirectional=True, use_tanh=True, scale_x=1.3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        h, c, _ = functional.recurrence_forward(U, x, wc, bias, **options)
+        g = functional.recurrence_backward(grad_h, None, U, x, wc, bias, None, c, **options)
+        model = SRU(4, 6, num_layers=2, device="cpu", seed=0)
+        hs, cs, cache = model.forward(data(L, B, 4), training=True)
+        grad_x, _, grads = model.backward(cache, np.ones_like(hs))
+    f64 = lambda a: a.astype(np.float64)
+    ref_h, _, _ = recurrence_forward_reference(f64(U), f64(x), f64(wc), f64(bias), **options)
+    ref = recurrence_backward_reference(f64(grad_h), None, f64(U), f64(x), f64(wc), f64(bias),
+                                        None, f64(c), **options)
+    print(json.dumps({
+        "package": sru_cupy.__file__,
+        "compiler": host.compiler_command(),
+        "libraries": [lib.path for lib in host._libraries.values()],
+        "error": max(float(np.abs(h - ref_h).max()), float(np.abs(g["U"] - ref["U"]).max()),
+                     float(np.abs(g["x"] - ref["x"]).max())),
+        "finite": bool(np.isfinite(hs).all() and np.isfinite(grad_x).all()
+                       and all(np.isfinite(v).all() for v in grads.values())),
+        "warnings": [str(w.message) for w in caught]}))
+"""
+
+
+@pytest.mark.slow
+def test_fresh_venv_plain_install_falls_back_and_cpu_extra_compiles(wheel, tmp_path, ziglang_cache):
+    """In a fresh virtual environment with no C++ compiler visible, ``pip install sru_cupy`` runs
+    NumPy arrays (functional and arrays.SRU, forward and backward) on the NumPy implementation, and
+    ``pip install sru_cupy[cpu]`` then runs them on host kernels compiled by ziglang."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = venv / ("Scripts" if os.name == "nt" else "bin") / "python"
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CXX")}
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    run_env = dict(clean, PATH=str(empty), SRU_CUPY_CACHE_DIR=str(ziglang_cache))
+
+    def pip_install(requirement):
+        proc = subprocess.run([str(python), "-m", "pip", "install", "-q", requirement], env=clean,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"pip install {requirement} failed:\n{proc.stdout}\n{proc.stderr}"
+
+    def run():
+        return _python(_VENV_RUN, run_env, timeout=900, with_stderr=True, python=python,
+                       cwd=tmp_path)
+
+    pip_install(str(wheel))
+    plain, stderr = run()
+    assert Path(plain["package"]).resolve().is_relative_to(venv.resolve()), plain["package"]
+    assert plain["compiler"] is None and plain["libraries"] == [], plain
+    assert [w for w in plain["warnings"] if "vectorized NumPy implementation" in w], plain["warnings"]
+    assert plain["error"] < 1e-5 and plain["finite"], plain
+    assert BUILD_NOTICE not in stderr
+
+    pip_install(f"{wheel}[cpu]")
+    compiled, stderr = run()
+    assert compiled["compiler"][1:] == ["-m", "ziglang", "c++"], compiled["compiler"]
+    assert Path(compiled["compiler"][0]).parent == python.parent, compiled["compiler"]
+    assert len(compiled["libraries"]) == 1, compiled
+    assert Path(compiled["libraries"][0]).parent == ziglang_cache / "host"
+    assert not [w for w in compiled["warnings"] if "NumPy implementation" in w], compiled["warnings"]
+    assert compiled["error"] < 1e-5 and compiled["finite"], compiled
+
+
+_THREAD_COUNT_RUN = """
+    import json, os, threading, time
+    import numpy as np
+    from sru_cupy.backends import host
+    from sru_cupy.launch import recurrence_forward
+    host._openmp_flags = lambda compiler: []  # the std::thread walk
+    host.PARALLEL_WORK = 0
+    L, B, d = 200, 16, 256
+    rng = np.random.default_rng(0)
+    U = rng.standard_normal((L, B, 3 * d)).astype(np.float32)
+    x = rng.standard_normal((L, B, d)).astype(np.float32)
+    bias = np.zeros(2 * d, np.float32)
+    recurrence_forward(U[:1], x[:1], None, bias, hidden_size=d)  # builds and loads the library
+    counts, done = [], threading.Event()
+
+    def watch():  # ctypes releases the GIL during a launch, so this samples while it runs
+        while not done.is_set():
+            counts.append(len(os.listdir("/proc/self/task")))
+            time.sleep(0.0005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    time.sleep(0.05)
+    baseline = max(counts)
+    for _ in range(10):
+        recurrence_forward(U, x, None, bias, hidden_size=d)
+    done.set()
+    watcher.join()
+    print(json.dumps({"extra": max(counts) - baseline}))
+"""
+
+
+@needs_compiler
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc/self/task")
+@pytest.mark.parametrize("threads", [1, 3])
+def test_thread_workers_follow_omp_num_threads(threads):
+    """Without OpenMP the grid walk starts OMP_NUM_THREADS - 1 helper threads (the caller is a
+    worker too), as OpenMP would run OMP_NUM_THREADS threads, and none for OMP_NUM_THREADS=1."""
+    got = _python(_THREAD_COUNT_RUN, _env(os.environ["SRU_CUPY_CACHE_DIR"], OMP_NUM_THREADS=threads))
+    if threads == 1:
+        assert got["extra"] == 0, got
+    else:
+        assert 1 <= got["extra"] <= threads - 1, got

@@ -65,10 +65,29 @@ def test_report_works_without_cupy_and_torch(tmp_path):
     assert "CuPy is not installed" in _line(lines, "CuPy arrays and CUDA tensors:")
 
 
-def test_report_without_a_compiler_says_which_cpu_path_runs(tmp_path):
-    lines = _report_in_subprocess(tmp_path, CXX=str(tmp_path / "no-such-compiler"))
+@pytest.mark.parametrize("how", ["CXX-missing", "nothing-found"])
+def test_report_without_a_compiler_says_which_cpu_path_runs(tmp_path, how):
+    if how == "CXX-missing":
+        lines = _report_in_subprocess(tmp_path, CXX=str(tmp_path / "no-such-compiler"))
+    else:
+        (tmp_path / "empty-bin").mkdir()
+        lines = _report_in_subprocess(tmp_path, block=("ziglang",), CXX=None,
+                                      PATH=str(tmp_path / "empty-bin"))
     line = _line(lines, "NumPy arrays and CPU tensors:")
-    assert "no C++ compiler" in line and "vectorized PyTorch path" in line
+    assert "no C++ compiler" in line
+    assert "vectorized NumPy path" in line and "vectorized PyTorch path" in line
+    assert "pip install sru_cupy[cpu]" in line
+    assert ("no-such-compiler not found" in line) == (how == "CXX-missing"), line
+
+
+def test_report_names_ziglang_when_it_is_the_compiler(tmp_path):
+    """With no system compiler but the ziglang wheel importable, the host kernels are compiled by
+    it (only named here: nothing is built)."""
+    pytest.importorskip("ziglang", reason="the ziglang wheel is not installed (the test extra has it)")
+    (tmp_path / "empty-bin").mkdir()
+    lines = _report_in_subprocess(tmp_path, CXX=None, PATH=str(tmp_path / "empty-bin"))
+    line = _line(lines, "NumPy arrays and CPU tensors:")
+    assert "host kernels" in line and "the ziglang wheel's clang (zig " in line, line
 
 
 @pytest.mark.skipif(not host.available(), reason="needs a C++ compiler")

@@ -1,17 +1,25 @@
-"""Host backend: the CUDA sources compiled by the system C++ compiler and run on NumPy arrays.
+"""Host backend: the CUDA sources compiled by a C++ compiler and run on NumPy arrays.
+
+The compiler is ``$CXX``, else ``c++``, ``g++`` or ``clang++`` on PATH, else the clang that the
+``ziglang`` wheel ships (``pip install sru_cupy[cpu]``: a compiler from pip, for machines without a
+C++ toolchain). Where there is none, the launch layer runs NumPy arrays through
+``sru_cupy.numpy_fallback`` instead.
 
 The kernels are compiled together with ``cuda/sru_host_emulation.h``, which supplies threadIdx,
-blockIdx and a launcher that walks the grid (blocks in parallel with OpenMP when the compiler has
-it). The shared library is built at first use into the cache folder (see ``sru_cupy.cache``), named
-by a hash of the assembled source, the compiler, its version and the flags, written atomically
-beside a record of that hash and of the library's SHA-256, and loaded with ctypes only when the
-record matches (otherwise it is rebuilt, with a warning). Launches pass parameters the way cuLaunchKernel does: an array of pointers
-to the values, so the launch layer is the same as for the GPU.
+blockIdx and a launcher that walks the grid (blocks in parallel, with OpenMP when the compiler has
+it, else on std::thread workers). The shared library is built at first use into the cache folder
+(see ``sru_cupy.cache``), named by a hash of the assembled source, the compiler, its version and
+the flags, written atomically beside a record of that hash and of the library's SHA-256, and loaded
+with ctypes only when the record matches (otherwise it is rebuilt, with a warning). A build prints
+one line to stderr while it runs. Launches pass parameters the way cuLaunchKernel does: an array of
+pointers to the values, so the launch layer is the same as for the GPU.
 """
 
 import contextlib
 import ctypes
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -29,7 +37,7 @@ from . import KernelCompileError
 
 name = "host"
 
-#: Largest block the launch layer uses for this backend. Emulated blocks are what OpenMP spreads
+#: Largest block the launch layer uses for this backend. Emulated blocks are what the workers spread
 #: over cores (the threads of one block run one after another), so smaller blocks are chosen when
 #: needed to give every core several (see block_size).
 BLOCK_SIZE = 64
@@ -41,13 +49,19 @@ BLOCKS_PER_CORE = 4
 COLUMNS_PER_THREAD = kernels.HOST_COLUMNS_PER_THREAD
 
 _BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-Wno-unknown-pragmas")
+#: Extra flags of the ziglang compiler. zig targets the build machine's CPU by default; baseline
+#: code, as g++ and clang++ emit without -march, keeps a cache folder shared between machines safe.
+_ZIGLANG_FLAGS = ("-mcpu=baseline",)
+#: The compiler identity of the ziglang wheel in the cache key (not the interpreter's path, so every
+#: virtual environment with the same ziglang version shares one library).
+ZIGLANG = "ziglang c++"
 _lock = threading.Lock()
 _libraries = {}  # columns per thread -> loaded library
 _compiler_info = {}
 
 
 def find_compiler():
-    """Path of the C++ compiler: $CXX, else c++, g++ or clang++ on PATH; None if there is none."""
+    """Path of the system C++ compiler: $CXX, else c++, g++ or clang++ on PATH; None if there is none."""
     candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
     for candidate in candidates:
         path = shutil.which(candidate)
@@ -56,30 +70,93 @@ def find_compiler():
     return None
 
 
+def _ziglang_importable():
+    try:
+        return importlib.util.find_spec("ziglang") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def compiler_command():
+    """The command that compiles C++, as a list: the system compiler (find_compiler), else the ziglang
+    wheel's (``python -m ziglang c++``); None when there is neither. A $CXX that does not exist is
+    not silently replaced by ziglang."""
+    system = find_compiler()
+    if system is not None:
+        return [system]
+    if not os.environ.get("CXX") and _ziglang_importable():
+        return [sys.executable, "-m", "ziglang", "c++"]
+    return None
+
+
+def _is_ziglang(command):
+    return list(command[1:]) == ["-m", "ziglang", "c++"]
+
+
+def compiler_description(command=None):
+    """A readable name of a compiler command (default: compiler_command()); None without one."""
+    command = compiler_command() if command is None else command
+    if command is None:
+        return None
+    if _is_ziglang(command):
+        return f"the ziglang wheel's clang ({_compiler_version(command)})"
+    return command[0]
+
+
 def available():
     """True when a C++ compiler is present (the library can be built)."""
-    return find_compiler() is not None
+    return compiler_command() is not None
 
 
-def _compiler_version(compiler):
-    if compiler not in _compiler_info:
-        out = subprocess.run([compiler, "--version"], capture_output=True, text=True)
-        _compiler_info[compiler] = (out.stdout or out.stderr).splitlines()[0] if out.returncode == 0 else "?"
-    return _compiler_info[compiler]
+def _compiler_identity(command):
+    """What names the compiler in the cache key: its path, or ZIGLANG for the ziglang wheel."""
+    return ZIGLANG if _is_ziglang(command) else command[0]
+
+
+def _compiler_version(command):
+    """The first line of ``--version``; for ziglang the wheel's version (which fixes its clang),
+    read from its metadata without starting a process."""
+    if isinstance(command, str):
+        command = [command]
+    key = ("version", *command)
+    if key not in _compiler_info:
+        version = None
+        if _is_ziglang(command):
+            try:
+                version = "zig " + importlib.metadata.version("ziglang")
+            except importlib.metadata.PackageNotFoundError:
+                pass
+        if version is None:
+            out = subprocess.run([*command, "--version"], capture_output=True, text=True)
+            text = (out.stdout or out.stderr).strip()
+            version = text.splitlines()[0] if out.returncode == 0 and text else "?"
+        _compiler_info[key] = version
+    return _compiler_info[key]
 
 
 def _openmp_flags(compiler):
-    """["-fopenmp"] when the compiler accepts it, else []. Probed once per compiler."""
-    key = ("openmp", compiler)
+    """["-fopenmp"] when the compiler accepts it, else [] (then the blocks run on std::thread
+    workers). Probed once per compiler; the ziglang wheel has no OpenMP, so it is not probed."""
+    command = [compiler] if isinstance(compiler, str) else list(compiler)
+    key = ("openmp", *command)
     if key not in _compiler_info:
+        if _is_ziglang(command):
+            _compiler_info[key] = []
+            return []
         with tempfile.TemporaryDirectory() as tmp:
             src = os.path.join(tmp, "probe.cpp")
             with open(src, "w") as f:
                 f.write("#include <omp.h>\nextern \"C\" int probe() { return omp_get_max_threads(); }\n")
-            result = subprocess.run([compiler, "-fopenmp", "-shared", "-fPIC", src, "-o",
+            result = subprocess.run([*command, "-fopenmp", "-shared", "-fPIC", src, "-o",
                                      os.path.join(tmp, "probe.so")], capture_output=True)
         _compiler_info[key] = ["-fopenmp"] if result.returncode == 0 else []
     return _compiler_info[key]
+
+
+def compiler_flags(command):
+    """The flags a build of the kernels passes to ``command`` (before the source and output)."""
+    threads = _openmp_flags(command) or ["-pthread"]  # std::thread workers without OpenMP
+    return list(_BASE_FLAGS) + threads + (list(_ZIGLANG_FLAGS) if _is_ziglang(command) else [])
 
 
 def translation_unit(columns):
@@ -103,13 +180,15 @@ def _record_matches(library_path, record_path, key):
         return False
 
 
-def _build(compiler, columns=None):
+def _build(command, columns=None):
     """Path of the cached library for this source, columns per thread (default
-    COLUMNS_PER_THREAD), compiler and flags, built if needed."""
-    flags = list(_BASE_FLAGS) + _openmp_flags(compiler)
+    COLUMNS_PER_THREAD), compiler command and flags, built if needed."""
+    command = [command] if isinstance(command, str) else list(command)
+    flags = compiler_flags(command)
     source = translation_unit(COLUMNS_PER_THREAD if columns is None else columns)
-    key = kernels.source_hash(source, compiler, _compiler_version(compiler), " ".join(flags),
-                              sys.platform, os.uname().machine if hasattr(os, "uname") else "")
+    key = kernels.source_hash(source, _compiler_identity(command), _compiler_version(command),
+                              " ".join(flags), sys.platform,
+                              os.uname().machine if hasattr(os, "uname") else "")
     folder = cache_dir("host")
     library_path = os.path.join(folder, f"sru_host_{key[:24]}.so")
     record_path = os.path.join(folder, f"sru_host_{key[:24]}.json")
@@ -122,21 +201,24 @@ def _build(compiler, columns=None):
             warn_once(("corrupt", library_path),
                       f"sru_cupy: cached host library {library_path} is incomplete or does not "
                       "match its record; rebuilding it")
+        # A build takes seconds (g++) to a minute (ziglang's first use on a machine): say so.
+        print(f"sru_cupy: compiling the CPU kernels (once per machine) with "
+              f"{compiler_description(command)}...", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="sru_cupy_build_") as tmp:
             src = os.path.join(tmp, "sru_host.cpp")
             out = os.path.join(tmp, "sru_host.so")
             with open(src, "w") as f:
                 f.write(source)
-            command = [compiler, *flags, src, "-o", out]
-            result = subprocess.run(command, capture_output=True, text=True)
+            command_line = [*command, *flags, src, "-o", out]
+            result = subprocess.run(command_line, capture_output=True, text=True)
             if result.returncode != 0:
                 raise KernelCompileError("host compilation of the SRU kernels",
-                                         result.stdout + result.stderr, command)
+                                         result.stdout + result.stderr, command_line)
             with open(out, "rb") as f:
                 data = f.read()
         write_atomic(library_path, data)
-        record = {"key": key, "sha256": hashlib.sha256(data).hexdigest(), "compiler": compiler,
-                  "compiler_version": _compiler_version(compiler), "flags": flags}
+        record = {"key": key, "sha256": hashlib.sha256(data).hexdigest(), "compiler": command,
+                  "compiler_version": _compiler_version(command), "flags": flags}
         write_atomic(record_path, json.dumps(record, indent=1).encode())
     return library_path
 
@@ -151,11 +233,11 @@ def library(columns=None):
     with _lock:
         lib = _libraries.get(columns)
         if lib is None:
-            compiler = find_compiler()
-            if compiler is None:
-                raise RuntimeError("sru_cupy host backend: no C++ compiler found (set $CXX, or install "
-                                   "g++ or clang++)")
-            path = _build(compiler, columns)
+            command = compiler_command()
+            if command is None:
+                raise RuntimeError("sru_cupy host backend: no C++ compiler found (set $CXX, install "
+                                   "g++ or clang++, or pip install sru_cupy[cpu])")
+            path = _build(command, columns)
             lib = ctypes.CDLL(path)
             lib.sru_host_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [
                 ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
@@ -199,7 +281,7 @@ _COLUMNS_IN_NAME = re.compile(r",\s*(\d+)\s*>$")
 def launch(kernel_name, grid, block, args, work=None):
     """Runs one kernel instantiation over NumPy arrays (the call returns when it has finished),
     from the library of the columns per thread its name gives (``...<float, 3, 8>``: 8).
-    ``work`` (column-steps) decides whether the blocks are spread over OpenMP threads."""
+    ``work`` (column-steps) decides whether the blocks are spread over worker threads."""
     match = _COLUMNS_IN_NAME.search(kernel_name)
     columns = int(match.group(1)) if match else 0
     if not 1 <= columns <= 64:
