@@ -116,6 +116,36 @@ def test_compile_cost_measures_a_cold_then_a_warm_process():
     assert result["cold cache"] > 0 and result["warm cache"] > 0
     # the cold process compiles the kernels; the warm one loads them from the cache
     assert result["cold cache"] > result["warm cache"], result
+    # the imports come before the timed call and are reported apart (no CUDA context on the CPU)
+    assert result["import torch and sru_cupy"] > 0 and "CUDA context" not in result
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_timing_separates_kernel_and_launch_overhead():
+    """On a GPU: the graph figure is per call and not above the eager one by more than noise, the
+    launch overhead is a host time per call, and a cold compile excludes the CUDA context."""
+    import torch
+    if not torch.cuda.is_available():
+        pytest.skip("gpu: this torch build has no CUDA device")
+    from sru_cupy import ops
+    device = torch.device("cuda")
+    U = torch.randn(64, 8, 3 * 32, device=device)
+    x = torch.randn(64, 8, 32, device=device)
+    bias = torch.zeros(64, device=device)
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return ops.recurrence_forward_op(U, x, None, bias, None, None, None, 32, False, True, False,
+                                         1.0, False)
+    row = bench.kernel_timing(fn, bench.Timer(device, repeats=3, warmup=2), launches=10)
+    assert row["timing"] == "CUDA graph of 10 calls", row
+    assert len(calls) == 2 + 3 * 10 + 10  # warm-up, eager batches, one capture
+    assert 0 < row["ms"] <= row["eager_ms"] * 1.5 and row["launch_overhead_us"] > 0
+    cost = bench.compile_cost(device)
+    assert "error" not in cost, cost
+    assert cost["CUDA context"] > 0 and cost["import cupy"] >= 0
+    assert cost["cold cache"] > cost["warm cache"] > 0
 
 
 def test_configs_named_are_run_even_when_gpu_only(tiny_configs):
