@@ -56,6 +56,20 @@ def _compare_grads(cpu, gpu, tol):
         _close(f"grad {name}", p_gpu.grad, p_cpu.grad, tol)
 
 
+def _check_cuda_against_cpu(cpu, gpu, x, run):
+    """``run(model, x, device) -> (h, c)`` on both models; h, c, dL/dx and every parameter
+    gradient of loss = sum(h^2) + sum(c) agree."""
+    results = []
+    for model, device in ((cpu, "cpu"), (gpu, "cuda")):
+        xi = x.to(device).requires_grad_()
+        h, c = run(model, xi, device)
+        (h.pow(2).sum() + c.sum()).backward()
+        results.append((h, c, xi.grad))
+    for label, got, want in zip(("h", "c", "grad x"), results[1], results[0]):
+        _close(label, got, want, 1e-4)
+    _compare_grads(cpu, gpu, 1e-4)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_sru_on_cuda_matches_cpu(cuda, name):
     options = CONFIGS[name]
@@ -68,35 +82,22 @@ def test_sru_on_cuda_matches_cpu(cuda, name):
         mask_pad[1, 6:] = True
     else:
         mask_pad[6:, 1] = True
-    c0 = torch.randn(2, B, cpu.output_size if not options.get("nn_rnn_compatible_return")
-                     else cpu.output_size)
-    results = []
-    for model, device in ((cpu, "cpu"), (gpu, "cuda")):
-        xi = x.to(device).requires_grad_()
-        h, c = model(xi, c0.to(device), mask_pad=mask_pad.to(device))
-        (h.pow(2).sum() + c.sum()).backward()
-        results.append((h, c, xi.grad))
-    for label, got, want in zip(("h", "c", "grad x"), results[1], results[0]):
-        _close(label, got, want, 1e-4)
-    _compare_grads(cpu, gpu, 1e-4)
+    c0 = torch.randn(2, B, cpu.output_size)
+    _check_cuda_against_cpu(cpu, gpu, x, lambda model, xi, device: model(
+        xi, c0.to(device), mask_pad=mask_pad.to(device)))
 
 
 def test_packed_sequence_on_cuda_matches_cpu(cuda):
     cpu, gpu = _pair(dict(bidirectional=True, layer_norm=True))
     x = _inputs(False, L=10, B=5)
     lengths = torch.tensor([10, 7, 7, 3, 1])
-    outs = []
-    for model, device in ((cpu, "cpu"), (gpu, "cuda")):
-        xi = x.to(device).requires_grad_()
-        packed = pack_padded_sequence(xi, lengths, enforce_sorted=True)
-        h_packed, c = model(packed)
+
+    def packed_call(model, xi, device):
+        h_packed, c = model(pack_padded_sequence(xi, lengths, enforce_sorted=True))
         h, out_lengths = pad_packed_sequence(h_packed)
         assert torch.equal(out_lengths, lengths)
-        (h.pow(2).sum() + c.sum()).backward()
-        outs.append((h, c, xi.grad))
-    for label, got, want in zip(("h", "c", "grad x"), outs[1], outs[0]):
-        _close(label, got, want, 1e-4)
-    _compare_grads(cpu, gpu, 1e-4)
+        return h, c
+    _check_cuda_against_cpu(cpu, gpu, x, packed_call)
 
 
 def test_autocast_bfloat16_on_cuda_matches_float32_cpu(cuda):
