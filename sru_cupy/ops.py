@@ -64,7 +64,7 @@ _CUDA_STREAM_LEGACY = 1
 
 class _StreamHandle:
     """A raw stream handle through the CUDA stream protocol (``__cuda_stream__``), which
-    ``cupy.cuda.Stream.from_external`` reads; torch streams have it only from PyTorch 2.6 on."""
+    ``cupy.cuda.Stream.from_external`` reads (not every supported PyTorch gives its streams one)."""
 
     def __init__(self, handle):
         self.handle = handle
@@ -86,11 +86,14 @@ def cupy_stream(cupy, torch_stream, device_index):
 
 @contextlib.contextmanager
 def _cuda_context(device):
-    """Makes ``device`` current for PyTorch and CuPy, with CuPy on PyTorch's current stream."""
-    import cupy
+    """Makes ``device`` current for PyTorch and CuPy, with CuPy on PyTorch's current stream. A
+    first call on the device inside CUDA graph capture is refused before CuPy is touched."""
+    from .backends import cupy_backend
     index = device.index if device.index is not None else torch.cuda.current_device()
-    with torch.cuda.device(index), cupy.cuda.Device(index):
-        with cupy_stream(cupy, torch.cuda.current_stream(index), index):
+    with torch.cuda.device(index):
+        cupy_backend.check_capture(index, torch.cuda.is_current_stream_capturing())
+        import cupy
+        with cupy.cuda.Device(index), cupy_stream(cupy, torch.cuda.current_stream(index), index):
             yield
 
 

@@ -43,12 +43,15 @@ Loading (the CuPy backend, when ``$SRU_CUPY_PTX_DIR`` is set)
 
     from sru_cupy import kernels, ptx
 
-    folder = ptx.ptx_dir_from_env()              # $SRU_CUPY_PTX_DIR, or None
+    folder = ptx.ptx_dir_from_env()                  # $SRU_CUPY_PTX_DIR, or None
     if folder is not None:
-        major, minor = device.compute_capability  # e.g. "86" -> 86
-        arch, path, lowered = ptx.load_ptx_for_device(folder, 10 * major + minor)
-        module = cupy.RawModule(path=path)
-        function = module.get_function(lowered[kernels.kernel_name("sru_recurrence_forward", "float32", 3)])
+        device_arch = int(device.compute_capability)  # "86" -> 86
+        arch, path, lowered = ptx.load_ptx_for_device(folder, device_arch)
+        if driver_release >= ptx.required_driver(folder, arch):  # e.g. (13, 0) >= (13, 0)
+            module = cupy.cuda.function.Module()
+            module.load_file(path)
+            function = module.get_function(
+                lowered[kernels.kernel_name("sru_recurrence_forward", "float32", 3)])
 
 :func:`load_ptx` ``(folder, arch)`` returns ``(path, {name expression: lowered name})`` for exactly
 that architecture; :func:`load_ptx_for_device` picks the newest built architecture not above the

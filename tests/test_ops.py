@@ -1201,20 +1201,23 @@ def _event_calls(prof):
 
 @pytest.mark.gpu
 def test_gpu_ops_on_a_side_stream_record_no_events(cuda):
-    """A forward and a backward on a side stream add no event record or wait (the tensors are
+    """The forward and backward ops on a side stream add no event record or wait (the tensors are
     exported with stream=-1); the profiler does see the ones a plain cupy.from_dlpack adds."""
     import cupy
     from torch.profiler import ProfilerActivity, profile
     d = 8
-    p = _gpu_problem(d=d)
-    _gpu_op_call({k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in p.items()}, d)
+    p = _gpu_problem(d=d, requires_grad=False)
+    _gpu_op_call(p, d)  # compiled and loaded before profiling
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     torch.cuda.synchronize()
     with torch.cuda.stream(side):
+        grad_h = torch.randn(9, 3, 2 * d, device="cuda")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            h, c_last = call(p, GPU_OPTS, d)
-            (h.sum() + c_last.sum()).backward()
+            h, c, c_last = _gpu_op_call(p, d)
+            ops.recurrence_backward_op(grad_h, None, p["U"], p["x"], p["weight_c"], p["bias"],
+                                       p["c0"], c, p["mask_h"], p["mask_pad"], d, GPU_OPTS.bi,
+                                       GPU_OPTS.has_skip_term, GPU_OPTS.tanh, GPU_OPTS.sx)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as baseline:
             with cupy.cuda.ExternalStream(side.cuda_stream) if not hasattr(
                     cupy.cuda.Stream, "from_external") else cupy.cuda.Stream.from_external(

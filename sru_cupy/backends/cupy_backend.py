@@ -232,17 +232,23 @@ def _capturing(cupy, stream):
         return False
 
 
+def check_capture(device_id, capturing):
+    """Raises :class:`CaptureNotReadyError` when ``capturing`` (the current stream is being
+    captured into a CUDA graph) and the kernels of ``device_id`` are not loaded yet."""
+    if capturing and device_id not in _modules:
+        raise CaptureNotReadyError(
+            f"sru_cupy: the first call on cuda:{device_id} is inside CUDA graph capture, where the "
+            "kernels cannot be loaded; run one call on this device before capturing (it loads "
+            "every kernel variant, so anything can be captured afterwards)")
+
+
 def ensure_loaded(device_id, stream=None):
     """Compiles (or reads from the cache) and loads the kernels of a device, once per process."""
     if device_id in _modules:
         return
     cupy = _cupy()
     stream = cupy.cuda.get_current_stream() if stream is None else stream
-    if _capturing(cupy, stream):
-        raise CaptureNotReadyError(
-            f"sru_cupy: the first call on cuda:{device_id} is inside CUDA graph capture, where the "
-            "kernels cannot be loaded; run one call on this device before capturing (it loads "
-            "every kernel variant, so anything can be captured afterwards)")
+    check_capture(device_id, _capturing(cupy, stream))
     with _device_lock(device_id):
         if device_id not in _modules:
             _load(device_id)
