@@ -122,8 +122,9 @@ def test_compile_cost_measures_a_cold_then_a_warm_process():
 
 @pytest.mark.gpu
 def test_gpu_kernel_timing_separates_kernel_and_launch_overhead():
-    """On a GPU: the graph figure is per call and not above the eager one by more than noise, the
-    launch overhead is a host time per call, and a cold compile excludes the CUDA context."""
+    """On a GPU: the graph figure is per call and not above the eager one by more than noise, and
+    the launch overhead is a host time per call. (The compile cost's CUDA fields come from the
+    benchmark stage of the GPU check.)"""
     import torch
     if not torch.cuda.is_available():
         pytest.skip("gpu: this torch build has no CUDA device")
@@ -142,10 +143,6 @@ def test_gpu_kernel_timing_separates_kernel_and_launch_overhead():
     assert row["timing"] == "CUDA graph of 10 calls", row
     assert len(calls) == 2 + 3 * 10 + 10  # warm-up, eager batches, one capture
     assert 0 < row["ms"] <= row["eager_ms"] * 1.5 and row["launch_overhead_us"] > 0
-    cost = bench.compile_cost(device)
-    assert "error" not in cost, cost
-    assert cost["CUDA context"] > 0 and cost["import cupy"] >= 0
-    assert cost["cold cache"] > cost["warm cache"] > 0
 
 
 def test_configs_named_are_run_even_when_gpu_only(tiny_configs):

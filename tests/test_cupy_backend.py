@@ -424,10 +424,9 @@ def test_gpu_prebuilt_ptx_matches_the_nvrtc_path(tmp_path):
     driver than this one falls back to NVRTC with one warning and the same results."""
     pytest.importorskip("pynvrtc.interface", reason="the PTX build needs pynvrtc (test extras)")
     import cupy
-    major, minor = cupy.cuda.Device(0).compute_capability[:-1], cupy.cuda.Device(0).compute_capability[-1]
-    arch = f"sm_{major}{minor}"
+    arch = "sm_" + cupy.cuda.Device(0).compute_capability
     folder = tmp_path / "ptx"
-    env = child_env(tmp_path / "cache")
+    env = child_env()  # the session's kernel cache: the NVRTC build is compiled once
     driver = cupy_backend.driver_version()
     build = subprocess.run([sys.executable, "-m", "sru_cupy", "compile", "--arch", arch, "--cuda",
                             "%d.%d" % driver, "--out", str(folder)], env=env, capture_output=True,
@@ -476,7 +475,7 @@ def test_gpu_prebuilt_ptx_matches_the_nvrtc_path(tmp_path):
 
 
 @pytest.mark.gpu
-def test_gpu_first_call_inside_capture_cold_and_warm(tmp_path):
+def test_gpu_first_call_inside_capture_cold_and_warm():
     """Cold (a fresh process whose first call is inside torch.cuda.graph capture): a
     CaptureNotReadyError saying what to do. Warm (one call before): the capture records the op,
     and replay gives the eager result."""
@@ -508,9 +507,27 @@ def test_gpu_first_call_inside_capture_cold_and_warm(tmp_path):
         print("REPLAY-EQUAL", torch.equal(h, eager))
     """)
     for mode, expected in (("cold", "CAPTURE-ERROR"), ("warm", "REPLAY-EQUAL True")):
-        out = subprocess.run([sys.executable, "-c", script, mode], env=child_env(tmp_path / mode),
+        # The session's kernel cache: "cold" is about the first load in a process, not compiling.
+        out = subprocess.run([sys.executable, "-c", script, mode], env=child_env(),
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
         assert expected in out.stdout, f"{mode}: {out.stdout}\n{out.stderr}"
         if mode == "cold":
             assert "run one call on this device before capturing" in out.stdout
+
+
+@pytest.mark.gpu
+def test_gpu_missing_nvrtc_is_a_compile_error(monkeypatch, tmp_path):
+    """The real CuPy with its NVRTC made unloadable (and nothing loaded or cached yet): a
+    KernelCompileError naming the extra to install, not CuPy's raw error."""
+    import cupy
+    monkeypatch.setenv("SRU_CUPY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cupy_backend, "_modules", {})
+    monkeypatch.setattr(cupy_backend, "_functions", {})
+
+    def unloadable():
+        raise RuntimeError("CuPy failed to load libnvrtc.so: cannot open shared object file")
+    monkeypatch.setattr(cupy.cuda.nvrtc, "getVersion", unloadable)
+    with pytest.raises(KernelCompileError, match=r"NVRTC could not be loaded.*pip install "
+                                                 r"'sru_cupy\[cuda1[23]\]'"):
+        cupy_backend.ensure_loaded(0)

@@ -1246,7 +1246,7 @@ def test_gpu_ops_raise_no_deprecation_warning(cuda):
 
 
 @pytest.mark.gpu
-def test_gpu_per_thread_default_stream_of_cupy(cuda, tmp_path):
+def test_gpu_per_thread_default_stream_of_cupy(cuda):
     """CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1 in a fresh process: an SRU forward and backward on
     PyTorch's default stream run and match the CPU."""
     import subprocess
@@ -1272,6 +1272,5 @@ def test_gpu_per_thread_default_stream_of_cupy(cuda, tmp_path):
         print("PER-THREAD-OK")
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=300, env=child_env(tmp_path / "cache",
-                                                    CUPY_CUDA_PER_THREAD_DEFAULT_STREAM="1"))
+                         timeout=300, env=child_env(CUPY_CUDA_PER_THREAD_DEFAULT_STREAM="1"))
     assert out.returncode == 0 and "PER-THREAD-OK" in out.stdout, out.stderr[-3000:]

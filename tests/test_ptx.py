@@ -1,7 +1,9 @@
 """The device-free PTX build (sru_cupy.ptx, `python -m sru_cupy compile`): every instantiation
 compiles with NVRTC for sm_70, sm_80 and sm_90, each PTX has an entry per kernel, ptxas (where one
 matching the NVRTC is installed) assembles it without spills, and the manifest loader rejects stale
-or incomplete folders.
+or incomplete folders. The default build loads on the oldest driver of each CUDA major (NVRTC 13.0,
+PTX ISA 9.0, for sm_80/sm_90, assembled by the ptxas of CUDA 13.0; NVRTC 12.0, PTX ISA 8.0, for
+sm_70), ``--cuda`` targets an older driver, and the manifest records the minimum driver.
 
 Needs pynvrtc and libnvrtc (the `test` extras install both, with NVRTC 12 for sm_70); skipped with
 the reason where they are missing. Each architecture is compiled once per session."""
