@@ -63,9 +63,15 @@ def test_stage_limits_fit_the_budgets(gpu_check):
 
 
 def _check_without_gpu(tmp_path, *args):
-    """gpu_check.main in a fresh process that cannot import torch or cupy, with nvidia-smi hidden
-    and no CUDA device visible to the stages."""
+    """gpu_check.main in a fresh process that cannot import torch or cupy, with an nvidia-smi that
+    finds no GPU first on PATH (as on a machine with the tools but no device) and no CUDA device
+    visible to the stages."""
     out = tmp_path / "results"
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir(exist_ok=True)
+    smi = fake_bin / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed: no devices were found' >&2\nexit 6\n")
+    smi.chmod(0o755)
     code = textwrap.dedent(f"""
         import importlib.util, sys
         sys.modules["torch"] = None  # the orchestrator must not import them
@@ -77,7 +83,7 @@ def _check_without_gpu(tmp_path, *args):
     """)
     started = time.time()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env=child_env(tmp_path / "cache", PATH="/usr/bin:/bin",
+                          env=child_env(tmp_path / "cache", PATH=f"{fake_bin}:/usr/bin:/bin",
                                         CUDA_VISIBLE_DEVICES=""))
     return proc, out, time.time() - started
 
@@ -88,7 +94,8 @@ def test_dry_run_without_a_gpu(tmp_path):
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (out / "summary.txt").read_text().splitlines()
     assert summary[0] == "device: no-gpu" and "mode: full" in summary
-    assert any(line.startswith("GPU: none (nvidia-smi not found)") for line in summary), summary
+    assert any(line.startswith("GPU: none (nvidia-smi lists no GPU (exit 6: NVIDIA-SMI has failed")
+               for line in summary), summary
     assert "environment: passed" in "\n".join(summary)
     assert any(line.startswith("gpu-tests: passed") and "skipped" in line for line in summary)
     assert any(line.startswith("cpu-smoke: passed") and " passed" in line for line in summary)
@@ -99,7 +106,8 @@ def test_dry_run_without_a_gpu(tmp_path):
     assert not (out / "bench.json").exists()
     data = json.loads((out / "summary.json").read_text())
     assert data["gpus"] == [] and data["stages"]["gpu-tests"]["exit"] == 0
-    assert "no GPU: nvidia-smi not found" in proc.stdout
+    assert "no GPU: nvidia-smi lists no GPU" in proc.stdout
+    assert "NVIDIA-SMI has failed" in (out / "nvidia-smi.txt").read_text()
 
 
 def test_a_spent_budget_stops_the_run_and_keeps_the_summary(tmp_path):
