@@ -214,11 +214,13 @@ def _load(device_id):
             module = cupy.cuda.function.Module()
             module.load(binary)
             source = ("nvrtc", path)
+        # Every function now: under lazy loading this loads its code, so that no later call,
+        # whichever variant, has to load anything (which CUDA graph capture would refuse).
         functions = {n: module.get_function(lowered[n]) for n in names}
-    _modules[device_id] = module
-    loaded_from[device_id] = source
     for n, function in functions.items():
         _functions[(device_id, n)] = function
+    loaded_from[device_id] = source
+    _modules[device_id] = module  # last: a device listed here has all its functions
 
 
 def _capturing(cupy, stream):
