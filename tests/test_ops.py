@@ -1184,6 +1184,32 @@ def test_cupy_stream_of_a_torch_stream(has_from_external, handle):
         assert cuda.made == [("ExternalStream", real, 3)]
 
 
+def test_first_cuda_call_inside_capture_is_refused_before_cupy_is_touched(monkeypatch):
+    """CPU stand-ins for torch.cuda: capturing with the device's kernels not loaded raises
+    CaptureNotReadyError naming the device, without importing CuPy; not capturing goes on to CuPy
+    (here missing: ImportError)."""
+    import contextlib
+    import sys
+    from sru_cupy.backends import cupy_backend
+    from sru_cupy.errors import CaptureNotReadyError
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    monkeypatch.setattr(cupy_backend, "_modules", {})
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(CaptureNotReadyError, match=r"first call on cuda:3 is inside CUDA graph"):
+        with ops._cuda_context(torch.device("cuda", 3)):
+            pass
+    monkeypatch.setattr(cupy_backend, "_modules", {3: object()})  # loaded: capture may go on
+    with pytest.raises(ImportError):
+        with ops._cuda_context(torch.device("cuda", 3)):
+            pass
+    monkeypatch.setattr(cupy_backend, "_modules", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    with pytest.raises(ImportError):
+        with ops._cuda_context(torch.device("cuda", 3)):
+            pass
+
+
 # -- GPU: streams, events, deprecations ------------------------------------------------------------
 
 
