@@ -92,7 +92,9 @@ class FakeCuda:
 
         def compile_using_nvrtc(source, options=(), arch=None, filename="kern.cu",
                                 name_expressions=None, log_stream=None, cache_in_memory=False):
+            # CuPy 13 and 14 both take these arguments (14 adds jitify=None, method=None).
             fake.compiles.append(dict(options=tuple(options), arch=arch, names=list(name_expressions),
+                                      filename=filename,
                                       device=fake.current, source_hash=hashlib.sha256(
                                           source.encode()).hexdigest()))
             if fake.compile_hook is not None:
@@ -146,7 +148,7 @@ def test_compile_options_keep_float32_subnormals(fake_cupy):
     (call,) = fake_cupy.compiles
     assert call["options"] == ptx.BASE_OPTIONS == cupy_backend.compile_options()
     assert "-ftz=false" in call["options"] and "-ftz=true" not in call["options"]
-    assert call["arch"] == "90" and call["names"] == NAMES
+    assert call["arch"] == "90" and call["names"] == NAMES and call["filename"] == kernels.SOURCE_FILE
     assert call["source_hash"] == hashlib.sha256(kernels.assembled_source().encode()).hexdigest()
 
 

@@ -149,8 +149,8 @@ def compile_for_arch(arch):
         compiler = cupy.cuda.compiler
         try:
             binary, lowered = compiler.compile_using_nvrtc(
-                kernels.assembled_source(), options=options, arch=str(arch), name_expressions=names,
-                cache_in_memory=True)
+                kernels.assembled_source(), options=options, arch=str(arch),
+                filename=kernels.SOURCE_FILE, name_expressions=names)
         except compiler.CompileException as error:
             log = error.get_message() if hasattr(error, "get_message") else str(error)
             hint = f"; {_install_hint(cupy)}" if "cannot open source file" in log else ""
