@@ -179,6 +179,34 @@ def test_cupy_options_compile_to_the_ptx_build_without_flush_to_zero():
     assert flushing.search(raw_module_like.ptx)
 
 
+def test_real_cupy_compiles_every_kernel_to_a_cubin(monkeypatch, tmp_path):
+    """The installed CuPy (13 or 14) itself, where there is one: compile_using_nvrtc takes the
+    backend's arguments and returns a cubin and every lowered name; no GPU is needed for that
+    (without one, CuPy's per-device choice of the -arch option is given its answer)."""
+    try:
+        import cupy
+        from cupy.cuda import compiler
+    except Exception as exc:
+        pytest.skip(f"CuPy is not importable ({type(exc).__name__}: {exc})")
+    try:
+        has_device = cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        has_device = False
+    if not has_device:
+        monkeypatch.setattr(compiler, "_get_arch_for_options_for_nvrtc",
+                            lambda arch=None: (f"-arch=sm_{arch}", "cubin"))
+    monkeypatch.setenv("SRU_CUPY_CACHE_DIR", str(tmp_path / "cache"))
+    try:
+        binary, lowered, path = cupy_backend.compile_for_arch(80)
+    except KernelCompileError as error:
+        if "NVRTC could not be loaded" in error.log:
+            pytest.skip(f"CuPy finds no NVRTC here: {error.log.splitlines()[0]}")
+        raise
+    assert binary.startswith(b"\x7fELF")
+    assert set(lowered) == set(NAMES) and len(set(lowered.values())) == len(NAMES)
+    assert cupy_backend.compile_for_arch(80) == (binary, lowered, path)  # from the cache
+
+
 # -- caching: compile once, function objects per (device, kernel) ---------------------------------
 
 

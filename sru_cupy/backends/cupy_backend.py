@@ -134,9 +134,8 @@ def compile_for_arch(arch):
     try:
         nvrtc_version = tuple(cupy.cuda.nvrtc.getVersion())
     except Exception as error:  # libnvrtc missing or unloadable
-        raise KernelCompileError(f"{what}: NVRTC could not be loaded "
-                                 f"({type(error).__name__}: {error}); {_install_hint(cupy)}",
-                                 "", options) from error
+        raise KernelCompileError(what, f"NVRTC could not be loaded ({type(error).__name__}: "
+                                       f"{error}); {_install_hint(cupy)}", options) from error
     path = os.path.join(cache.cache_dir(CACHE_SUBFOLDER),
                         f"sru_recurrence.sm_{arch}.{_cache_key(arch, nvrtc_version, options, names)}.bin")
     cached = _read_cached(path, names)
@@ -153,11 +152,12 @@ def compile_for_arch(arch):
                 filename=kernels.SOURCE_FILE, name_expressions=names)
         except compiler.CompileException as error:
             log = error.get_message() if hasattr(error, "get_message") else str(error)
-            hint = f"; {_install_hint(cupy)}" if "cannot open source file" in log else ""
-            raise KernelCompileError(what + hint, log, options) from error
+            if "cannot open source file" in log:  # a header NVRTC does not have
+                log += f"\n{_install_hint(cupy)}"
+            raise KernelCompileError(what, log, options) from error
         except (RuntimeError, OSError, ImportError) as error:  # NVRTC failed to load or run
-            raise KernelCompileError(f"{what}: {type(error).__name__}: {error}; "
-                                     f"{_install_hint(cupy)}", "", options) from error
+            raise KernelCompileError(what, f"{type(error).__name__}: {error}; "
+                                           f"{_install_hint(cupy)}", options) from error
         binary = bytes(binary)
         lowered = {n: str(lowered[n]) for n in names}
         _write_cached(path, binary, lowered)
