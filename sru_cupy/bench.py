@@ -366,7 +366,9 @@ def run(device="auto", out_dir=None, repeats=20, warmup=5, dtypes=None, configs=
                 row.update(config=cfg["name"], dtype=dtype_name)
             result["recurrence"].extend(rec)
             echo(format_layer_table([r for r in rows]) + "\n")
+            write_partial(result, out_dir)  # a run stopped later still leaves these
     result["compile_seconds"] = compile_cost(device)
+    result["complete"] = True
     markdown = format_markdown(result)
     echo(markdown)
     if out_dir:
@@ -430,6 +432,16 @@ def format_markdown(result):
     if result["skipped"]:
         out += ["", "Not measured: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items())]
     return "\n".join(out)
+
+
+def write_partial(result, out_dir):
+    """bench.json with what is measured so far, marked ``"complete": false`` (no-op without
+    ``out_dir``); write_outputs replaces it at the end (``"complete": true``)."""
+    if out_dir:
+        from .cache import write_atomic
+        os.makedirs(out_dir, exist_ok=True)
+        write_atomic(os.path.join(out_dir, "bench.json"),
+                     json.dumps(dict(result, complete=False), indent=2).encode())
 
 
 def write_outputs(result, markdown, out_dir):

@@ -59,6 +59,7 @@ def test_run_times_every_model_and_writes_json_markdown_and_chart(tiny_configs, 
     assert {r["config"] for r in result["layers"]} == set(configs)
     assert result["copy_bandwidth_GBps"] > 0
     assert result["compile_seconds"] == {"cold cache": 1.25, "warm cache": 0.5}
+    assert json.loads((out / "bench.json").read_text())["complete"] is True
     assert result["repeats"] == 2 and result["warmup"] == 1 and result["device"].startswith("CPU")
 
     assert json.loads((out / "bench.json").read_text()) == json.loads(json.dumps(result))
@@ -183,3 +184,19 @@ def test_cuda_without_a_gpu_is_a_clear_error():
     with pytest.raises(ValueError, match="device: 'cuda' requested, but PyTorch sees no CUDA device"):
         bench.select_device("cuda")
     assert bench.select_device("auto") == CPU
+
+
+def test_a_stopped_run_leaves_the_configurations_measured_so_far(tiny_configs, tmp_path,
+                                                                   monkeypatch):
+    """bench.json is written after every configuration, marked incomplete until the end."""
+    out = tmp_path / "results"
+
+    def stopped(device):
+        seen = json.loads((out / "bench.json").read_text())
+        assert seen["complete"] is False
+        assert {r["config"] for r in seen["layers"]} == {"tiny", "tiny-2layer-bi"}
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "compile_cost", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run("cpu", out_dir=str(out), repeats=1, warmup=0, echo=lambda *a: None)
+    assert json.loads((out / "bench.json").read_text())["complete"] is False
