@@ -223,13 +223,19 @@ def main(argv=None):
     try:
         if shutil.which("nvidia-smi"):
             with open(os.path.join(out_dir, "nvidia-smi.txt"), "w") as f:
-                subprocess.run(["nvidia-smi"], stdout=f, stderr=subprocess.STDOUT, timeout=30)
+                try:
+                    subprocess.run(["nvidia-smi"], stdout=f, stderr=subprocess.STDOUT, timeout=30)
+                except (OSError, subprocess.SubprocessError) as error:
+                    f.write(f"\n[gpu-check] nvidia-smi failed: {error}\n")
         run_stage("environment", [py, "-m", "sru_cupy", "info"], "info.txt")
         # --quick leaves out gradcheck and the launch layer's case sweep (the op-level oracle
         # tests still compare every option against the reference on the GPU).
         deselect = (["-k", "not gradcheck and not test_cupy_backend_against_reference"]
                     if args.quick else [])
-        run_stage("gpu-tests", [py, "-m", "pytest", "-q", "-rs", "-m", "gpu", "-p", "no:cacheprovider",
+        # -v: one line per test as it finishes (a stopped stage still says which ran);
+        # --durations: what to trim when a loan is shorter.
+        run_stage("gpu-tests", [py, "-m", "pytest", "-v", "-rs", "--durations=15", "-m", "gpu",
+                                "-p", "no:cacheprovider",
                                 "--junitxml", os.path.join(out_dir, "gpu-junit.xml"), *deselect,
                                 *gpu_test_files(), *extra], "gpu-tests.log", _pytest_counts)
         run_stage("cpu-smoke", [py, "-m", "pytest", "-q", "-m", "not gpu and not slow", "-p",
