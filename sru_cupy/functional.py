@@ -15,8 +15,9 @@ k = 3 (u0, u1, u2) or 4 (plus the learned skip input u3, only with has_skip_term
 Inputs. Each array argument may be
   * a ``numpy.ndarray``: runs on the CPU with the host backend (the C++ build of the CUDA kernels);
   * a ``cupy.ndarray``: runs on the GPU holding it, on CuPy's *current stream* of that device (a
-    ``with cupy.cuda.Stream():`` block, CUDA graph capture, or ``cupy.cuda.ExternalStream`` around
-    another framework's stream), whatever device is current;
+    ``with cupy.cuda.Stream():`` block, CUDA graph capture, or ``cupy.cuda.Stream.from_external``
+    (``ExternalStream`` on CuPy 13) around another framework's stream), whatever device is
+    current;
   * any other DLPack producer (``torch.Tensor``, ``jax.Array``, ...): read through
     ``__dlpack_device__()`` / ``__dlpack__()`` without a copy, CPU memory as a NumPy view
     (``numpy.from_dlpack``) and CUDA memory as a CuPy view (``cupy.from_dlpack``). bfloat16
