@@ -89,6 +89,18 @@ def _driver_line():
     return line + "; PTX from NVRTC X.Y loads on drivers for CUDA X.Y and newer"
 
 
+def _ptx_drivers(folder):
+    """What each architecture of a PTX folder needs: "sm_80 needs a driver for CUDA 13.0, ..."."""
+    from . import ptx
+    try:
+        archs = ptx.built_archs(folder)
+        needs = [f"sm_{a} needs a driver for CUDA %d.%d" % ptx.required_driver(folder, a)
+                 for a in archs]
+    except ptx.PTXError as error:
+        return f"unusable: {str(error).splitlines()[0]}"
+    return ", ".join(needs) or "no architectures"
+
+
 def _folder_summary(path):
     if not os.path.isdir(path):
         return "absent"
@@ -138,8 +150,9 @@ def report():
     else:
         ptx_dir = os.environ.get("SRU_CUPY_PTX_DIR")
         lines.append("  CuPy arrays and CUDA tensors: CuPy backend, "
-                     + (f"PTX loaded from $SRU_CUPY_PTX_DIR={ptx_dir}" if ptx_dir
-                        else "compiled by NVRTC at first use per device"))
+                     + (f"PTX loaded from $SRU_CUPY_PTX_DIR={ptx_dir} ({_ptx_drivers(ptx_dir)}; "
+                        "compiled by NVRTC on an older driver)" if ptx_dir
+                        else "compiled by NVRTC at first use per architecture (cached)"))
     root = cache.cache_root()
     lines.append(f"Kernel cache: {root} (${cache.ENV_VAR} moves it): {_folder_summary(root)}")
     refused = cache.unsafe_reason(root) if os.path.isdir(root) else None

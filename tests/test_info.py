@@ -110,3 +110,13 @@ def test_driver_version_from_libcuda(monkeypatch, lib, expected):
     else:
         assert line.startswith(f"CUDA driver: for CUDA {expected[0]}.{expected[1]}")
         assert "loads on drivers for CUDA X.Y and newer" in line
+
+
+def test_report_says_what_driver_prebuilt_ptx_needs(tmp_path, monkeypatch):
+    folder = tmp_path / "ptx"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"format": 1, "archs": {
+        "sm_70": {"arch": 70, "min_driver": "12.0"}, "sm_90": {"arch": 90, "nvrtc_version": "13.5"}}}))
+    assert info._ptx_drivers(str(folder)) == ("sm_70 needs a driver for CUDA 12.0, sm_90 needs a "
+                                              "driver for CUDA 13.5")
+    assert info._ptx_drivers(str(tmp_path / "none")).startswith("unusable: ")
