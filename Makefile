@@ -4,7 +4,8 @@
 #                   about two minutes, and print bits-per-character and speed (DEMO_ARGS=...)
 #   make test       run the test suite inside .venv (extra args: PYTEST_ARGS=...)
 #   make gpu-check  on a GPU machine (torch, cupy, pytest installed; no downloads): environment
-#                   report, whole test suite, GPU benchmark -> $(GPU_CHECK_OUT)
+#                   report, the GPU tests and a CPU smoke set, the GPU benchmark -> $(GPU_CHECK_OUT),
+#                   under 6 minutes (GPU_CHECK_ARGS=--quick: under 3)
 #   make clean      remove build outputs (keeps .venv)
 #   make distclean  clean, and remove .venv and .hypothesis too
 
@@ -20,6 +21,8 @@ VENV_STAMP := $(VENV)/.sru_cupy-venv.stamp
 
 # Results folder of gpu-check; empty means benchmarks/results/<device>-<date>.
 GPU_CHECK_OUT ?=
+# Extra arguments of benchmarks/gpu_check.py, e.g. --quick.
+GPU_CHECK_ARGS ?=
 
 .PHONY: venv test demo gpu-check clean distclean
 
@@ -45,7 +48,7 @@ test: $(VENV_STAMP)
 
 # Runs from the source tree with the machine's own python3 and packages: installs nothing.
 gpu-check:
-	$(PYTHON) benchmarks/gpu_check.py $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT))
+	$(PYTHON) benchmarks/gpu_check.py $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT)) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build dist .pytest_cache

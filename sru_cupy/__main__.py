@@ -42,6 +42,15 @@ def _arch_argument(value):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _cuda_argument(value):
+    from . import ptx
+
+    try:
+        return ptx.parse_cuda_version(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_compile_arguments(parser):
     from . import ptx
 
@@ -55,6 +64,11 @@ def _add_compile_arguments(parser):
     parser.add_argument("--nvrtc", action="append", metavar="LIBRARY",
                         help="libnvrtc to use instead of searching (repeat for several); each "
                              "architecture uses the newest one that supports it")
+    parser.add_argument("--cuda", type=_cuda_argument, metavar="X.Y",
+                        help="oldest CUDA driver release the PTX must load on, e.g. 12.4: each "
+                             "architecture is built by the newest NVRTC not newer than it (default: "
+                             "the oldest NVRTC of the newest CUDA major supporting the "
+                             "architecture, so every driver of that major loads it)")
     parser.add_argument("--ptxas", action="store_true",
                         help="also assemble each PTX with a ptxas matching its NVRTC (if one is "
                              "found) and print registers and spills")
@@ -65,14 +79,15 @@ def _run_compile(args):
 
     archs = args.arch or list(ptx.DEFAULT_ARCHS)
     out = args.out or os.path.join(cache.cache_root(), "ptx")
-    manifest = ptx.build(out, archs, libraries=args.nvrtc)
+    manifest = ptx.build(out, archs, libraries=args.nvrtc, cuda=args.cuda)
     tools = ptx.find_ptxas() if args.ptxas else None
     failed = False
     for arch in sorted(set(archs)):
         entry = manifest["archs"][ptx.arch_key(arch)]
         path = os.path.join(out, entry["file"])
         print(f"sm_{arch}: NVRTC {entry['nvrtc_version']} ({entry['nvrtc_library']}), "
-              f"PTX ISA {entry['ptx_isa']}, {entry['size']} bytes, "
+              f"PTX ISA {entry['ptx_isa']} (drivers for CUDA {entry['min_driver']} and newer), "
+              f"{entry['size']} bytes, "
               f"{len(entry['lowered_names'])} kernels -> {path}")
         for line in entry["log"].splitlines():
             print(f"  {line}")
@@ -178,7 +193,7 @@ COMMANDS = {
 def _user_errors():
     """Errors a command raises for the user to act on (imported lazily: they live in modules that
     ``--help`` need not load)."""
-    from .backends import KernelCompileError
+    from .errors import KernelCompileError
     from .ptx import PTXError
 
     return (CommandError, PTXError, KernelCompileError, OSError)

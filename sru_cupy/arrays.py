@@ -228,7 +228,8 @@ class _ArrayModule:
                         f"RandomState, got {type(rng).__name__}")
 
     def _asarray(self, value, argname, dtype=None):
-        """``value`` as an array of this module's kind and device (None stays None)."""
+        """``value`` as an array of this module's kind and device (None stays None); a dtype
+        conversion allocates on the model's device, whichever device is current."""
         if value is None:
             return None
         array = functional.as_array(value, argname)
@@ -248,7 +249,8 @@ class _ArrayModule:
             if np.dtype(array.dtype).kind != "f" and np.dtype(array.dtype).name != "bfloat16":
                 raise TypeError(f"{argname}: expected a floating dtype, got "
                                 f"{np.dtype(array.dtype).name}")
-            array = array.astype(dtype, copy=False)
+            with self.device_guard():  # a converted copy lives on the model's device
+                array = array.astype(dtype, copy=False)
         return array
 
     # -- parameters -------------------------------------------------------------------------------

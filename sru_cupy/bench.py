@@ -10,7 +10,12 @@ What is timed (medians of ``--repeats`` runs after ``--warmup`` runs; CUDA event
   input-gradient GEMM, with ``h.sum()`` as the loss.
 The recurrence alone is compared with its memory floor: the bytes it must move (U and x in, h and
 c out per element for training forward; 10 values per element for backward, REFERENCE figures)
-divided by the device-to-device copy bandwidth measured in the same run.
+divided by the device-to-device copy bandwidth measured in the same run. On a GPU the kernel time is
+that of ``KERNEL_LAUNCHES`` calls captured in one CUDA graph and replayed back to back (timed with
+CUDA events, divided by the count: no Python between launches, nothing subtracted); the same calls
+run eagerly back to back, and the host time to issue one call (the launch overhead), are reported
+beside it. The compile cost is the first call in a fresh process with an empty kernel cache, then
+with a warm one, with the imports and the CUDA context creation timed apart before it.
 """
 
 import json
@@ -39,6 +44,10 @@ PAPER_MS = {  # (forward, forward+backward) in ms, GTX 1070, batch 32, one layer
     "L32-B32-d256": {"cuDNN LSTM": (2.68, 6.51), "conv k=3": (0.23, 0.54), "SRU": (0.18, 0.40)},
     "L128-B32-d512": {"cuDNN LSTM": (15.1, 38.9), "conv k=3": (2.14, 4.49), "SRU": (1.66, 3.38)},
 }
+
+
+#: Recurrence calls per timed batch on a GPU (one CUDA graph, or one eager run back to back).
+KERNEL_LAUNCHES = 50
 
 
 class Timer:
@@ -149,6 +158,57 @@ def copy_bandwidth(device, timer, nbytes=None):
     return 2 * nbytes / (ms / 1e3)
 
 
+def kernel_timing(fn, timer, launches=KERNEL_LAUNCHES):
+    """Per-call times of ``fn`` (one op call, one kernel) on a GPU; medians over ``timer.repeats``
+    batches of ``launches`` calls after ``timer.warmup`` calls:
+
+    - ``ms``: the calls captured in one CUDA graph, replayed, between two CUDA events, per call
+      (GPU time of the kernel with the graph's launch gaps, no Python);
+    - ``eager_ms``: the same calls run eagerly back to back between two CUDA events, per call;
+    - ``launch_overhead_us``: host time to issue one eager call (perf_counter over the batch).
+
+    Where capture fails, ``ms`` is the eager time and ``graph_error`` says why."""
+    import torch
+    for _ in range(timer.warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    eager, host = [], []
+    for _ in range(timer.repeats):
+        start.record()
+        t0 = time.perf_counter()
+        for _ in range(launches):
+            fn()
+        host.append((time.perf_counter() - t0) / launches * 1e6)
+        end.record()
+        end.synchronize()
+        eager.append(start.elapsed_time(end) / launches)
+    row = {"eager_ms": statistics.median(eager), "launch_overhead_us": statistics.median(host),
+           "launches": launches}
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(launches):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        replays = []
+        for _ in range(timer.repeats):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            replays.append(start.elapsed_time(end) / launches)
+        row["ms"] = statistics.median(replays)
+        row["timing"] = f"CUDA graph of {launches} calls"
+        del graph
+    except Exception as error:  # capture refused: the eager figure, said so
+        row["ms"] = row["eager_ms"]
+        row["timing"] = f"{launches} eager calls back to back"
+        row["graph_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+    return row
+
+
 def _recurrence_rows(cfg, device, dtype, timer, bandwidth):
     """The forward (training and inference) and backward kernels of one of the config's layers
     alone, vs their memory floor."""
@@ -176,31 +236,59 @@ def _recurrence_rows(cfg, device, dtype, timer, bandwidth):
     rows = []
     with torch.no_grad():
         for name, (fn, values) in kernels.items():
-            ms = timer(fn)
+            row = kernel_timing(fn, timer) if device.type == "cuda" else {"ms": timer(fn)}
             floor_ms = values * size * elements / bandwidth * 1e3
-            rows.append({"kernel": name, "ms": ms, "floor_ms": floor_ms,
-                         "percent_of_floor": 100.0 * floor_ms / ms})
+            row.update(kernel=name, floor_ms=floor_ms, percent_of_floor=100.0 * floor_ms / row["ms"])
+            rows.append(row)
     return rows
 
 
+_COMPILE_COST_CHILD = """
+import json, sys, time
+device = sys.argv[1]
+t0 = time.perf_counter()
+import torch, sru_cupy
+t1 = time.perf_counter()
+times = {"import torch and sru_cupy": t1 - t0}
+if device == "cuda":
+    import cupy
+    t2 = time.perf_counter()
+    torch.zeros(1, device="cuda")  # the primary context, shared by CuPy
+    cupy.cuda.Device(torch.cuda.current_device()).use()
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    times.update({"import cupy": t2 - t0 - times["import torch and sru_cupy"],
+                  "CUDA context": t1 - t2})
+U = torch.zeros(2, 1, 3, device=device)
+b = torch.zeros(2, device=device)
+sru_cupy.recurrence(U, torch.zeros(2, 1, 1, device=device), None, b, hidden_size=1)
+if device == "cuda":
+    torch.cuda.synchronize()
+times["first call"] = time.perf_counter() - t1
+print(json.dumps(times))
+"""
+
+
 def compile_cost(device):
-    """Seconds to the first result in a fresh process with an empty kernel cache, then warm."""
-    code = ("import time, torch; t = time.perf_counter(); import sru_cupy; "
-            f"U = torch.zeros(2, 1, 3, device='{device.type}'); b = torch.zeros(2, device='{device.type}'); "
-            "sru_cupy.recurrence(U, torch.zeros(2, 1, 1, device=U.device), None, b, hidden_size=1); "
-            "torch.cuda.synchronize() if U.is_cuda else None; print(time.perf_counter() - t)")
+    """Seconds of the first call in a fresh process, with an empty kernel cache ("cold cache": the
+    kernels are compiled) and then with the cache it left ("warm cache"). Imports (torch and
+    sru_cupy; CuPy) and the CUDA context creation come before the timed call and are reported
+    apart, from the cold process."""
     results = {}
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, SRU_CUPY_CACHE_DIR=cache, CUPY_CACHE_DIR=os.path.join(cache, "cupy"))
         env.pop("SRU_CUPY_PTX_DIR", None)
         for label in ("cold cache", "warm cache"):
-            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                                 text=True)
+            out = subprocess.run([sys.executable, "-c", _COMPILE_COST_CHILD, device.type], env=env,
+                                 capture_output=True, text=True)
             if out.returncode != 0:
                 results[label] = None
                 results["error"] = out.stderr.strip().splitlines()[-1:]
                 break
-            results[label] = float(out.stdout.strip().splitlines()[-1])
+            times = json.loads(out.stdout.strip().splitlines()[-1])
+            results[label] = times.pop("first call")
+            if label == "cold cache":
+                results.update(times)
     return results
 
 
@@ -278,7 +366,9 @@ def run(device="auto", out_dir=None, repeats=20, warmup=5, dtypes=None, configs=
                 row.update(config=cfg["name"], dtype=dtype_name)
             result["recurrence"].extend(rec)
             echo(format_layer_table([r for r in rows]) + "\n")
+            write_partial(result, out_dir)  # a run stopped later still leaves these
     result["compile_seconds"] = compile_cost(device)
+    result["complete"] = True
     markdown = format_markdown(result)
     echo(markdown)
     if out_dir:
@@ -322,18 +412,36 @@ def format_markdown(result):
                    f"{r.get('forward_backward_ratio', float('nan')):.2f} |")
     out += ["", f"Recurrence kernel alone vs its memory floor (copy bandwidth "
                 f"{result['copy_bandwidth_GBps']:.1f} GB/s):", "",
-            "| config | dtype | kernel | ms | floor ms | % of floor |", "|---|---|---|---:|---:|---:|"]
+            "| config | dtype | kernel | ms | floor ms | % of floor | eager ms | launch overhead us |",
+            "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in result["recurrence"]:
+        eager = f"{r['eager_ms']:.4f}" if "eager_ms" in r else "-"
+        overhead = f"{r['launch_overhead_us']:.1f}" if "launch_overhead_us" in r else "-"
         out.append(f"| {r['config']} | {r['dtype']} | {r['kernel']} | {r['ms']:.4f} | "
-                   f"{r['floor_ms']:.4f} | {r['percent_of_floor']:.1f} |")
+                   f"{r['floor_ms']:.4f} | {r['percent_of_floor']:.1f} | {eager} | {overhead} |")
+    timings = sorted({r["timing"] for r in result["recurrence"] if "timing" in r})
+    if timings:
+        out += ["", "Kernel ms: " + "; ".join(timings) + ", per call (CUDA events); eager ms: the "
+                "same calls from Python back to back; launch overhead: host time per eager call."]
     compile_s = result.get("compile_seconds", {})
     if compile_s:
-        out += ["", "Kernel compile cost (first call in a new process): "
+        out += ["", "Kernel compile cost (first call in a new process; imports and CUDA context "
+                    "before it, timed apart): "
                 + ", ".join(f"{k}: {v:.2f} s" if isinstance(v, float) else f"{k}: {v}"
                             for k, v in compile_s.items())]
     if result["skipped"]:
         out += ["", "Not measured: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items())]
     return "\n".join(out)
+
+
+def write_partial(result, out_dir):
+    """bench.json with what is measured so far, marked ``"complete": false`` (no-op without
+    ``out_dir``); write_outputs replaces it at the end (``"complete": true``)."""
+    if out_dir:
+        from .cache import write_atomic
+        os.makedirs(out_dir, exist_ok=True)
+        write_atomic(os.path.join(out_dir, "bench.json"),
+                     json.dumps(dict(result, complete=False), indent=2).encode())
 
 
 def write_outputs(result, markdown, out_dir):

@@ -151,7 +151,7 @@ def file_digest(path):
 
 
 #: What the package writes in the cache folder; clear() removes these and nothing else.
-OWN_SUBFOLDERS = ("host", "ptx")
+OWN_SUBFOLDERS = ("host", "ptx", "cupy")
 
 
 def clear():

@@ -15,8 +15,9 @@ k = 3 (u0, u1, u2) or 4 (plus the learned skip input u3, only with has_skip_term
 Inputs. Each array argument may be
   * a ``numpy.ndarray``: runs on the CPU with the host backend (the C++ build of the CUDA kernels);
   * a ``cupy.ndarray``: runs on the GPU holding it, on CuPy's *current stream* of that device (a
-    ``with cupy.cuda.Stream():`` block, CUDA graph capture, or ``cupy.cuda.ExternalStream`` around
-    another framework's stream), whatever device is current;
+    ``with cupy.cuda.Stream():`` block, CUDA graph capture, or ``cupy.cuda.Stream.from_external``
+    (``ExternalStream`` on CuPy 13) around another framework's stream), whatever device is
+    current;
   * any other DLPack producer (``torch.Tensor``, ``jax.Array``, ...): read through
     ``__dlpack_device__()`` / ``__dlpack__()`` without a copy, CPU memory as a NumPy view
     (``numpy.from_dlpack``) and CUDA memory as a CuPy view (``cupy.from_dlpack``). bfloat16
@@ -37,6 +38,15 @@ wrap them back with e.g. ``torch.from_dlpack(h)`` / ``torch.from_numpy(h)``, or 
 own preallocated tensors in ``out=`` (also converted without a copy, then written in place), which
 is also the way to get bfloat16 results into torch tensors. 16-bit outputs on the GPU are uint16
 bit patterns when the inputs came as bits (bfloat16).
+
+Streams: the kernels run on CuPy's current stream. Reading a producer's arrays is ordered by the
+DLPack protocol (CuPy's stream waits for the producer's current stream), but nothing orders the
+producer's later use of the outputs (``out=`` tensors included): the caller owns that. With
+PyTorch tensors on a non-default stream, run the call on PyTorch's stream, e.g.
+``with cupy.cuda.Stream.from_external(torch.cuda.current_stream()):`` (CuPy 14; on CuPy 13,
+``cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)``), or synchronise CuPy's
+stream before PyTorch reads the results. (``sru_cupy.SRU`` and ``sru_cupy.recurrence`` do this
+themselves.)
 
 Importing this module imports neither torch nor cupy (CuPy is imported when a CUDA array is seen).
 """
@@ -114,16 +124,20 @@ class _DLPackView:
     A bfloat16 export (DLPack code kDLBfloat, 16 bits) is relabelled kDLUInt 16 in the capsule
     before the consumer reads it: the same memory and bits, which NumPy and every CuPy version
     accept (some CuPy versions crash on bfloat16 capsules). The consumer then owns the capsule.
+    ``export_stream`` (e.g. -1: no synchronisation) replaces the stream the consumer asks for.
     """
 
-    def __init__(self, source):
+    def __init__(self, source, export_stream=None):
         self.source = source
+        self.export_stream = export_stream
         self.bfloat16 = False
 
     def __dlpack_device__(self):
         return self.source.__dlpack_device__()
 
     def __dlpack__(self, stream=None, **kwargs):
+        if self.export_stream is not None:
+            stream = self.export_stream
         # The consumer's request as it is (max_version, dl_device, copy: a versioned capsule keeps
         # the read-only flag and NumPy makes legacy ones read-only); older producers take less.
         attempts = [dict(kwargs, stream=stream), {"stream": stream}, {}]
@@ -191,7 +205,10 @@ def _convert(value, argname):
                             "reading it needs CuPy (pip install cupy-cuda13x or cupy-cuda12x)") \
                 from error
         try:
-            array = cupy.from_dlpack(view)
+            # On the producer's device, whichever is current: PyTorch refuses to export a tensor
+            # of another device than the current one.
+            with cupy.cuda.Device(int(device_id)):
+                array = cupy.from_dlpack(view)
         except Exception as error:
             raise TypeError(f"{argname}: could not read {_type_name(value)} (CUDA device "
                             f"{device_id}) through DLPack: {type(error).__name__}: {error}") \
@@ -214,12 +231,13 @@ def as_array(value, argname="array"):
 
 
 def _bf16_bits_to_float32(bits):
-    """float32 values of bfloat16 bit patterns (a uint16/int16 NumPy or CuPy array)."""
+    """float32 values of bfloat16 bit patterns (a uint16/int16 NumPy or CuPy array), allocated on
+    the array's own device whatever device is current."""
     if _is_numpy(bits):
-        xp = np
-    else:
-        import cupy as xp
-    return (bits.view(xp.uint16).astype(xp.uint32) << 16).view(xp.float32)
+        return (bits.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    import cupy
+    with cupy.cuda.Device(bits.device.id):
+        return (bits.view(cupy.uint16).astype(cupy.uint32) << 16).view(cupy.float32)
 
 
 class _Converted:
@@ -303,7 +321,8 @@ def recurrence_forward(U, x, weight_c, bias, c0=None, *, hidden_size, bidirectio
         store_c: False runs the inference kernel and returns c as None.
         storage_dtype: "bfloat16" for CuPy uint16/int16 arrays holding bfloat16 bits.
         out: dict with preallocated C-contiguous outputs "h", "c", "c_last" (optional, any of them;
-            NumPy/CuPy arrays or DLPack producers, written in place).
+            NumPy/CuPy arrays or DLPack producers, written in place on CuPy's current stream: the
+            caller orders the producer's later reads, see the module docstring).
 
     Returns:
         (h (L, B, D), c (L, B, D) or None, c_last (B, D)) as NumPy or CuPy arrays in U's dtype.

@@ -5,6 +5,7 @@ uses and why, and the kernel cache folders. Works without a GPU, without CuPy an
 import importlib
 import os
 import platform
+import re
 import sys
 
 from . import cache
@@ -44,6 +45,62 @@ def _nvrtc_versions():
     return ", ".join(found) if found else "not found"
 
 
+def _libcuda():
+    """The CUDA driver library (ctypes), or None where there is none."""
+    import ctypes
+    import ctypes.util
+    for name in ("libcuda.so.1", "nvcuda.dll", ctypes.util.find_library("cuda")):
+        if name:
+            try:
+                return ctypes.CDLL(name)
+            except OSError:
+                continue
+    return None
+
+
+def driver_version():
+    """The CUDA release the installed driver supports, as (major, minor), or None without a
+    driver. ``cuDriverGetVersion`` needs no initialisation and creates no CUDA context."""
+    import ctypes
+    lib = _libcuda()
+    if lib is None:
+        return None
+    version = ctypes.c_int()
+    try:
+        if lib.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value <= 0:
+            return None
+    except AttributeError:
+        return None
+    return version.value // 1000, (version.value % 1000) // 10
+
+
+def _driver_line():
+    version = driver_version()
+    if version is None:
+        return "CUDA driver: none found (libcuda)"
+    line = f"CUDA driver: for CUDA {version[0]}.{version[1]}"
+    try:  # the kernel module's release, e.g. 580.65.06 (Linux)
+        with open("/proc/driver/nvidia/version", encoding="utf-8") as f:
+            match = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9][0-9.]+)", f.read())
+        if match:
+            line += f" (NVIDIA driver {match.group(1)})"
+    except OSError:
+        pass
+    return line + "; PTX from NVRTC X.Y loads on drivers for CUDA X.Y and newer"
+
+
+def _ptx_drivers(folder):
+    """What each architecture of a PTX folder needs: "sm_80 needs a driver for CUDA 13.0, ..."."""
+    from . import ptx
+    try:
+        archs = ptx.built_archs(folder)
+        needs = [f"sm_{a} needs a driver for CUDA %d.%d" % ptx.required_driver(folder, a)
+                 for a in archs]
+    except ptx.PTXError as error:
+        return f"unusable: {str(error).splitlines()[0]}"
+    return ", ".join(needs) or "no architectures"
+
+
 def _folder_summary(path):
     if not os.path.isdir(path):
         return "absent"
@@ -73,7 +130,7 @@ def report():
     torch, torch_version = _version("torch")
     _, pynvrtc_version = _version("pynvrtc")
     lines += [f"NumPy {numpy_version}", f"CuPy {cupy_version}", f"PyTorch {torch_version}",
-              f"pynvrtc {pynvrtc_version}", f"NVRTC {_nvrtc_versions()}"]
+              f"pynvrtc {pynvrtc_version}", f"NVRTC {_nvrtc_versions()}", _driver_line()]
 
     gpus = []
     if cupy is not None:
@@ -99,8 +156,9 @@ def report():
     else:
         ptx_dir = os.environ.get("SRU_CUPY_PTX_DIR")
         lines.append("  CuPy arrays and CUDA tensors: CuPy backend, "
-                     + (f"PTX loaded from $SRU_CUPY_PTX_DIR={ptx_dir}" if ptx_dir
-                        else "compiled by NVRTC at first use per device"))
+                     + (f"PTX loaded from $SRU_CUPY_PTX_DIR={ptx_dir} ({_ptx_drivers(ptx_dir)}; "
+                        "compiled by NVRTC on an older driver)" if ptx_dir
+                        else "compiled by NVRTC at first use per architecture (cached)"))
     root = cache.cache_root()
     lines.append(f"Kernel cache: {root} (${cache.ENV_VAR} moves it): {_folder_summary(root)}")
     refused = cache.unsafe_reason(root) if os.path.isdir(root) else None

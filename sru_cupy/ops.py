@@ -46,19 +46,54 @@ def _arith_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+#: cudaStreamLegacy: the legacy default stream named explicitly, which is what PyTorch's default
+#: stream (handle 0) is. Handle 0 would mean CuPy's default stream, the per-thread one under
+#: $CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1.
+_CUDA_STREAM_LEGACY = 1
+
+
+class _StreamHandle:
+    """A raw stream handle through the CUDA stream protocol (``__cuda_stream__``), which
+    ``cupy.cuda.Stream.from_external`` reads (not every supported PyTorch gives its streams one)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __cuda_stream__(self):
+        return (0, self.handle)
+
+
+def cupy_stream(cupy, torch_stream, device_index):
+    """CuPy's view of a PyTorch stream of device ``device_index`` (the current device): through
+    ``Stream.from_external`` (CuPy 14, where ``ExternalStream`` is deprecated and warns on every
+    construction), else ``ExternalStream`` (CuPy 13)."""
+    handle = torch_stream.cuda_stream or _CUDA_STREAM_LEGACY
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        return from_external(_StreamHandle(handle))
+    return cupy.cuda.ExternalStream(handle, device_index)
+
+
 @contextlib.contextmanager
 def _cuda_context(device):
-    """Makes ``device`` current for PyTorch and CuPy, with CuPy on PyTorch's current stream."""
-    import cupy
+    """Makes ``device`` current for PyTorch and CuPy, with CuPy on PyTorch's current stream. A
+    first call on the device inside CUDA graph capture is refused before CuPy is touched."""
+    from .backends import cupy_backend
     index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = torch.cuda.current_stream(index)
-    with torch.cuda.device(index), cupy.cuda.Device(index), \
-            cupy.cuda.ExternalStream(stream.cuda_stream, index):
-        yield
+    with torch.cuda.device(index):
+        cupy_backend.check_capture(index, torch.cuda.is_current_stream_capturing())
+        import cupy
+        with cupy.cuda.Device(index), cupy_stream(cupy, torch.cuda.current_stream(index), index):
+            yield
 
 
 def _as_array(t: Optional[Tensor]):
-    """A zero-copy NumPy (CPU) or CuPy (CUDA) view of a contiguous tensor; bfloat16 as its bits."""
+    """A zero-copy NumPy (CPU) or CuPy (CUDA) view of a contiguous tensor; bfloat16 as its bits.
+
+    CUDA tensors are exported with ``__dlpack__(stream=-1)``: the kernels run on the stream the
+    tensors were made on (PyTorch's current one), so no synchronisation is asked for. The consumer's
+    own request (CuPy's current stream) would make PyTorch record an event and a wait per tensor
+    whenever that stream object is not PyTorch's current one, and refuse the per-thread stream."""
     if t is None:
         return None
     t = t.detach()
@@ -68,9 +103,10 @@ def _as_array(t: Optional[Tensor]):
             return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
     import cupy
+    from .functional import _DLPackView
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
-    return cupy.from_dlpack(t)
+    return cupy.from_dlpack(_DLPackView(t, export_stream=-1))
 
 
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:

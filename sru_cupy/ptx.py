@@ -10,9 +10,10 @@ instantiation in :func:`sru_cupy.kernels.all_kernel_names` for each architecture
 
 - ``sru_recurrence.sm_XX.ptx`` per architecture (``--gpu-architecture=compute_XX``), and
 - ``manifest.json``: per architecture the PTX file name, its size and SHA-256, the NVRTC version and
-  library used, the PTX ISA version (the PTX ``.version`` line), the compile options and log, and
-  the map name expression -> lowered (mangled) name; plus the source hash
-  (:func:`sru_cupy.kernels.source_hash`) that the PTX was built from.
+  library used, the PTX ISA version (the PTX ``.version`` line), ``min_driver`` (the oldest CUDA
+  driver release that loads it), the compile options and log, and the map name expression ->
+  lowered (mangled) name; plus the source hash (:func:`sru_cupy.kernels.source_hash`) that the PTX
+  was built from.
 
 Every file is written atomically; the PTX files come first and the manifest last, so a reader sees
 either the old manifest or a new one whose files are all in place (a PTX file replaced under an old
@@ -24,9 +25,17 @@ separated list of library paths, replaces the search): the one ``cuda.pathfinder
 ``nvidia/*/lib/libnvrtc.so.*`` of the NVIDIA wheels in every ``sys.path`` folder
 (``nvidia-cuda-nvrtc`` 13.x installs ``nvidia/cu13/lib``, ``nvidia-cuda-nvrtc-cu12`` installs
 ``nvidia/cuda_nvrtc/lib``; the two do not clash), and ``$CUDA_PATH``, ``$CUDA_HOME`` and
-``/usr/local/cuda``. Each one's supported architectures come from ``nvrtcGetSupportedArchs``, and each
-requested architecture is built by the newest NVRTC that supports it. CUDA 13 dropped Volta, so
-sm_70 needs an NVRTC 12 (``pip install nvidia-cuda-nvrtc-cu12``).
+``/usr/local/cuda``. Each one's supported architectures come from ``nvrtcGetSupportedArchs``.
+
+The driver JIT-compiles PTX and accepts only PTX ISA versions it knows: PTX from NVRTC X.Y needs a
+driver for CUDA X.Y or newer (NVRTC 13.5 writes ``.version 9.5``, which a CUDA 13.0 driver rejects
+with CUDA_ERROR_UNSUPPORTED_PTX_VERSION; newer drivers JIT older PTX forward). So by default each
+architecture is built by the *oldest* NVRTC of the newest CUDA major that supports it, which the
+``ptx`` and ``test`` extras pin: NVRTC 13.0 for sm_75 and newer (loads on every CUDA 13 driver),
+NVRTC 12.0 for sm_70 (CUDA 13 dropped Volta; loads on every CUDA 12 driver). ``cuda="12.4"``
+(``--cuda 12.4``) instead builds for a driver of that release: the newest NVRTC not newer than it.
+The manifest records each architecture's ``min_driver``, and the CuPy backend checks the driver
+against it before loading (on a mismatch it compiles with CuPy's NVRTC instead, with a warning).
 
 Loading (the CuPy backend, when ``$SRU_CUPY_PTX_DIR`` is set)
 -------------------------------------------------------------
@@ -34,25 +43,23 @@ Loading (the CuPy backend, when ``$SRU_CUPY_PTX_DIR`` is set)
 
     from sru_cupy import kernels, ptx
 
-    folder = ptx.ptx_dir_from_env()              # $SRU_CUPY_PTX_DIR, or None
+    folder = ptx.ptx_dir_from_env()                  # $SRU_CUPY_PTX_DIR, or None
     if folder is not None:
-        major, minor = device.compute_capability  # e.g. "86" -> 86
-        arch, path, lowered = ptx.load_ptx_for_device(folder, 10 * major + minor)
-        module = cupy.RawModule(path=path)
-        function = module.get_function(lowered[kernels.kernel_name("sru_recurrence_forward", "float32", 3)])
+        device_arch = int(device.compute_capability)  # "86" -> 86
+        arch, path, lowered = ptx.load_ptx_for_device(folder, device_arch)
+        if driver_release >= ptx.required_driver(folder, arch):  # e.g. (13, 0) >= (13, 0)
+            module = cupy.cuda.function.Module()
+            module.load_file(path)
+            function = module.get_function(
+                lowered[kernels.kernel_name("sru_recurrence_forward", "float32", 3)])
 
 :func:`load_ptx` ``(folder, arch)`` returns ``(path, {name expression: lowered name})`` for exactly
 that architecture; :func:`load_ptx_for_device` picks the newest built architecture not above the
 device's (PTX for compute_80 runs on sm_86 and sm_89 through the driver's JIT) and returns
 ``(arch, path, names)``. Both raise :class:`PTXManifestError` with what to do when the folder has
 no manifest, was built from other sources (source hash mismatch), lacks the architecture or a
-kernel, or a PTX file does not match its recorded SHA-256.
-
-The driver JIT-compiles PTX and accepts only PTX ISA versions it knows: PTX from NVRTC 13.5
-(``.version 9.5``) needs a driver for CUDA 13.5 or newer, PTX from NVRTC 12.9 (``.version 8.8``) a
-driver for 12.9 or newer; an older driver fails the load with CUDA_ERROR_UNSUPPORTED_PTX_VERSION
-(the manifest's ``nvrtc_version`` and ``ptx_isa`` say which). For such a driver build with an older
-NVRTC: ``--nvrtc PATH`` on the command line, ``libraries=`` here, or ``$SRU_CUPY_NVRTC``.
+kernel, or a PTX file does not match its recorded SHA-256. :func:`required_driver` gives the
+oldest driver release that loads an architecture's PTX.
 
 ptxas (optional check)
 ----------------------
@@ -74,7 +81,7 @@ import sys
 import tempfile
 
 from . import kernels
-from .backends import KernelCompileError
+from .errors import KernelCompileError
 from .cache import write_atomic
 
 #: Environment variable naming a folder written by :func:`build`, for the CuPy backend to load.
@@ -86,9 +93,12 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 #: Architectures built when none are given.
 DEFAULT_ARCHS = (70, 80, 90)
-#: Options besides ``--gpu-architecture``. No fast-math flags: the kernels keep IEEE behaviour
-#: (division, sqrt, denormals), as the host emulation and the CuPy build do.
-BASE_OPTIONS = ("-std=c++17",)
+#: NVRTC options besides the architecture, shared by this build and the CuPy backend's. No fast-math
+#: flags, and float32 subnormals are kept (``-ftz=false``, NVRTC's default, said explicitly): the
+#: same IEEE division, square root and subnormals as the host build. ``cupy.RawModule`` would append
+#: ``-ftz=true`` after these (NVRTC takes the last one), which is why the CuPy backend compiles
+#: through ``cupy.cuda.compiler.compile_using_nvrtc`` with exactly these options instead.
+BASE_OPTIONS = ("-std=c++17", "-ftz=false")
 
 _PROGRAM_NAME = kernels.SOURCE_FILE
 _ARCH_PATTERN = re.compile(r"^(?:sm_?|compute_?)?(\d{2,3})$", re.IGNORECASE)
@@ -154,6 +164,19 @@ def ptx_file_name(arch):
 def compile_options(arch, extra_options=()):
     """The NVRTC options for one architecture."""
     return [f"--gpu-architecture=compute_{parse_arch(arch)}", *BASE_OPTIONS, *extra_options]
+
+
+def parse_cuda_version(value):
+    """A CUDA release as ``(major, minor)``: accepts ``"12.4"``, ``"13"``, ``(12, 4)`` or a driver
+    version number such as ``12040`` (what ``cudaDriverGetVersion`` returns)."""
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1000:
+        return value // 1000, (value % 1000) // 10
+    match = re.match(r"^\s*(\d+)(?:\.(\d+))?\s*$", str(value))
+    if match is None or not 9 <= int(match.group(1)) <= 99:
+        raise ValueError(f"cuda: expected a CUDA release such as '12.4' or '13.0', got {value!r}")
+    return int(match.group(1)), int(match.group(2) or 0)
 
 
 def ptx_isa_version(ptx):
@@ -299,22 +322,44 @@ def _not_found_message(rejected):
     return "\n".join(lines)
 
 
-def select_nvrtc(arch, nvrtcs=None):
-    """The newest NVRTC in ``nvrtcs`` (default: all found) that supports ``arch``."""
+def _nvrtc_wheel(version):
+    """The pip requirement of the NVRTC wheel of a CUDA release, e.g. nvidia-cuda-nvrtc==13.0.*."""
+    name = "nvidia-cuda-nvrtc" if version[0] >= 13 else f"nvidia-cuda-nvrtc-cu{version[0]}"
+    return f"{name}=={version[0]}.{version[1]}.*"
+
+
+def select_nvrtc(arch, nvrtcs=None, cuda=None):
+    """The NVRTC in ``nvrtcs`` (default: all found) that builds ``arch``.
+
+    With ``cuda`` (a release such as ``"12.4"``): the newest NVRTC that supports ``arch`` and is not
+    newer than that release, so that its driver loads the PTX. Without: the oldest NVRTC of the
+    newest CUDA major that supports ``arch``, so that every driver of that major loads it.
+    """
     arch = parse_arch(arch)
+    target = None if cuda is None else parse_cuda_version(cuda)
     rejected = []
     if nvrtcs is None:
         nvrtcs, rejected = survey_nvrtc()
     if not nvrtcs:
         raise NVRTCNotFoundError(_not_found_message(rejected))
-    for nvrtc in sorted(nvrtcs, key=lambda n: n.version, reverse=True):
-        if nvrtc.supports(arch):
-            return nvrtc
-    hint = ""
-    if arch < 75:
-        hint = "\nCUDA 13 dropped architectures before sm_75: install an NVRTC 12 (pip install nvidia-cuda-nvrtc-cu12)"
+    supporting = sorted((n for n in nvrtcs if n.supports(arch)), key=lambda n: n.version)
     found = "\n".join(f"  {nvrtc.describe()}" for nvrtc in nvrtcs)
-    raise UnsupportedArchError(f"no NVRTC found supports sm_{arch}; found:\n{found}{hint}")
+    if not supporting:
+        hint = ""
+        if arch < 75:
+            hint = ("\nCUDA 13 dropped architectures before sm_75: install an NVRTC 12 "
+                    "(pip install 'nvidia-cuda-nvrtc-cu12==12.0.*')")
+        raise UnsupportedArchError(f"no NVRTC found supports sm_{arch}; found:\n{found}{hint}")
+    if target is not None:
+        fitting = [n for n in supporting if n.version <= target]
+        if not fitting:
+            raise UnsupportedArchError(
+                f"no NVRTC found supports sm_{arch} and is not newer than CUDA "
+                f"{target[0]}.{target[1]} (a driver of that release rejects newer PTX); found:\n"
+                f"{found}\ninstall one: pip install '{_nvrtc_wheel(target)}'")
+        return fitting[-1]
+    newest_major = supporting[-1].version[0]
+    return next(n for n in supporting if n.version[0] == newest_major)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,11 +437,12 @@ def _write_public(path, data):
     os.chmod(path, 0o644)  # build outputs to share (mkstemp makes them 0600)
 
 
-def build(out_dir, archs=DEFAULT_ARCHS, libraries=None, extra_options=()):
+def build(out_dir, archs=DEFAULT_ARCHS, libraries=None, extra_options=(), cuda=None):
     """Compiles every instantiation for each architecture and writes the PTX files and manifest
     into ``out_dir``. Returns the manifest (a dict).
 
-    The NVRTC for every architecture is chosen before anything is compiled, and nothing is written
+    The NVRTC for every architecture is chosen (:func:`select_nvrtc`, with ``cuda`` the target
+    driver release or None for the default) before anything is compiled, and nothing is written
     unless every architecture compiled. ``libraries`` (libnvrtc paths) replaces the NVRTC search.
     """
     archs = sorted({parse_arch(arch) for arch in archs})
@@ -405,7 +451,7 @@ def build(out_dir, archs=DEFAULT_ARCHS, libraries=None, extra_options=()):
     usable, rejected = survey_nvrtc(libraries)
     if not usable:
         raise NVRTCNotFoundError(_not_found_message(rejected))
-    chosen = {arch: select_nvrtc(arch, usable) for arch in archs}
+    chosen = {arch: select_nvrtc(arch, usable, cuda) for arch in archs}
     results = [compile_arch(arch, chosen[arch], extra_options) for arch in archs]
 
     source_hash = kernels.source_hash()
@@ -434,6 +480,8 @@ def build(out_dir, archs=DEFAULT_ARCHS, libraries=None, extra_options=()):
             "ptx_isa": result.ptx_isa,
             "nvrtc_version": result.nvrtc.version_string,
             "nvrtc_library": result.nvrtc.path,
+            # The driver JIT accepts PTX of its own release or older: this NVRTC's release.
+            "min_driver": result.nvrtc.version_string,
             "options": result.options,
             "log": result.log,
             "lowered_names": result.lowered_names,
@@ -516,6 +564,18 @@ def load_ptx(folder, arch):
     if missing:
         raise PTXManifestError(f"PTX in {folder!r} for sm_{arch} lacks {', '.join(missing)}; {rebuild}")
     return path, lowered
+
+
+def required_driver(folder, arch):
+    """The oldest CUDA driver release ``(major, minor)`` that loads the PTX of ``arch`` in ``folder``
+    (the manifest's ``min_driver``; for folders written before it was recorded, the NVRTC
+    release)."""
+    entry = read_manifest(folder)["archs"].get(arch_key(arch)) or {}
+    value = entry.get("min_driver") or entry.get("nvrtc_version")
+    if not value:
+        raise PTXManifestError(f"PTX in {folder!r} records no NVRTC release for sm_{parse_arch(arch)}; "
+                               f"rebuild with `python -m sru_cupy compile --out {folder}`")
+    return parse_cuda_version(value)
 
 
 def load_ptx_for_device(folder, device_arch):

@@ -496,3 +496,31 @@ def test_example_learns_on_cuda():
     result = _run_example("--short", "--device", "cuda")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "learned: yes" in result.stdout
+
+
+@pytest.mark.gpu
+def test_second_gpu_model_converts_on_its_own_device_whatever_is_current():
+    """A float32 model on cuda:1 fed float64 arrays and given a bfloat16 torch state_dict on cuda:1
+    while device 0 is current: every conversion allocates on cuda:1 (a copy on device 0 would
+    fail the same-device check), and the results equal the CPU model's."""
+    import cupy
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    config = TORCH_CASES["bi-layer-norm"]
+    cpu = _perturbed_model(SRU, config, seed=3)
+    cpu32 = SRU(**config, dtype="float32")
+    cpu32.load_state_dict(cpu.state_dict())
+    gpu = SRU(**config, dtype="float32", device="cuda:1")
+    x, c0, pad = _inputs(cpu, L=6, B=4, seed=2, mask_pad=True)
+    with cupy.cuda.Device(1):
+        state = {k: cupy.asarray(v) for k, v in cpu32.state_dict().items()}
+        x1, c01, pad1 = cupy.asarray(x), cupy.asarray(c0), cupy.asarray(pad)  # float64 inputs
+    with cupy.cuda.Device(0):
+        gpu.load_state_dict(state)
+        h, c, cache = gpu.forward(x1, c01, pad1)
+        grad_x, _, _ = gpu.backward(cache, cupy.ones_like(h))
+        assert cupy.cuda.runtime.getDevice() == 0
+    assert h.device.id == c.device.id == grad_x.device.id == 1
+    h_ref, c_ref, _ = cpu32.forward(x.astype(np.float32), c0.astype(np.float32), pad)
+    np.testing.assert_allclose(cupy.asnumpy(h), h_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cupy.asnumpy(c), c_ref, rtol=1e-5, atol=1e-5)

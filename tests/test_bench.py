@@ -59,6 +59,7 @@ def test_run_times_every_model_and_writes_json_markdown_and_chart(tiny_configs, 
     assert {r["config"] for r in result["layers"]} == set(configs)
     assert result["copy_bandwidth_GBps"] > 0
     assert result["compile_seconds"] == {"cold cache": 1.25, "warm cache": 0.5}
+    assert json.loads((out / "bench.json").read_text())["complete"] is True
     assert result["repeats"] == 2 and result["warmup"] == 1 and result["device"].startswith("CPU")
 
     assert json.loads((out / "bench.json").read_text()) == json.loads(json.dumps(result))
@@ -116,6 +117,33 @@ def test_compile_cost_measures_a_cold_then_a_warm_process():
     assert result["cold cache"] > 0 and result["warm cache"] > 0
     # the cold process compiles the kernels; the warm one loads them from the cache
     assert result["cold cache"] > result["warm cache"], result
+    # the imports come before the timed call and are reported apart (no CUDA context on the CPU)
+    assert result["import torch and sru_cupy"] > 0 and "CUDA context" not in result
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_timing_separates_kernel_and_launch_overhead():
+    """On a GPU: the graph figure is per call and not above the eager one by more than noise, and
+    the launch overhead is a host time per call. (The compile cost's CUDA fields come from the
+    benchmark stage of the GPU check.)"""
+    import torch
+    if not torch.cuda.is_available():
+        pytest.skip("gpu: this torch build has no CUDA device")
+    from sru_cupy import ops
+    device = torch.device("cuda")
+    U = torch.randn(64, 8, 3 * 32, device=device)
+    x = torch.randn(64, 8, 32, device=device)
+    bias = torch.zeros(64, device=device)
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return ops.recurrence_forward_op(U, x, None, bias, None, None, None, 32, False, True, False,
+                                         1.0, False)
+    row = bench.kernel_timing(fn, bench.Timer(device, repeats=3, warmup=2), launches=10)
+    assert row["timing"] == "CUDA graph of 10 calls", row
+    assert len(calls) == 2 + 3 * 10 + 10  # warm-up, eager batches, one capture
+    assert 0 < row["ms"] <= row["eager_ms"] * 1.5 and row["launch_overhead_us"] > 0
 
 
 def test_configs_named_are_run_even_when_gpu_only(tiny_configs):
@@ -156,3 +184,19 @@ def test_cuda_without_a_gpu_is_a_clear_error():
     with pytest.raises(ValueError, match="device: 'cuda' requested, but PyTorch sees no CUDA device"):
         bench.select_device("cuda")
     assert bench.select_device("auto") == CPU
+
+
+def test_a_stopped_run_leaves_the_configurations_measured_so_far(tiny_configs, tmp_path,
+                                                                   monkeypatch):
+    """bench.json is written after every configuration, marked incomplete until the end."""
+    out = tmp_path / "results"
+
+    def stopped(device):
+        seen = json.loads((out / "bench.json").read_text())
+        assert seen["complete"] is False
+        assert {r["config"] for r in seen["layers"]} == {"tiny", "tiny-2layer-bi"}
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "compile_cost", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run("cpu", out_dir=str(out), repeats=1, warmup=0, echo=lambda *a: None)
+    assert json.loads((out / "bench.json").read_text())["complete"] is False

@@ -181,6 +181,29 @@ def test_dlpack_view_forwards_the_consumers_stream():
     assert view.__dlpack_device__() == (2, 0) and not view.bfloat16
 
 
+def test_dlpack_view_with_an_export_stream_replaces_the_consumers():
+    """The PyTorch ops export with stream=-1 (no synchronisation asked), whatever stream the
+    consumer names; a torch CPU tensor accepts it and is read without a copy."""
+    calls = []
+
+    class Recording:
+        def __dlpack__(self, stream=None, max_version=None):
+            calls.append(stream)
+            return np.zeros(3).__dlpack__()
+
+        def __dlpack_device__(self):
+            return (1, 0)
+
+    view = F._DLPackView(Recording(), export_stream=-1)
+    view.__dlpack__(stream=7, max_version=(1, 0))
+    view.__dlpack__()
+    assert calls == [-1, -1]
+    torch = pytest.importorskip("torch")
+    t = torch.arange(4.0)
+    array = np.from_dlpack(F._DLPackView(t, export_stream=-1))
+    assert array.ctypes.data == t.data_ptr()
+
+
 def _torch_problem(torch, dtype):
     _, arrays, options, grads_in = _problem("f32-bi-k3-pad-c0")
     to_t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
@@ -417,3 +440,62 @@ def test_torch_cuda_tensors(dtype_name):
         tol = 2e-5
     _assert_gpu_close("h", h, nh, tol)
     _assert_gpu_close("c_last", c_last, nlast, tol)
+
+
+@pytest.mark.gpu
+def test_bfloat16_parameters_from_another_device_stay_there():
+    """bfloat16 weight_c/bias from a torch tensor on cuda:1, with device 0 current: the float32
+    decoding is allocated on cuda:1 (not on the current device), and the call succeeds."""
+    import cupy
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    t_arrays, t_options, np_arrays, options, _ = _torch_problem(torch, torch.float32)
+    on1 = lambda t: None if t is None else t.to("cuda:1")
+    c_arrays = {k: on1(v) for k, v in t_arrays.items()}
+    c_arrays["weight_c"] = c_arrays["weight_c"].to(torch.bfloat16)
+    c_arrays["bias"] = c_arrays["bias"].to(torch.bfloat16)
+    c_options = dict(t_options, mask_h=on1(t_options["mask_h"]), mask_pad=on1(t_options["mask_pad"]))
+    with cupy.cuda.Device(0), torch.cuda.device(0):
+        h, _, c_last = F.recurrence_forward(*c_arrays.values(), **c_options)
+        assert cupy.cuda.runtime.getDevice() == 0
+    assert h.device.id == 1
+    np_arrays["weight_c"] = t_arrays["weight_c"].to(torch.bfloat16).float().numpy()
+    np_arrays["bias"] = t_arrays["bias"].to(torch.bfloat16).float().numpy()
+    nh, _, nlast = F.recurrence_forward(*np_arrays.values(), **options)
+    with cupy.cuda.Device(1):
+        _assert_gpu_close("h", h, nh)
+        _assert_gpu_close("c_last", c_last, nlast)
+
+
+@pytest.mark.gpu
+def test_torch_out_tensors_on_a_side_stream_with_the_documented_recipe():
+    """out= torch tensors written on a non-default PyTorch stream: run under CuPy's view of that
+    stream (the module docstring's recipe) and PyTorch reads the results on it with no other
+    synchronisation, even after a long sleep queued on that stream before the call."""
+    import cupy
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA")
+    t_arrays, t_options, np_arrays, options, _ = _torch_problem(torch, torch.float32)
+    cuda = lambda t: None if t is None else t.cuda()
+    c_arrays = {k: cuda(v) for k, v in t_arrays.items()}
+    c_options = dict(t_options, mask_h=cuda(t_options["mask_h"]),
+                     mask_pad=cuda(t_options["mask_pad"]))
+    nh, _, nlast = F.recurrence_forward(*np_arrays.values(), **options)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = {"h": torch.full(tuple(nh.shape), float("nan"), device="cuda"),
+               "c_last": torch.full(tuple(nlast.shape), float("nan"), device="cuda")}
+        torch.cuda._sleep(50_000_000)
+        from_external = getattr(cupy.cuda.Stream, "from_external", None)
+        stream = (from_external(side) if from_external is not None and hasattr(side, "__cuda_stream__")
+                  else cupy.cuda.ExternalStream(side.cuda_stream))
+        with stream:
+            F.recurrence_forward(*c_arrays.values(), **c_options, out=dict(out))
+        h_copy, c_last_copy = out["h"].cpu(), out["c_last"].cpu()  # ordered on the side stream
+    torch.cuda.synchronize()
+    assert not torch.isnan(h_copy).any()
+    np.testing.assert_allclose(h_copy.numpy(), nh, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(c_last_copy.numpy(), nlast, rtol=2e-5, atol=2e-5)

@@ -106,3 +106,36 @@ def test_device_name_of_the_cpu():
     torch = pytest.importorskip("torch")
     name = info.device_name(torch.device("cpu"))
     assert name.startswith("CPU (") and f"{os.cpu_count()} cores" in name
+
+
+class _FakeLibcuda:
+    def __init__(self, version, status=0):
+        self.version, self.status = version, status
+
+    def cuDriverGetVersion(self, pointer):
+        pointer._obj.value = self.version
+        return self.status
+
+
+@pytest.mark.parametrize("lib, expected", [
+    (_FakeLibcuda(13000), (13, 0)), (_FakeLibcuda(12090), (12, 9)),
+    (_FakeLibcuda(0, status=100), None), (None, None)], ids=["13.0", "12.9", "error", "no-driver"])
+def test_driver_version_from_libcuda(monkeypatch, lib, expected):
+    monkeypatch.setattr(info, "_libcuda", lambda: lib)
+    assert info.driver_version() == expected
+    line = _line(info.report(), "CUDA driver:")
+    if expected is None:
+        assert line == "CUDA driver: none found (libcuda)"
+    else:
+        assert line.startswith(f"CUDA driver: for CUDA {expected[0]}.{expected[1]}")
+        assert "loads on drivers for CUDA X.Y and newer" in line
+
+
+def test_report_says_what_driver_prebuilt_ptx_needs(tmp_path, monkeypatch):
+    folder = tmp_path / "ptx"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"format": 1, "archs": {
+        "sm_70": {"arch": 70, "min_driver": "12.0"}, "sm_90": {"arch": 90, "nvrtc_version": "13.5"}}}))
+    assert info._ptx_drivers(str(folder)) == ("sm_70 needs a driver for CUDA 12.0, sm_90 needs a "
+                                              "driver for CUDA 13.5")
+    assert info._ptx_drivers(str(tmp_path / "none")).startswith("unusable: ")

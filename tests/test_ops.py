@@ -942,7 +942,8 @@ def test_gpu_zero_copy_on_the_current_stream(monkeypatch, cuda, dtype_name, side
         h, c, c_last = ops.recurrence_forward_op(
             p["U"], p["x"], p["weight_c"], p["bias"], p["c0"], p["mask_h"], p["mask_pad"], d,
             GPU_OPTS.bi, GPU_OPTS.has_skip_term, GPU_OPTS.tanh, GPU_OPTS.sx, True)
-        expected_stream = torch.cuda.current_stream().cuda_stream
+        # PyTorch's default stream (handle 0) is named as cudaStreamLegacy (1) for CuPy.
+        expected_stream = torch.cuda.current_stream().cuda_stream or 1
     torch.cuda.current_stream().wait_stream(stream)
     args, kwargs = captured["args"], captured["kwargs"]
     for array, name in zip(args, ("U", "x", "weight_c", "bias", "c0")):
@@ -1138,3 +1139,164 @@ def test_gpu_autocast_sru_forward_and_grad_scaler_step(cuda, amp_dtype):
     scaler.update()
     assert all(not torch.equal(b, p.detach()) for b, p in zip(before, model.parameters())), \
         "the optimizer step was skipped"
+
+
+# -- CuPy's view of PyTorch's stream (CPU, against stand-ins) --------------------------------------
+
+
+class _FakeStreams:
+    """``cupy.cuda`` with Stream.from_external (CuPy 14) or only ExternalStream (CuPy 13); the
+    latter warns DeprecationWarning as CuPy 14 does."""
+
+    def __init__(self, has_from_external):
+        made = self.made = []
+
+        class ExternalStream:
+            def __init__(self, ptr, device_id=-1):
+                if has_from_external:
+                    warnings.warn("ExternalStream is deprecated", DeprecationWarning)
+                made.append(("ExternalStream", ptr, device_id))
+
+        class Stream:
+            pass
+        if has_from_external:
+            def from_external(obj):
+                version, handle = obj.__cuda_stream__()
+                made.append(("from_external", handle, version))
+                return object()
+            Stream.from_external = staticmethod(from_external)
+        self.ExternalStream, self.Stream = ExternalStream, Stream
+
+
+@pytest.mark.parametrize("has_from_external", [True, False], ids=["cupy14", "cupy13"])
+@pytest.mark.parametrize("handle", [0, 0x7F00], ids=["default_stream", "side_stream"])
+def test_cupy_stream_of_a_torch_stream(has_from_external, handle):
+    import types
+    cuda = _FakeStreams(has_from_external)
+    torch_stream = types.SimpleNamespace(cuda_stream=handle)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        ops.cupy_stream(types.SimpleNamespace(cuda=cuda), torch_stream, 3)
+    real = handle or 1  # the default stream as cudaStreamLegacy, never CuPy's "0"
+    if has_from_external:
+        assert cuda.made == [("from_external", real, 0)]
+    else:
+        assert cuda.made == [("ExternalStream", real, 3)]
+
+
+def test_first_cuda_call_inside_capture_is_refused_before_cupy_is_touched(monkeypatch):
+    """CPU stand-ins for torch.cuda: capturing with the device's kernels not loaded raises
+    CaptureNotReadyError naming the device, without importing CuPy; not capturing goes on to CuPy
+    (here missing: ImportError)."""
+    import contextlib
+    import sys
+    from sru_cupy.backends import cupy_backend
+    from sru_cupy.errors import CaptureNotReadyError
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    monkeypatch.setattr(cupy_backend, "_modules", {})
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(CaptureNotReadyError, match=r"first call on cuda:3 is inside CUDA graph"):
+        with ops._cuda_context(torch.device("cuda", 3)):
+            pass
+    monkeypatch.setattr(cupy_backend, "_modules", {3: object()})  # loaded: capture may go on
+    with pytest.raises(ImportError):
+        with ops._cuda_context(torch.device("cuda", 3)):
+            pass
+    monkeypatch.setattr(cupy_backend, "_modules", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    with pytest.raises(ImportError):
+        with ops._cuda_context(torch.device("cuda", 3)):
+            pass
+
+
+# -- GPU: streams, events, deprecations ------------------------------------------------------------
+
+
+def _gpu_op_call(p, d):
+    h, c, c_last = ops.recurrence_forward_op(
+        p["U"], p["x"], p["weight_c"], p["bias"], p["c0"], p["mask_h"], p["mask_pad"], d,
+        GPU_OPTS.bi, GPU_OPTS.has_skip_term, GPU_OPTS.tanh, GPU_OPTS.sx, True)
+    return h, c, c_last
+
+
+def _event_calls(prof):
+    names = ("cudaEventRecord", "cudaStreamWaitEvent", "cuEventRecord", "cuStreamWaitEvent")
+    return sum(e.count for e in prof.key_averages() if any(n in e.key for n in names))
+
+
+@pytest.mark.gpu
+def test_gpu_ops_on_a_side_stream_record_no_events(cuda):
+    """The forward and backward ops on a side stream add no event record or wait (the tensors are
+    exported with stream=-1); the profiler does see the ones a plain cupy.from_dlpack adds."""
+    import cupy
+    from torch.profiler import ProfilerActivity, profile
+    d = 8
+    p = _gpu_problem(d=d, requires_grad=False)
+    _gpu_op_call(p, d)  # compiled and loaded before profiling
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        grad_h = torch.randn(9, 3, 2 * d, device="cuda")
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            h, c, c_last = _gpu_op_call(p, d)
+            ops.recurrence_backward_op(grad_h, None, p["U"], p["x"], p["weight_c"], p["bias"],
+                                       p["c0"], c, p["mask_h"], p["mask_pad"], d, GPU_OPTS.bi,
+                                       GPU_OPTS.has_skip_term, GPU_OPTS.tanh, GPU_OPTS.sx)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as baseline:
+            with cupy.cuda.ExternalStream(side.cuda_stream) if not hasattr(
+                    cupy.cuda.Stream, "from_external") else cupy.cuda.Stream.from_external(
+                    ops._StreamHandle(side.cuda_stream)):
+                cupy.from_dlpack(p["U"].detach())
+    torch.cuda.synchronize()
+    assert _event_calls(baseline) >= 1, "the profiler does not show event calls: the check is blind"
+    assert _event_calls(prof) == 0
+
+
+@pytest.mark.gpu
+def test_gpu_ops_raise_no_deprecation_warning(cuda):
+    """With DeprecationWarning as an error (CuPy 14 deprecates ExternalStream), forward and backward
+    on the default and a side stream run."""
+    d = 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        for stream in (torch.cuda.current_stream(), torch.cuda.Stream()):
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                p = _gpu_problem(d=d)
+                h, c_last = call(p, GPU_OPTS, d)
+                (h.sum() + c_last.sum()).backward()
+            torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_gpu_per_thread_default_stream_of_cupy(cuda):
+    """CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1 in a fresh process: an SRU forward and backward on
+    PyTorch's default stream run and match the CPU."""
+    import subprocess
+    import sys
+    import textwrap
+    from child_env import child_env
+    script = textwrap.dedent("""
+        import torch
+        from sru_cupy import SRU
+        torch.manual_seed(0)
+        model = SRU(6, 8, num_layers=2, bidirectional=True)
+        x = torch.randn(7, 3, 6)
+        h_cpu, c_cpu = model(x)
+        h_cpu.sum().backward()
+        g_cpu = model.rnn_lst[0].weight_c.grad.clone()
+        model.zero_grad()
+        model.cuda()
+        h, c = model(x.cuda())
+        h.sum().backward()
+        torch.testing.assert_close(h.cpu(), h_cpu, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.rnn_lst[0].weight_c.grad.cpu(), g_cpu, rtol=1e-4,
+                                   atol=1e-5)
+        print("PER-THREAD-OK")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300, env=child_env(CUPY_CUDA_PER_THREAD_DEFAULT_STREAM="1"))
+    assert out.returncode == 0 and "PER-THREAD-OK" in out.stdout, out.stderr[-3000:]

@@ -1,7 +1,9 @@
 """The device-free PTX build (sru_cupy.ptx, `python -m sru_cupy compile`): every instantiation
 compiles with NVRTC for sm_70, sm_80 and sm_90, each PTX has an entry per kernel, ptxas (where one
 matching the NVRTC is installed) assembles it without spills, and the manifest loader rejects stale
-or incomplete folders.
+or incomplete folders. The default build loads on the oldest driver of each CUDA major (NVRTC 13.0,
+PTX ISA 9.0, for sm_80/sm_90, assembled by the ptxas of CUDA 13.0; NVRTC 12.0, PTX ISA 8.0, for
+sm_70), ``--cuda`` targets an older driver, and the manifest records the minimum driver.
 
 Needs pynvrtc and libnvrtc (the `test` extras install both, with NVRTC 12 for sm_70); skipped with
 the reason where they are missing. Each architecture is compiled once per session."""
@@ -18,7 +20,7 @@ import pytest
 
 from sru_cupy import kernels, ptx
 from sru_cupy.__main__ import main
-from sru_cupy.backends import KernelCompileError
+from sru_cupy.errors import KernelCompileError
 
 ARCHS = (70, 80, 90)
 # NVRTC 12 warns for every pre-Turing target; any other warning is a finding about the source.
@@ -93,12 +95,110 @@ def test_every_instantiation_has_an_entry(built, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_newest_supporting_nvrtc_is_used(built, arch):
+def test_default_nvrtc_is_the_oldest_of_the_newest_major(built, arch):
     _, _, manifest = built
-    supporting = [n for n in ptx.available_nvrtcs() if n.supports(arch)]
+    supporting = [n.version for n in ptx.available_nvrtcs() if n.supports(arch)]
     assert supporting, f"no NVRTC supports sm_{arch}; the test extras install NVRTC 12 and 13"
-    newest = max(n.version for n in supporting)
-    assert manifest["archs"][f"sm_{arch}"]["nvrtc_version"] == "%d.%d" % newest
+    newest_major = max(v[0] for v in supporting)
+    oldest = min(v for v in supporting if v[0] == newest_major)
+    entry = manifest["archs"][f"sm_{arch}"]
+    assert entry["nvrtc_version"] == "%d.%d" % oldest
+    assert entry["min_driver"] == entry["nvrtc_version"]
+
+
+# The oldest driver of each CUDA major must load the default build: PTX ISA 9.0 is what a CUDA 13.0
+# driver knows, 8.0 what a CUDA 12.0 driver knows. The test extras pin NVRTC 13.0.x and 12.0.x.
+DEFAULT_BUILD = {70: ("12.0", "8.0"), 80: ("13.0", "9.0"), 90: ("13.0", "9.0")}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_default_ptx_loads_on_the_oldest_driver_of_its_major(built, arch):
+    folder, out, manifest = built
+    entry = manifest["archs"][f"sm_{arch}"]
+    min_driver, isa = DEFAULT_BUILD[arch]
+    assert (entry["min_driver"], entry["ptx_isa"]) == (min_driver, isa), (
+        f"sm_{arch}: the default build needs a driver for CUDA {entry['min_driver']} (PTX ISA "
+        f"{entry['ptx_isa']}); install the pinned NVRTC: pip install -e '.[test]'")
+    assert ptx.required_driver(folder, arch) == tuple(int(p) for p in min_driver.split("."))
+    line = next(l for l in out.splitlines() if l.startswith(f"sm_{arch}:"))
+    assert f"drivers for CUDA {min_driver} and newer" in line
+
+
+def test_default_command_output_assembles_with_the_oldest_ptxas_of_each_major(nvrtc, tmp_path):
+    """`python -m sru_cupy compile` with no options: ptxas of CUDA 13.0 assembles its sm_80 and
+    sm_90 PTX, a CUDA 12 ptxas its sm_70 PTX (the system's or the nvidia-cuda-nvcc wheels')."""
+    tools = ptx.find_ptxas()
+    ptxas_13_0 = [t for t in tools if t.version == (13, 0)]
+    ptxas_12 = [t for t in tools if t.version[0] == 12]
+    if not ptxas_13_0 or not ptxas_12:
+        found = ", ".join(f"{t.version_string} at {t.path}" for t in tools) or "none"
+        pytest.skip(f"needs ptxas 13.0 and a ptxas 12.x (pip install -e '.[test]' installs "
+                    f"nvidia-cuda-nvcc==13.0.* and nvidia-cuda-nvcc-cu12); found: {found}")
+    out = tmp_path / "default"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["compile", "--out", str(out)]) == 0
+    manifest = ptx.read_manifest(str(out))
+    assert sorted(manifest["archs"]) == [f"sm_{a}" for a in ptx.DEFAULT_ARCHS]
+    for arch, tool in ((80, ptxas_13_0[0]), (90, ptxas_13_0[0]), (70, ptxas_12[0])):
+        result = ptx.assemble(out / manifest["archs"][f"sm_{arch}"]["file"], arch, tool)
+        assert result.returncode == 0, f"ptxas {tool.version_string} sm_{arch}:\n{result.output}"
+
+
+def test_cuda_target_picks_the_newest_nvrtc_not_newer(nvrtc, tmp_path, capsys):
+    nvrtcs = ptx.available_nvrtcs()
+    versions = sorted({n.version for n in nvrtcs if n.supports(80)})
+    target = versions[0]
+    out = tmp_path / "target"
+    assert main(["compile", "--arch", "sm_80", "--cuda", "%d.%d" % target, "--out", str(out)]) == 0
+    entry = ptx.read_manifest(str(out))["archs"]["sm_80"]
+    assert entry["nvrtc_version"] == entry["min_driver"] == "%d.%d" % target
+    assert main(["compile", "--arch", "sm_80", "--cuda", "11.0", "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "not newer than CUDA 11.0" in err and "nvidia-cuda-nvrtc-cu11==11.0.*" in err
+    with pytest.raises(SystemExit) as info:
+        main(["compile", "--cuda", "thirteen"])
+    assert info.value.code == 2
+
+
+def _fake(version, archs):
+    return ptx.NVRTC(f"/fake/libnvrtc.{version[0]}.{version[1]}", version, tuple(archs))
+
+
+FAKE_NVRTCS = [_fake((12, 0), (50, 70, 75, 80, 90)), _fake((12, 9), (50, 70, 75, 80, 90, 100)),
+               _fake((13, 0), (75, 80, 90, 100)), _fake((13, 5), (75, 80, 90, 100, 120))]
+
+
+@pytest.mark.parametrize("arch, cuda, expected", [
+    (80, None, (13, 0)), (90, None, (13, 0)), (70, None, (12, 0)), (120, None, (13, 5)),
+    (80, "12.4", (12, 0)), (80, "12.9", (12, 9)), (80, "13.2", (13, 0)), (80, (13, 5), (13, 5)),
+    (70, "13.5", (12, 9)), (100, 12090, (12, 9)),
+], ids=lambda v: str(v))
+def test_select_nvrtc_rules(arch, cuda, expected):
+    assert ptx.select_nvrtc(arch, FAKE_NVRTCS, cuda).version == expected
+
+
+def test_select_nvrtc_for_too_old_a_target_names_the_wheel():
+    with pytest.raises(ptx.UnsupportedArchError, match=r"nvidia-cuda-nvrtc==13\.1\.\*"):
+        ptx.select_nvrtc(120, FAKE_NVRTCS, "13.1")
+
+
+@pytest.mark.parametrize("value, expected", [("12.4", (12, 4)), ("13", (13, 0)), (13000, (13, 0)),
+                                             (12090, (12, 9)), ((12, 2), (12, 2)), (" 13.1 ", (13, 1))])
+def test_parse_cuda_version(value, expected):
+    assert ptx.parse_cuda_version(value) == expected
+
+
+@pytest.mark.parametrize("value", ["twelve", "", "1.2", "12.x", "sm_80"])
+def test_parse_cuda_version_rejects(value):
+    with pytest.raises(ValueError, match="cuda: expected"):
+        ptx.parse_cuda_version(value)
+
+
+def test_required_driver_of_an_older_manifest_is_its_nvrtc_release(built, tmp_path):
+    folder = _copy(built[0], tmp_path)
+    _edit_manifest(folder, lambda m: m["archs"]["sm_90"].pop("min_driver"))
+    nvrtc_version = ptx.read_manifest(folder)["archs"]["sm_90"]["nvrtc_version"]
+    assert ptx.required_driver(folder, 90) == ptx.parse_cuda_version(nvrtc_version)
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,7 @@
 """Backends run a kernel instantiation over arrays: ``host`` (the C++ build of the CUDA sources, on
 NumPy arrays) and ``cupy`` (NVRTC through CuPy, on CuPy arrays). Both are loaded lazily."""
 
-
-class KernelCompileError(RuntimeError):
-    """A kernel source failed to compile. Carries the compiler's log and the options it was given."""
-
-    def __init__(self, what, log, options):
-        self.log = log
-        self.options = list(options)
-        super().__init__(f"{what} failed\noptions: {' '.join(map(str, self.options))}\n"
-                         f"compiler log:\n{log}")
+from ..errors import KernelCompileError  # noqa: F401  (its old home; import from here still works)
 
 
 def backend_for(array):

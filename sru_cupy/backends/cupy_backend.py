@@ -1,27 +1,53 @@
-"""CuPy backend: the CUDA sources compiled by NVRTC through ``cupy.RawModule`` and launched on CuPy
-arrays.
+"""CuPy backend: the CUDA sources compiled by NVRTC through CuPy and launched on CuPy arrays.
 
-Compiled at first use, once per device (RawModule with the kernel name expressions; CuPy keeps its
-own on-disk cache keyed by the source text, which has every header expanded into it). Every launch
-looks up the arrays' device and that device's *current* stream at call time, so side streams, CUDA
-graph capture and multi-GPU work; nothing is cached at import.
+Compiled at first use, once per device architecture, with the same NVRTC options as the device-free
+PTX build (:data:`sru_cupy.ptx.BASE_OPTIONS`: float32 subnormals kept, as on the host), through
+``cupy.cuda.compiler.compile_using_nvrtc``. Not ``cupy.RawModule``: it appends ``-ftz=true`` to
+every compile, and NVRTC takes the last ``-ftz``, so its build would flush subnormals where the host
+and PTX builds do not. The binary (cubin, or PTX for an architecture newer than the NVRTC) and its
+lowered names are cached on disk in the sru_cupy cache folder (``cupy/``), keyed by the source, the
+options, the NVRTC release and the architecture, and written atomically.
+
+Per device, the module is loaded once and a function object is kept for every kernel, so a launch
+is a dictionary look-up and the launch itself. Compiles and loads of different devices do not wait
+on each other (a lock per device). Every launch looks up the current device and that device's
+*current* stream at call time, so side streams, CUDA graph capture and multi-GPU work; nothing is
+cached at import.
+
+CUDA graph capture: loading a module is not allowed while a stream is being captured, so the first
+call on a device must come before capturing (every kernel is loaded then, so any later call,
+whichever variant, can be captured). A first call inside capture raises
+:class:`~sru_cupy.errors.CaptureNotReadyError` saying so.
 
 With ``$SRU_CUPY_PTX_DIR`` set to a folder written by ``python -m sru_cupy compile``, the PTX for the
-device's architecture is loaded from there instead of compiling.
+device's architecture is loaded from there instead of compiling, when the driver is new enough for
+it (the manifest's ``min_driver``); otherwise, or when the driver refuses the PTX, the kernels are
+compiled as above, with one :class:`~sru_cupy.errors.PTXDriverWarning` per folder and architecture.
 """
 
+import hashlib
+import json
 import os
 import threading
+import warnings
 
 import numpy as np
 
-from .. import kernels
-from . import KernelCompileError
+from .. import cache, kernels
+from ..errors import CaptureNotReadyError, KernelCompileError, PTXDriverWarning
 
 name = "cupy"
 
-_lock = threading.Lock()
-_modules = {}  # device id -> (RawModule, {name expression: name to look up})
+#: Cache sub-folder of the compiled binaries.
+CACHE_SUBFOLDER = "cupy"
+
+_locks_guard = threading.Lock()
+_device_locks = {}  # device id -> lock of that device's compile and load
+_modules = {}  # device id -> cupy.cuda.function.Module (holds the code of the functions below)
+_functions = {}  # (device id, name expression) -> cupy.cuda.function.Function
+#: device id -> where its kernels came from: ("ptx", PTX file) or ("nvrtc", cached binary)
+loaded_from = {}
+_warned = set()
 
 
 def _cupy():
@@ -29,39 +55,214 @@ def _cupy():
     return cupy
 
 
-def _compile_options():
-    return ("-std=c++17",)
+def _ptx():
+    from .. import ptx
+    return ptx
 
 
-def _load_module(device_id):
+def compile_options():
+    """The NVRTC options of the CuPy build (the architecture is added by CuPy)."""
+    return tuple(_ptx().BASE_OPTIONS)
+
+
+def _warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, PTXDriverWarning, stacklevel=4)
+
+
+def _device_lock(device_id):
+    with _locks_guard:
+        return _device_locks.setdefault(device_id, threading.Lock())
+
+
+def _cuda_major(cupy):
+    try:
+        return int(cupy.cuda.runtime.runtimeGetVersion()) // 1000
+    except Exception:  # no runtime library either: say both extras
+        return None
+
+
+def _install_hint(cupy):
+    major = _cuda_major(cupy)
+    extras = f"cuda{major}" if major in (12, 13) else "cuda12] or [cuda13"
+    return (f"install CuPy's CUDA components: pip install 'sru_cupy[{extras}]' "
+            f"(cupy-cuda{major or 'XX'}x[ctk]: NVRTC and the CUDA runtime headers), or a CUDA "
+            "toolkit with CUDA_PATH pointing at it")
+
+
+# -- compiling ---------------------------------------------------------------------------------
+
+
+def _cache_key(arch, nvrtc_version, options, names):
+    text = json.dumps([kernels.source_hash(), list(options), list(nvrtc_version), int(arch),
+                       sorted(names)])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _read_cached(path, names):
+    """(binary, lowered names) from a cache file, or None when absent or unusable."""
+    try:
+        with open(path, "rb") as f:
+            header, _, binary = f.read().partition(b"\n")
+        meta = json.loads(header)
+        lowered = meta["lowered_names"]
+        if hashlib.sha256(binary).hexdigest() != meta["sha256"] or set(lowered) != set(names):
+            raise ValueError("content does not match its header")
+        return binary, lowered
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        cache.warn_once(("cupy-cache", path), f"sru_cupy: cached kernels {path} are unusable "
+                                              f"({error}); compiling them again")
+        return None
+
+
+def _write_cached(path, binary, lowered):
+    header = json.dumps({"sha256": hashlib.sha256(binary).hexdigest(), "lowered_names": lowered},
+                        sort_keys=True).encode()
+    cache.write_atomic(path, header + b"\n" + binary)
+
+
+def compile_for_arch(arch):
+    """(binary, {name expression: lowered name}, cache file) of every kernel for one architecture,
+    compiled by CuPy's NVRTC with :func:`compile_options`, or read from the cache folder."""
     cupy = _cupy()
-    ptx_dir = os.environ.get("SRU_CUPY_PTX_DIR")
-    with cupy.cuda.Device(device_id) as device:
-        if ptx_dir:  # PTX built offline by `python -m sru_cupy compile`
-            from .. import ptx
-            _, path, lowered = ptx.load_ptx_for_device(ptx_dir, int(device.compute_capability))
-            return cupy.RawModule(path=path), dict(lowered)
-        names = kernels.all_kernel_names()
+    options = compile_options()
+    names = kernels.all_kernel_names()
+    what = f"NVRTC compilation of the SRU kernels for sm_{arch} (CuPy)"
+    try:
+        nvrtc_version = tuple(cupy.cuda.nvrtc.getVersion())
+    except Exception as error:  # libnvrtc missing or unloadable
+        raise KernelCompileError(what, f"NVRTC could not be loaded ({type(error).__name__}: "
+                                       f"{error}); {_install_hint(cupy)}", options) from error
+    path = os.path.join(cache.cache_dir(CACHE_SUBFOLDER),
+                        f"sru_recurrence.sm_{arch}.{_cache_key(arch, nvrtc_version, options, names)}.bin")
+    cached = _read_cached(path, names)
+    if cached is not None:
+        return (*cached, path)
+    with cache.build_lock(path):
+        cached = _read_cached(path, names)
+        if cached is not None:
+            return (*cached, path)
+        compiler = cupy.cuda.compiler
         try:
-            module = cupy.RawModule(code=kernels.assembled_source(), options=_compile_options(),
-                                    name_expressions=names)
-            module.compile()
-        except cupy.cuda.compiler.CompileException as error:
-            raise KernelCompileError("NVRTC compilation of the SRU kernels (CuPy)",
-                                     error.get_message() if hasattr(error, "get_message")
-                                     else str(error), _compile_options()) from error
-        return module, {n: n for n in names}
+            binary, lowered = compiler.compile_using_nvrtc(
+                kernels.assembled_source(), options=options, arch=str(arch),
+                filename=kernels.SOURCE_FILE, name_expressions=names)
+        except compiler.CompileException as error:
+            log = error.get_message() if hasattr(error, "get_message") else str(error)
+            if "cannot open source file" in log:  # a header NVRTC does not have
+                log += f"\n{_install_hint(cupy)}"
+            raise KernelCompileError(what, log, options) from error
+        except (RuntimeError, OSError, ImportError) as error:  # NVRTC failed to load or run
+            raise KernelCompileError(what, f"{type(error).__name__}: {error}; "
+                                           f"{_install_hint(cupy)}", options) from error
+        binary = bytes(binary)
+        lowered = {n: str(lowered[n]) for n in names}
+        _write_cached(path, binary, lowered)
+    return binary, lowered, path
 
 
-def module_for(device_id):
-    """The (RawModule, name map) of a device, compiled or loaded once per device and process."""
-    entry = _modules.get(device_id)
-    if entry is None:
-        with _lock:
-            entry = _modules.get(device_id)
-            if entry is None:
-                entry = _modules[device_id] = _load_module(device_id)
-    return entry
+# -- loading -----------------------------------------------------------------------------------
+
+
+def driver_version():
+    """The CUDA driver's release as (major, minor), e.g. (13, 0)."""
+    return _ptx().parse_cuda_version(int(_cupy().cuda.runtime.driverGetVersion()))
+
+
+def _prebuilt_ptx(folder, device_arch):
+    """(path, lowered names) of the PTX in ``folder`` for the device, or None (with a warning, once)
+    when this driver is too old for it."""
+    ptx = _ptx()
+    arch, path, lowered = ptx.load_ptx_for_device(folder, device_arch)
+    needed, driver = ptx.required_driver(folder, arch), driver_version()
+    if driver < needed:
+        _warn_once(("driver", folder, arch),
+                   f"sru_cupy: the PTX for sm_{arch} in {folder} needs a driver for CUDA "
+                   f"{needed[0]}.{needed[1]} or newer, this driver is for CUDA "
+                   f"{driver[0]}.{driver[1]}; compiling the kernels with CuPy's NVRTC instead "
+                   f"(for this driver: python -m sru_cupy compile --cuda {driver[0]}.{driver[1]})")
+        return None
+    return path, lowered
+
+
+def _load(device_id):
+    """Loads the module of a device and keeps a function object for every kernel (caller holds the
+    device's lock)."""
+    cupy = _cupy()
+    names = kernels.all_kernel_names()
+    with cupy.cuda.Device(device_id) as device:
+        arch = int(device.compute_capability)
+        module = source = None
+        folder = _ptx().ptx_dir_from_env()
+        prebuilt = _prebuilt_ptx(folder, arch) if folder else None
+        if prebuilt is not None:
+            path, lowered = prebuilt
+            module = cupy.cuda.function.Module()
+            try:
+                module.load_file(path)
+                source = ("ptx", path)
+            except Exception as error:  # e.g. CUDA_ERROR_UNSUPPORTED_PTX_VERSION
+                _warn_once(("load", folder, arch),
+                           f"sru_cupy: the driver refused the PTX {path} ({type(error).__name__}: "
+                           f"{error}); compiling the kernels with CuPy's NVRTC instead")
+                module = None
+        if module is None:
+            binary, lowered, path = compile_for_arch(arch)
+            module = cupy.cuda.function.Module()
+            module.load(binary)
+            source = ("nvrtc", path)
+        # Every function now: under lazy loading this loads its code, so that no later call,
+        # whichever variant, has to load anything (which CUDA graph capture would refuse).
+        functions = {n: module.get_function(lowered[n]) for n in names}
+    for n, function in functions.items():
+        _functions[(device_id, n)] = function
+    loaded_from[device_id] = source
+    _modules[device_id] = module  # last: a device listed here has all its functions
+
+
+def _capturing(cupy, stream):
+    """True while ``stream`` is being captured into a CUDA graph."""
+    is_capturing = getattr(cupy.cuda.runtime, "streamIsCapturing", None)
+    if is_capturing is None or stream.ptr in (0, 1):  # the legacy default stream is never captured
+        return False
+    try:
+        return bool(is_capturing(stream.ptr))
+    except Exception:
+        return False
+
+
+def check_capture(device_id, capturing):
+    """Raises :class:`CaptureNotReadyError` when ``capturing`` (the current stream is being
+    captured into a CUDA graph) and the kernels of ``device_id`` are not loaded yet."""
+    if capturing and device_id not in _modules:
+        raise CaptureNotReadyError(
+            f"sru_cupy: the first call on cuda:{device_id} is inside CUDA graph capture, where the "
+            "kernels cannot be loaded; run one call on this device before capturing (it loads "
+            "every kernel variant, so anything can be captured afterwards)")
+
+
+def ensure_loaded(device_id, stream=None):
+    """Compiles (or reads from the cache) and loads the kernels of a device, once per process."""
+    if device_id in _modules:
+        return
+    cupy = _cupy()
+    stream = cupy.cuda.get_current_stream() if stream is None else stream
+    check_capture(device_id, _capturing(cupy, stream))
+    with _device_lock(device_id):
+        if device_id not in _modules:
+            _load(device_id)
+
+
+def function(device_id, kernel_name, stream=None):
+    """The function object of a kernel on a device (loading the device's kernels at first use)."""
+    found = _functions.get((device_id, kernel_name))
+    if found is None:
+        ensure_loaded(device_id, stream)
+        found = _functions[(device_id, kernel_name)]
+    return found
 
 
 def _argument(value):
@@ -78,10 +279,9 @@ def launch(kernel_name, grid, block, args, work=None):
     """Launches on the current device's current stream (the caller holds the device guard)."""
     cupy = _cupy()
     device_id = cupy.cuda.runtime.getDevice()
-    module, names = module_for(device_id)
-    kernel = module.get_function(names[kernel_name])
-    kernel(grid, block, tuple(_argument(a) for a in args),
-           stream=cupy.cuda.get_current_stream())
+    stream = cupy.cuda.get_current_stream()
+    kernel = function(device_id, kernel_name, stream)
+    kernel(tuple(grid), tuple(block), tuple(_argument(a) for a in args), stream=stream)
 
 
 def empty(shape, dtype):

@@ -1,0 +1,26 @@
+"""Errors shared by the kernel builders (``backends.host``, ``backends.cupy_backend``, ``ptx``).
+
+A module of its own, below everything that raises them, so that no builder imports another to
+reach an error class. ``sru_cupy.backends`` re-exports :class:`KernelCompileError` under its old
+name."""
+
+
+class KernelCompileError(RuntimeError):
+    """A kernel source failed to compile, or the compiler itself is missing. Carries the compiler's
+    log and the options it was given."""
+
+    def __init__(self, what, log, options):
+        self.log = log
+        self.options = list(options)
+        super().__init__(f"{what} failed\noptions: {' '.join(map(str, self.options))}\n"
+                         f"compiler log:\n{log}")
+
+
+class CaptureNotReadyError(RuntimeError):
+    """The first call on a device came inside CUDA graph capture, where loading the kernels' module
+    is not allowed: one call on that device must come before capturing."""
+
+
+class PTXDriverWarning(UserWarning):
+    """Prebuilt PTX ($SRU_CUPY_PTX_DIR) cannot be loaded by this driver; the kernels are compiled
+    with CuPy's NVRTC instead."""
