@@ -1,7 +1,8 @@
 # sru_cupy development tasks.
 #   make venv       build .venv (editable install with the test and torch extras)
-#   make demo       train a character-level language model, SRU vs LSTM of the same size, for
-#                   about two minutes, and print bits-per-character and speed (DEMO_ARGS=...)
+#   make demo       train character-level language models, SRU, SRU++ and an LSTM of the same
+#                   hidden size, for about three minutes together, and print bits-per-character
+#                   and speed (DEMO_ARGS=...)
 #   make test       run the test suite inside .venv (extra args: PYTEST_ARGS=...)
 #   make gpu-check  on a GPU machine (torch, cupy, pytest installed; no downloads): environment
 #                   report, whole test suite, GPU benchmark -> $(GPU_CHECK_OUT)
