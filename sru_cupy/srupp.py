@@ -400,9 +400,8 @@ class SRUpp(nn.Module):
     # -- incremental decoding ----------------------------------------------------------------------
     def memory_length(self, memory: Optional[List[Optional[Tensor]]]) -> int:
         """The number of steps in ``memory`` (0 for None)."""
-        if memory is None or memory[0] is None:
-            return 0
-        return memory[0].shape[1 if self.batch_first else 0]
+        steps = [m.shape[1 if self.batch_first else 0] for m in memory or [] if m is not None]
+        return steps[0] if steps else 0
 
     def causal_attn_mask(self, length: int, memory_length: int = 0,
                          dtype: torch.dtype = torch.float32, device=None) -> Tensor:
