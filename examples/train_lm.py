@@ -436,7 +436,8 @@ def format_table(rows: List[Row], vocab_size: int) -> str:
     base = rows[-1]
     others = [row for row in rows[:-1] if math.isfinite(row.result.chars_per_second)]
     if others and math.isfinite(base.result.chars_per_second):
-        ratios = ", ".join(f"{row.label} {row.result.chars_per_second / base.result.chars_per_second:.2f}x"
+        speed = base.result.chars_per_second
+        ratios = ", ".join(f"{row.label} {row.result.chars_per_second / speed:.2f}x"
                            for row in others)
         lines.append(f"training throughput / {base.label}: {ratios}")
     return "\n".join(lines)

@@ -83,7 +83,8 @@ class SRUppProjectedLinear(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.linear1 = nn.Linear(in_features, proj_features, bias=False)
         self.linear2 = nn.Linear(proj_features, out_features, bias=False)
-        self.layer_norm: Optional[nn.LayerNorm] = nn.LayerNorm(proj_features) if layer_norm else None
+        self.layer_norm: Optional[nn.LayerNorm] = (nn.LayerNorm(proj_features) if layer_norm
+                                                   else None)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -137,7 +138,8 @@ class SRUppAttention(nn.Module):
         self.linear3 = nn.Linear(proj_features, out_features, bias=False)
         self.alpha = nn.Parameter(torch.tensor([self.rezero_init_alpha]))
         self.normalize_after = normalize_after
-        self.layer_norm: Optional[nn.LayerNorm] = nn.LayerNorm(proj_features) if layer_norm else None
+        self.layer_norm: Optional[nn.LayerNorm] = (nn.LayerNorm(proj_features) if layer_norm
+                                                   else None)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -239,8 +241,8 @@ def _time_major_input(input, mask_pad: Optional[Tensor], batch_first: bool):
         raise TypeError(f"input: expected a torch.Tensor or PackedSequence, got "
                         f"{type(input).__name__}")
     if input.dim() != 3:
-        raise ValueError(f"input: expected rank 3 {'(B, L, n_in)' if batch_first else '(L, B, n_in)'}"
-                         f", got shape {tuple(input.shape)}")
+        layout = "(B, L, n_in)" if batch_first else "(L, B, n_in)"
+        raise ValueError(f"input: expected rank 3 {layout}, got shape {tuple(input.shape)}")
     if batch_first:
         input, mask_pad = _time_major(input, mask_pad)
     return input, mask_pad, None
@@ -339,7 +341,8 @@ class SRUpp(nn.Module):
                  weight_c_init: float = 1.0, batch_first: bool = False):
         super().__init__()
         _check_positive_int(input_size=input_size, hidden_size=hidden_size, proj_size=proj_size,
-                            num_layers=num_layers, attention_every_n_layers=attention_every_n_layers)
+                            num_layers=num_layers,
+                            attention_every_n_layers=attention_every_n_layers)
         if attention_every_n_layers != 1 and attention_last_n_layers != -1:
             raise ValueError(f"attention_every_n_layers, attention_last_n_layers: give at most "
                              f"one of them, got {attention_every_n_layers} and "
@@ -454,10 +457,10 @@ class SRUpp(nn.Module):
                                  f"got {tuple(c0.shape) if isinstance(c0, Tensor) else type(c0)}")
         if memory is not None:
             if not isinstance(memory, (list, tuple)) or len(memory) != self.num_layers:
+                got = (f"{len(memory)} items" if isinstance(memory, (list, tuple))
+                       else type(memory).__name__)
                 raise ValueError(f"memory: expected a list of {self.num_layers} tensors (or None),"
-                                 f" one per layer, got "
-                                 f"{len(memory) if isinstance(memory, (list, tuple)) else type(memory).__name__}"
-                                 f"{' items' if isinstance(memory, (list, tuple)) else ''}")
+                                 f" one per layer, got {got}")
         x = input if self.input_to_hidden is None else self.input_to_hidden(input)
         saved_inputs = []
         finals = []

@@ -91,9 +91,12 @@ def main(sru3_dir, configs_path, out_path):
                  f"{sru.__file__}")
     with open(configs_path) as f:
         configs = json.load(f)
+    def signature(cls, method):
+        parameters = inspect.signature(getattr(cls, method)).parameters.values()
+        return [(p.name, repr(p.default)) for p in parameters]
+
     results = {"sru_file": sru.__file__, "cases": {}, "signatures": {
-        name: {method: [(p.name, repr(p.default)) for p in
-                        inspect.signature(getattr(getattr(sru.modules, name), method)).parameters.values()]
+        name: {method: signature(getattr(sru.modules, name), method)
                for method in ("__init__", "forward")}
         for name in ("SRUpp", "SRUppCell", "SRUppAttention", "SRUppProjectedLinear")}}
     for name, config in configs.items():

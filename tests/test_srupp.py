@@ -5,11 +5,8 @@ autocast, torch.compile, gradcheck, argument errors, and the CUDA path (GPU-mark
 ``sru`` 3.0.0.dev6 itself is in test_srupp_parity.py.
 """
 
-import math
-
 import pytest
 import torch
-from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from parity_helpers import padding_mask, perturb
@@ -489,6 +486,9 @@ def test_gpu_autocast_and_fully_masked_rows(dtype):
     _need_cuda()
     torch.manual_seed(0)
     model = SRUpp(64, 64, 64, num_layers=2, num_heads=4).cuda()
+    with torch.no_grad():
+        for layer in model.rnn_lst:  # alpha starts at 0: give the attention a part in U
+            layer.transform_module.alpha.fill_(0.5)
     x = torch.randn(32, 4, 64, device="cuda")
     mask_pad = padding_mask([32, 0, 20, 7], 32).cuda()
     ref, _, _ = model(x, mask_pad=mask_pad, attn_mask=model.causal_attn_mask(32))
@@ -499,5 +499,4 @@ def test_gpu_autocast_and_fully_masked_rows(dtype):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     assert (h[:, 1] == 0).all()
     error = (h.float() - ref).norm() / ref.norm()
-    assert error < 2e-2, f"relative error {error:.3g} under {dtype} autocast"
-    assert math.isfinite(float(error))
+    assert error < 5e-2, f"relative error {error:.3g} under {dtype} autocast"

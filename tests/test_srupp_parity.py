@@ -144,7 +144,8 @@ def _features(config, all_names=False):
                                        and input_size != out),
         "first layer k=4": input_size != out and not kwargs.get("proj_input_to_hidden_first"),
         "layer_norm before": kwargs.get("layer_norm", False) and not kwargs.get("normalize_after"),
-        "layer_norm after": kwargs.get("layer_norm", False) and kwargs.get("normalize_after", False),
+        "layer_norm after": (kwargs.get("layer_norm", False)
+                             and kwargs.get("normalize_after", False)),
         "no attn_layer_norm": kwargs.get("attn_layer_norm") is False,
         "rescale": kwargs.get("rescale", False),
         "nn_rnn_compatible_return": kwargs.get("nn_rnn_compatible_return", False),
