@@ -6,8 +6,11 @@ elementwise recurrence (weight_c, bias, highway, c0, mask_pad, dropout on h) is 
 ``SRUCell``, so ``SRUppCell`` is an ``SRUCell`` that hands its transform module the attention
 arguments, and runs the same kernels.
 
-    U = linear3(dropout(LN(alpha * Attention(q, k, v) + z)))      (LN after, the default)
-    z = linear1(x) (L, B, proj);  q = z;  k, v = linear2([LN(z_memory); LN(z)]).chunk(2)
+    z = linear1([memory; x])                       (M + L, B, proj), memory optional
+    n = z, or LN(z) with normalize_after=False     (pre-norm)
+    k, v = linear2(n).chunk(2);  q = n[M:]
+    y = alpha * Attention(q, k, v) + z[M:],  then LN(y) with normalize_after=True (the default)
+    U = linear3(dropout(y))                        (L, B, out_features)
 
 with multi-head scaled dot-product attention (no positional encoding: the recurrence orders the
 steps), alpha a learned scalar starting at ``rezero_init_alpha`` (0), and memory (earlier inputs of
@@ -323,7 +326,8 @@ class SRUpp(nn.Module):
     input (L, B, input_size), (B, L, input_size) with ``batch_first``, or a PackedSequence; c0
     (num_layers, B, output_size); mask_pad (L, B) nonzero at padding; attn_mask (L, M + L)
     additive; memory a list with one tensor (M, B, layer input size) or None per layer (usually
-    the previous call's saved inputs); memory_mask_pad (M, B). With ``batch_first`` the batch
+    the previous call's saved inputs; attn_mask and memory_mask_pad serve every layer, so the
+    layers' memories have one length M); memory_mask_pad (M, B). With ``batch_first`` the batch
     axis comes first in input, mask_pad, memory, memory_mask_pad, h and the saved inputs.
 
     Layer i has attention when ``(i + 1) % attention_every_n_layers == 0``, or, when
