@@ -21,9 +21,11 @@ Names, defaults and ``state_dict`` keys are those of ``sru`` 3.0.0.dev6: a check
 PackedSequence input without a Python loop, autocast, ``torch.compile(fullgraph=True)``, and
 attention through ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels on a GPU).
 
-One difference: a query with every key masked (a sequence that is padding from end to end, or
-an ``attn_mask`` row of -inf) gets an attention output of 0, so U = linear3(LN(z)); ``sru`` 3.0
-takes a softmax over -inf there and returns NaN (in h, c and every gradient).
+One difference: where every key of a query is masked, ``sru`` 3.0 takes a softmax over -inf and
+returns NaN (in h, c and every gradient). Here a sequence that is padding from end to end gives
+h = 0 and c = c0 (its steps are skipped; its keys are not masked, so the attention stays finite)
+and an ``attn_mask`` row of -inf gives attention 0 (scaled_dot_product_attention's convention),
+so U = linear3(LN(z)) there.
 
 Incremental decoding (unidirectional models, eval mode): carry c and the layers' inputs between
 calls, and give each call a causal mask over [memory; input]::
@@ -220,6 +222,10 @@ class SRUppAttention(nn.Module):
         else:
             pads.append(mask_pad.bool())
         padded = torch.cat(pads, dim=0).t()[:, None, None, :]  # (B, 1, 1, M + L), True at pads
+        # A sequence that is all padding would mask every key of its queries; every one of its
+        # steps is skipped by the recurrence (U unused, no gradient), so unmask its keys: finite
+        # attention whatever the backend does with fully masked rows.
+        padded = padded & ~padded.all(dim=-1, keepdim=True)
         if attn_mask is None:
             return ~padded
         return attn_mask.masked_fill(padded, float("-inf"))

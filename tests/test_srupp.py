@@ -232,6 +232,30 @@ def test_fully_masked_query_rows_give_zero_attention():
     assert torch.autograd.gradcheck(lambda t: att(t, attn_mask=mask), (x,))
 
 
+def test_all_padding_sequence_gives_h_zero_c0_and_finite_gradients():
+    """A sequence that is padding from end to end, memory included: h = 0, c = c0, finite
+    gradients everywhere; the other sequences are as if run alone."""
+    model = _model(4, 4, 4, num_layers=2, num_heads=2, bidirectional=True)
+    L, B, M = 4, 3, 2
+    x = torch.randn(L, B, 4, dtype=F64)
+    c0 = torch.randn(2, B, 8, dtype=F64)
+    memory = _memory(model, M, B)
+    mask_pad = padding_mask([4, 0, 3], L)
+    memory_mask_pad = torch.tensor([[False, True, False], [False, True, True]])
+    result = _forward_backward(model, x, c0=c0, mask_pad=mask_pad, memory=memory,
+                               memory_mask_pad=memory_mask_pad)
+    assert (result["h"][:, 1] == 0).all()
+    torch.testing.assert_close(result["c"][:, 1], c0[:, 1])
+    assert all(torch.isfinite(g).all() for g in result["grads"].values())
+    assert torch.isfinite(result["grad_x"]).all()
+    for b in (0, 2):
+        h, c, _ = model(x[:, b:b + 1], c0[:, b:b + 1], mask_pad=mask_pad[:, b:b + 1],
+                        memory=[m[:, b:b + 1] for m in memory],
+                        memory_mask_pad=memory_mask_pad[:, b:b + 1])
+        torch.testing.assert_close(result["h"][:, b], h[:, 0].detach())
+        torch.testing.assert_close(result["c"][:, b], c[:, 0].detach())
+
+
 def test_memory_entry_none_and_memory_mask_pad_without_memory():
     model = _model(4, 4, 4, num_layers=2)
     x = torch.randn(3, 2, 4, dtype=F64)
@@ -481,8 +505,8 @@ def test_gpu_matches_cpu(bidirectional):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 def test_gpu_autocast_and_fully_masked_rows(dtype):
-    """Under autocast the fused attention kernels run; a sequence that is all padding still gives
-    finite results (attention 0 for its queries) and the others match float32."""
+    """Under autocast the fused attention kernels run; a sequence that is all padding gives
+    finite results (h = 0) and the others match float32."""
     _need_cuda()
     torch.manual_seed(0)
     model = SRUpp(64, 64, 64, num_layers=2, num_heads=4).cuda()

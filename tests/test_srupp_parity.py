@@ -228,11 +228,10 @@ def test_initial_state_matches(oracle, name):
         torch.testing.assert_close(mine[key], value, rtol=0, atol=0, msg=key)
 
 
-def test_fully_masked_queries_give_zero_attention_where_sru_gives_nan(oracle):
+def test_all_padding_sequence_is_finite_where_sru_gives_nan(oracle):
     """A sequence that is all padding masks every key of its queries: sru 3.0's softmax over
-    -inf gives NaN there, which reaches h, c and every parameter gradient; sru_cupy's
-    attention gives 0 for such rows (scaled_dot_product_attention's convention). The other
-    sequences agree with sru."""
+    -inf gives NaN there, which reaches h, c and every parameter gradient; sru_cupy gives h = 0,
+    c = c0 and finite gradients. The other sequences agree with sru."""
     case = oracle["cases"]["fully-masked"]
     theirs = case["outputs"]
     assert torch.isnan(theirs["h"][:, 1]).any()  # what sru 3.0 does (documented difference)
