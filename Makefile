@@ -1,7 +1,8 @@
 # sru_cupy development tasks.
 #   make venv       build .venv (editable install with the test and torch extras)
-#   make demo       train a character-level language model, SRU vs LSTM of the same size, for
-#                   about two minutes, and print bits-per-character and speed (DEMO_ARGS=...)
+#   make demo       train character-level language models, SRU, SRU++ and an LSTM of the same
+#                   hidden size, for about three minutes together, and print bits-per-character
+#                   and speed (DEMO_ARGS=...)
 #   make test       run the test suite inside .venv (extra args: PYTEST_ARGS=...)
 #   make gpu-check  on a GPU machine (torch, cupy, pytest installed; no downloads): environment
 #                   report, the GPU tests and a CPU smoke set, the GPU benchmark -> $(GPU_CHECK_OUT),
@@ -38,6 +39,9 @@ $(VENV_STAMP): setup.cfg pyproject.toml
 	# pynvrtc 9.2 is a yanked sdist (so pinned exactly) whose build needs wheel.
 	$(VENV_PIP) install --no-build-isolation pynvrtc==9.2
 	$(VENV_PIP) install -e '.[test,torch,examples,bench]'
+	# The SRU++ parity oracle, sru 3.0.0.dev6, in a folder of its own (it cannot sit beside the
+	# sru 2.6 of the test extra); tests/test_srupp_parity.py runs it in a child process.
+	$(VENV_PIP) install --upgrade --no-deps --target $(VENV)/sru3 --pre sru==3.0.0.dev6
 	touch $@
 
 demo: $(VENV_STAMP)

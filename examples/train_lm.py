@@ -1,13 +1,17 @@
-"""A character-level language model on text shipped with Python: sru_cupy's SRU vs PyTorch's LSTM.
+"""A character-level language model on text shipped with Python: sru_cupy's SRU and SRU++ vs
+PyTorch's LSTM.
 
-Each model is an embedding, a stack of recurrent layers (``sru_cupy.SRU`` or ``torch.nn.LSTM``, the
-same hidden size and number of layers) and a linear layer to the next character's logits. Both are
-trained with Adam on the same random windows of the training text, for the same share of a time
-budget, then scored on the held-out text. The default corpus needs no download: it is the source
+Each model is an embedding, a stack of recurrent layers (``sru_cupy.SRU``, ``sru_cupy.SRUpp`` or
+``torch.nn.LSTM``, the same hidden size and number of layers) and a linear layer to the next
+character's logits. SRU++ layers make U with single-head causal self-attention over the window
+(attention width ``--proj``, half the hidden size by default, which gives it about the SRU's size).
+All are trained with Adam on the same random windows of the training text, for the same share of
+a time budget, then scored on the held-out text. The default corpus needs no download: it is the source
 of a fixed list of standard library modules of the running Python (see ``corpus.py``); the last 10%
 is held out. ``--data PATH`` trains on a text file instead.
 
-    python examples/train_lm.py                     # SRU then LSTM, about 2 minutes
+    python examples/train_lm.py                     # SRU, SRU++ and LSTM, about 3 minutes
+    python examples/train_lm.py --model srupp --proj 64
     python examples/train_lm.py --model sru --device cuda --precision bf16 --time-budget 60
     python examples/train_lm.py --data book.txt --hidden 512 --layers 3 --steps 2000
     python examples/train_lm.py --short             # a few seconds (what the tests run)
@@ -50,8 +54,9 @@ try:
 except ImportError:  # the progress bar is optional
     tqdm = None
 
-MODELS = ("sru", "lstm")
-LABELS = {"sru": "SRU", "lstm": "LSTM"}
+MODELS = ("sru", "srupp", "lstm")
+LABELS = {"sru": "SRU", "srupp": "SRU++", "lstm": "LSTM"}
+CHOICES = {"all": MODELS, "both": ("sru", "lstm"), **{kind: (kind,) for kind in MODELS}}
 LN2 = math.log(2.0)
 
 
@@ -59,15 +64,17 @@ LN2 = math.log(2.0)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Character-level LM: sru_cupy.SRU vs torch.nn.LSTM on text shipped with "
-                    "Python.")
+        description="Character-level LM: sru_cupy.SRU and SRUpp vs torch.nn.LSTM on text shipped "
+                    "with Python.")
     p.add_argument("--data", metavar="PATH", help="a UTF-8 text file to train on instead of the "
                    "standard library sources")
-    p.add_argument("--model", choices=("sru", "lstm", "both"), default="both",
-                   help="both (the default): SRU, then LSTM")
+    p.add_argument("--model", choices=tuple(CHOICES), default="all",
+                   help="all (the default): SRU, SRU++ and LSTM; both: SRU and LSTM")
     p.add_argument("--hidden", type=int, default=None,
                    help="hidden size, also the embedding size (default: 256, 128 with --short)")
     p.add_argument("--layers", type=int, default=2, help="recurrent layers (default: 2)")
+    p.add_argument("--proj", type=int, default=None,
+                   help="SRU++ attention width (default: half the hidden size)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="characters per training window (default: 128, 64 with --short)")
     p.add_argument("--batch", type=int, default=None,
@@ -78,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stop each model after this many steps (default: only the time budget)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="training time for all models together, split evenly between them "
-                   "(default: 110, or 60 with --short)")
+                   "(default: 150, or 90 with --short)")
     p.add_argument("--eval-chars", type=int, default=None,
                    help="score at most this many held-out characters (default: all)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -91,12 +98,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "per model, 16384 held-out characters, the time budget only a cap against a "
                    "stalled machine; options given explicitly win")
     args = p.parse_args(argv)
-    presets = (dict(hidden=128, seq_len=64, batch=16, steps=150, eval_chars=16384, time_budget=60.0)
-               if args.short else dict(hidden=256, seq_len=128, batch=32, time_budget=110.0))
+    presets = (dict(hidden=128, seq_len=64, batch=16, steps=150, eval_chars=16384, time_budget=90.0)
+               if args.short else dict(hidden=256, seq_len=128, batch=32, time_budget=150.0))
     for name, value in presets.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("hidden", "layers", "seq_len", "batch", "steps"):
+    if args.proj is None:
+        args.proj = max(1, args.hidden // 2)
+    for name in ("hidden", "layers", "proj", "seq_len", "batch", "steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')}: expected a positive integer, got {value}")
@@ -161,28 +170,48 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def make_rnn(kind: str, input_size: int, hidden: int, layers: int) -> nn.Module:
-    """sru_cupy.SRU or torch.nn.LSTM, time-major (L, B, n) input; both return (h, state)."""
+class CausalSRUpp(nn.Module):
+    """sru_cupy.SRUpp for a language model: forward(x (L, B, n), c0) -> (h, c), each step
+    attending to itself and the earlier steps of the window only (a causal attn_mask)."""
+
+    def __init__(self, input_size: int, hidden: int, layers: int, proj: int):
+        super().__init__()
+        from sru_cupy import SRUpp
+        self.srupp = SRUpp(input_size, hidden, proj, num_layers=layers)
+
+    def forward(self, x, c0=None):
+        mask = self.srupp.causal_attn_mask(x.shape[0], device=x.device)
+        h, c, _ = self.srupp(x, c0, attn_mask=mask)
+        return h, c
+
+
+def make_rnn(kind: str, input_size: int, hidden: int, layers: int, proj: int = 0) -> nn.Module:
+    """sru_cupy.SRU, sru_cupy.SRUpp (causal; attention width ``proj``, default hidden / 2) or
+    torch.nn.LSTM, time-major (L, B, n) input; each returns (h, state)."""
     if kind == "sru":
         from sru_cupy import SRU
         return SRU(input_size, hidden, num_layers=layers)
+    if kind == "srupp":
+        return CausalSRUpp(input_size, hidden, layers, proj or max(1, hidden // 2))
     return nn.LSTM(input_size, hidden, num_layers=layers)
 
 
 # -- the model -------------------------------------------------------------------------------------
 
 class CharLM(nn.Module):
-    """Embedding -> SRU or LSTM -> linear; forward(x (L, B), state) -> (logits (L, B, V), state).
+    """Embedding -> SRU, SRU++ or LSTM -> linear; forward(x (L, B), state) -> (logits (L, B, V),
+    state).
 
-    ``state`` is what the recurrent layer returns and takes back: c (layers, B, hidden) for the SRU,
-    (h, c) for the LSTM; None starts from zeros.
+    ``state`` is what the recurrent layer returns and takes back: c (layers, B, hidden) for the SRU
+    and SRU++, (h, c) for the LSTM; None starts from zeros. (SRU++ carries c from one window to
+    the next but attends within the window only, as in training.)
     """
 
-    def __init__(self, kind: str, vocab_size: int, hidden: int, layers: int):
+    def __init__(self, kind: str, vocab_size: int, hidden: int, layers: int, proj: int = 0):
         super().__init__()
         self.kind = kind
         self.embed = nn.Embedding(vocab_size, hidden)
-        self.rnn = make_rnn(kind, hidden, hidden, layers)
+        self.rnn = make_rnn(kind, hidden, hidden, layers, proj)
         self.out = nn.Linear(hidden, vocab_size)
 
     def forward(self, x, state=None):
@@ -375,11 +404,12 @@ def run_model(kind: str, vocab_size: int, train_ids, held_out_ids, args, device,
               budget: float) -> Row:
     label = LABELS[kind]
     torch.manual_seed(args.seed)  # the same embedding and output initialisation for both
-    model = CharLM(kind, vocab_size, args.hidden, args.layers).to(device)
+    model = CharLM(kind, vocab_size, args.hidden, args.layers, args.proj).to(device)
     params = count_parameters(model)
     limit = f"{args.steps} steps or {budget:.0f} s" if args.steps else f"{budget:.0f} s"
-    print(f"{label}: {args.layers} layers x {args.hidden}, {params:,} parameters; training for "
-          f"{limit}", flush=True)
+    width = f" (attention {args.proj})" if kind == "srupp" else ""
+    print(f"{label}: {args.layers} layers x {args.hidden}{width}, {params:,} parameters; training "
+          f"for {limit}", flush=True)
     sampler = WindowSampler(train_ids, args.seq_len, args.batch, args.seed, device)
     result = train(model, sampler, args, device, budget, label)
     held_out_bpc = float("nan")
@@ -403,9 +433,13 @@ def format_table(rows: List[Row], vocab_size: int) -> str:
         lines.append(f"{row.label:<6}{row.params:>11,}{r.steps:>8}{train_bpc:>18}{held_out:>14}"
                      f"{r.chars_per_second:>11,.0f}  {row.device}")
     lines.append(f"uniform baseline: log2({vocab_size}) = {math.log2(vocab_size):.3f} bpc")
-    if len(rows) == 2 and all(math.isfinite(r.result.chars_per_second) for r in rows):
-        ratio = rows[0].result.chars_per_second / rows[1].result.chars_per_second
-        lines.append(f"training throughput {rows[0].label} / {rows[1].label}: {ratio:.2f}x")
+    base = rows[-1]
+    others = [row for row in rows[:-1] if math.isfinite(row.result.chars_per_second)]
+    if others and math.isfinite(base.result.chars_per_second):
+        speed = base.result.chars_per_second
+        ratios = ", ".join(f"{row.label} {row.result.chars_per_second / speed:.2f}x"
+                           for row in others)
+        lines.append(f"training throughput / {base.label}: {ratios}")
     return "\n".join(lines)
 
 
@@ -429,8 +463,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
     check_precision(device, args.precision)
-    kinds = MODELS if args.model == "both" else (args.model,)
-    if "sru" in kinds:
+    kinds = CHOICES[args.model]
+    if "sru" in kinds or "srupp" in kinds:
         check_sru_backend(device)
     vocab, train_ids, held_out_ids = load_corpus(args)
     budget = args.time_budget / len(kinds)

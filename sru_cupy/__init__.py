@@ -1,6 +1,7 @@
 """sru_cupy: the Simple Recurrent Unit (SRU) as raw CUDA kernels compiled at first use.
 
     from sru_cupy import SRU, SRUCell          # PyTorch layers (need torch)
+    from sru_cupy import SRUpp, SRUppCell      # SRU++: attention makes U (need torch)
     from sru_cupy import launch, reference     # array-level kernels and the NumPy reference
 
 Importing the package initialises no CUDA context, compiles nothing and imports neither torch nor
@@ -13,6 +14,10 @@ _LAZY = {
     "SRU": ("modules", "SRU"),
     "SRUCell": ("modules", "SRUCell"),
     "recurrence": ("ops", "recurrence"),
+    "SRUpp": ("srupp", "SRUpp"),
+    "SRUppCell": ("srupp", "SRUppCell"),
+    "SRUppAttention": ("srupp", "SRUppAttention"),
+    "SRUppProjectedLinear": ("srupp", "SRUppProjectedLinear"),
 }
 
 
@@ -30,4 +35,5 @@ def __dir__():
     return sorted(list(globals()) + list(_LAZY))
 
 
-__all__ = ["SRU", "SRUCell", "recurrence", "__version__"]
+__all__ = ["SRU", "SRUCell", "SRUpp", "SRUppCell", "SRUppAttention", "SRUppProjectedLinear",
+           "recurrence", "__version__"]

@@ -1,5 +1,6 @@
 """Benchmarks: the SRU layer against torch.nn.LSTM (cuDNN on GPU), torch.nn.Conv1d (kernel 3) and
-the ``sru`` package, the recurrence kernel against its memory floor, and the kernel compile cost.
+the ``sru`` package, SRU++ against a Transformer encoder of the same width, the recurrence kernel
+against its memory floor, and the kernel compile cost.
 
 Run with ``python -m sru_cupy bench [--device auto|cpu|cuda] [--out DIR]``. Prints tables and
 writes ``bench.json``, ``bench.md`` and ``bench.png`` to the output folder.
@@ -35,6 +36,12 @@ CONFIGS = [
      "gpu_only": True},
     {"name": "L128-B32-d512-4layer-bi", "L": 128, "B": 32, "d": 512, "layers": 4,
      "bidirectional": True},
+    # SRU++ (attention in every layer, and in every 4th as in the paper's large models) against
+    # nn.TransformerEncoderLayer of the same width; long sequences, where attention costs most.
+    {"name": "srupp-L512-B8-d512-4layer", "L": 512, "B": 8, "d": 512, "layers": 4,
+     "bidirectional": False, "srupp": True},
+    {"name": "srupp-L2048-B2-d512-4layer", "L": 2048, "B": 2, "d": 512, "layers": 4,
+     "bidirectional": False, "srupp": True, "gpu_only": True},
 ]
 
 #: Storage dtypes the layers can be timed in.
@@ -98,10 +105,46 @@ class _ConvStack:
         return self.net(x.permute(1, 2, 0)), None
 
 
+class _FirstOutput:
+    """A module whose output is a tensor, or a tuple that starts with one, called as (output, _)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def __call__(self, x):
+        out = self.module(x)
+        return (out[0] if isinstance(out, tuple) else out), None
+
+
+def _srupp_models(cfg, device, dtype):
+    """SRU++ with attention in every layer and in every 4th (attention width d/4, one head, as in
+    the paper), a Transformer encoder (8 heads, feed-forward 4d, as in the original Transformer)
+    and the SRU, all ``layers`` deep and d wide; attention over the whole sequence (no mask)."""
+    import torch
+    from .modules import SRU
+    from .srupp import SRUpp
+    d, layers = cfg["d"], cfg["layers"]
+    encoder = torch.nn.TransformerEncoder(
+        torch.nn.TransformerEncoderLayer(d, nhead=8, dim_feedforward=4 * d, dropout=0.0),
+        num_layers=layers, enable_nested_tensor=False)
+    return {
+        "sru_cupy SRU": SRU(d, d, num_layers=layers).to(device, dtype),
+        "SRU++ (all)": _FirstOutput(SRUpp(d, d, d // 4, num_layers=layers).to(device, dtype)),
+        "SRU++ (1 of 4)": _FirstOutput(SRUpp(d, d, d // 4, num_layers=layers,
+                                             attention_every_n_layers=4).to(device, dtype)),
+        "Transformer": _FirstOutput(encoder.to(device, dtype)),
+    }
+
+
 def _models(cfg, device, dtype):
     """name -> callable(x) -> (output, _) ; models that cannot be built are skipped with a reason."""
     import torch
     from .modules import SRU
+    if cfg.get("srupp"):
+        return _srupp_models(cfg, device, dtype), {}
     d, layers, bi = cfg["d"], cfg["layers"], cfg["bidirectional"]
     hidden = d // 2 if bi else d
     models, skipped = {}, {}

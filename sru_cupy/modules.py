@@ -173,6 +173,11 @@ class SRUCell(nn.Module):
             input = torch.matmul(input, self.weight_proj)
         return torch.matmul(input, self.weight)
 
+    def _transform(self, input: Tensor, mask_pad: Optional[Tensor], attn_mask: Optional[Tensor],
+                   memory: Optional[Tensor], memory_mask_pad: Optional[Tensor]) -> Tensor:
+        """U for the recurrence; the attention arguments are used by SRUppCell (srupp.py)."""
+        return self.compute_U(input)
+
     def _check_input(self, input: Tensor):
         if not isinstance(input, Tensor):
             raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
@@ -211,7 +216,9 @@ class SRUCell(nn.Module):
         return self._forward_time_major(input, c0, mask_pad)
 
     def _forward_time_major(self, input: Tensor, c0: Optional[Tensor],
-                            mask_pad: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+                            mask_pad: Optional[Tensor], attn_mask: Optional[Tensor] = None,
+                            memory: Optional[Tensor] = None,
+                            memory_mask_pad: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         L, B = input.shape[0], input.shape[1]
         if c0 is not None and tuple(c0.shape) != (B, self.output_size):
             raise ValueError(f"c0: expected shape (B, output_size) = {(B, self.output_size)}, got "
@@ -229,7 +236,7 @@ class SRUCell(nn.Module):
             input = self.layer_norm(input)
         if self.training and self.rnn_dropout > 0:
             input = input * _dropout_mask(input, (B, input.shape[-1]), self.rnn_dropout)
-        U = self.compute_U(input)
+        U = self._transform(input, mask_pad, attn_mask, memory, memory_mask_pad)
         mask_h = None
         if self.training and self.dropout > 0:
             mask_h = _dropout_mask(self.bias.detach(), (B, self.output_size), self.dropout)

@@ -162,6 +162,32 @@ def test_default_configs_hold_the_paper_sizes():
     assert by_name["L128-B32-d512-4layer-bi"]["bidirectional"]
 
 
+def test_default_configs_hold_the_srupp_sizes():
+    by_name = {c["name"]: c for c in bench.CONFIGS if c.get("srupp")}
+    assert sorted(c["L"] for c in by_name.values()) == [512, 2048]
+    assert all(c["layers"] == 4 and not c["bidirectional"] for c in by_name.values())
+
+
+def test_srupp_configs_time_srupp_transformer_and_sru(monkeypatch):
+    monkeypatch.setattr(bench, "CONFIGS", [{"name": "tiny-srupp", "L": 6, "B": 2, "d": 16,
+                                            "layers": 4, "bidirectional": False, "srupp": True}])
+    monkeypatch.setattr(bench, "compile_cost", lambda device: {})
+    result = bench.run("cpu", repeats=1, warmup=0, echo=lambda line: None)
+    assert {r["model"] for r in result["layers"]} == {
+        "sru_cupy SRU", "SRU++ (all)", "SRU++ (1 of 4)", "Transformer"}, result["skipped"]
+    assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] > 0 for r in result["layers"])
+    assert "| tiny-srupp | float32 | SRU++ (1 of 4) |" in bench.format_markdown(result)
+    models = bench._srupp_models(bench.CONFIGS[0], CPU, torch.float32)
+    attention = {name: [type(layer.transform_module).__name__ for layer in
+                        models[name].module.rnn_lst] for name in ("SRU++ (all)", "SRU++ (1 of 4)")}
+    assert attention == {"SRU++ (all)": ["SRUppAttention"] * 4,
+                         "SRU++ (1 of 4)": ["SRUppProjectedLinear"] * 3 + ["SRUppAttention"]}
+    encoder = models["Transformer"].module
+    assert len(encoder.layers) == 4 and encoder.layers[0].self_attn.embed_dim == 16
+    x = torch.randn(6, 2, 16)
+    assert all(model(x)[0].shape == (6, 2, 16) for model in models.values())
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(configs=["L32-B32-d256", "nope"]), r"configs: expected names among .*'L32-B32-d256'.*"
                                              r"got unknown \['nope'\]"),

@@ -43,7 +43,7 @@ def table_rows(stdout):
     start = max(i for i, line in enumerate(lines) if line.startswith("----")) + 1
     for line in lines[start:]:
         fields = line.split()
-        if not fields or fields[0] not in ("SRU", "LSTM"):
+        if not fields or fields[0] not in ("SRU", "SRU++", "LSTM"):
             break
         rows[fields[0]] = fields
     return rows
@@ -69,11 +69,16 @@ def test_stdlib_corpus_is_deterministic_and_sizeable():
 # -- train_lm.py -----------------------------------------------------------------------------------
 
 def test_train_lm_short_learns():
+    """SRU, SRU++ and LSTM (the default --model all), the same budget each."""
     out = run_example("train_lm.py", "--short")
     vocab_size = int(re.search(r"uniform baseline: log2\((\d+)\)", out).group(1))
     uniform = math.log2(vocab_size)
     rows = table_rows(out)
-    assert set(rows) == {"SRU", "LSTM"}, out
+    assert list(rows) == ["SRU", "SRU++", "LSTM"], out
+    assert re.search(r"training throughput / LSTM: SRU [\d.]+x, SRU\+\+ [\d.]+x", out), out
+    # about the same size: SRU++ (attention width hidden / 2) within 25 % of the SRU
+    sru_params, srupp_params = (int(rows[m][1].replace(",", "")) for m in ("SRU", "SRU++"))
+    assert abs(srupp_params - sru_params) < 0.25 * sru_params, out
     for label, fields in rows.items():
         # model  params  steps  first -> last  held-out  chars/s  device
         _, _, steps, first, arrow, last, held_out, chars_per_s, device = fields
@@ -97,6 +102,34 @@ def test_train_lm_single_model_with_own_text(tmp_path):
     # A repeated sentence over 28 distinct characters: learnt well within 60 steps.
     assert "log2(28)" in out, out
     assert float(rows["SRU"][6]) < math.log2(28) - 2.0, out
+
+
+def test_train_lm_srupp_with_own_text(tmp_path):
+    """SRU++ alone, with its attention width given."""
+    data = tmp_path / "fox.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    out = run_example("train_lm.py", "--short", "--model", "srupp", "--proj", "32", "--data",
+                      str(data), "--steps", "60")
+    rows = table_rows(out)
+    assert set(rows) == {"SRU++"}, out
+    assert "attention 32" in out, out
+    assert int(rows["SRU++"][2]) == 60, out
+    assert float(rows["SRU++"][6]) < math.log2(28) - 2.0, out
+
+
+def test_srupp_language_model_does_not_see_later_characters():
+    """The SRU++ of train_lm.py attends causally: h at step t ignores the inputs after t."""
+    import torch
+    import train_lm
+    torch.manual_seed(0)
+    model = train_lm.CharLM("srupp", 20, 16, 2, 8)
+    x = torch.randint(0, 20, (9, 2))
+    later = x.clone()
+    later[5:] = (later[5:] + 1) % 20
+    logits, _ = model(x)
+    logits_later, _ = model(later)
+    torch.testing.assert_close(logits_later[:5], logits[:5])
+    assert not torch.allclose(logits_later[5:], logits[5:])
 
 
 def test_train_lm_rejects_fp16_on_cpu():

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import sru_cupy
+from parity_helpers import assert_close, padding_mask, perturb
 
 with warnings.catch_warnings():
     # sru 2.6 warns at import that its CUDA kernels could not be compiled (no CUDA here).
@@ -39,20 +40,10 @@ pytestmark = pytest.mark.filterwarnings(
 L, B = 7, 3
 
 
-def _perturb(module, seed):
-    """Moves every trainable parameter away from its initial value (layer norm weights, biases,
-    the input_to_hidden Linear included) so that each one matters for the comparison."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-
-
 def _pair(oracle_cls, ours_cls, args, kwargs, dtype, seed=0):
     torch.manual_seed(seed)
     oracle = oracle_cls(*args, **kwargs).to(dtype)
-    _perturb(oracle, seed + 1)
+    perturb(oracle, seed + 1)
     ours = ours_cls(*args, **kwargs).to(dtype)
     ours.load_state_dict(oracle.state_dict(), strict=True)
     oracle.train()
@@ -70,11 +61,6 @@ def _run(module, x, c0, mask_pad, weights):
     return h.detach(), c.detach(), x.grad, None if c0 is None else c0.grad, grads
 
 
-def _assert_close(actual, expected, what, dtype):
-    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
-    torch.testing.assert_close(actual, expected, **tol, msg=lambda m: f"{what}: {m}")
-
-
 def _compare(oracle, ours, x, c0, mask_pad, dtype, out_shape_h, out_shape_c):
     g = torch.Generator().manual_seed(123)
     weights = (torch.randn(out_shape_h, generator=g, dtype=dtype),
@@ -82,26 +68,20 @@ def _compare(oracle, ours, x, c0, mask_pad, dtype, out_shape_h, out_shape_c):
     ho, co, gxo, gc0o, gpo = _run(oracle, x, c0, mask_pad, weights)
     hs, cs, gxs, gc0s, gps = _run(ours, x, c0, mask_pad, weights)
     assert hs.dtype == ho.dtype == dtype
-    _assert_close(hs.reshape(ho.shape), ho, "h", dtype)
-    _assert_close(cs, co, "final c", dtype)
-    _assert_close(gxs, gxo, "grad of input", dtype)
+    assert_close(hs.reshape(ho.shape), ho, "h", dtype)
+    assert_close(cs, co, "final c", dtype)
+    assert_close(gxs, gxo, "grad of input", dtype)
     if c0 is not None:
-        _assert_close(gc0s, gc0o, "grad of c0", dtype)
+        assert_close(gc0s, gc0o, "grad of c0", dtype)
     assert gps.keys() == gpo.keys()
     for name in gpo:
         if gpo[name] is None:
             assert gps[name] is None, f"{name}: sru has no gradient (frozen), sru_cupy has one"
             continue
         assert gps[name] is not None, f"{name}: no gradient in sru_cupy"
-        _assert_close(gps[name], gpo[name], f"grad of {name}", dtype)
+        assert_close(gps[name], gpo[name], f"grad of {name}", dtype)
     # the functional is not degenerate: the input gradient is not all zero
     assert gxo.abs().sum() > 0
-
-
-def _mask_pad(lengths, L):
-    """(L, B) bool, True at padding (the end of each sequence)."""
-    steps = torch.arange(L).unsqueeze(1)
-    return steps >= torch.tensor(lengths).unsqueeze(0)
 
 
 SRU_CONFIGS = {
@@ -147,7 +127,7 @@ def test_sru_parity(name, mask):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(L, B, input_size, generator=g, dtype=dtype)
     c0 = 0.5 * torch.randn(layers, B, hidden * dirs, generator=g, dtype=dtype)
-    mask_pad = _mask_pad([L, 4, 1], L) if mask else None
+    mask_pad = padding_mask([L, 4, 1], L) if mask else None
     c_shape = ((layers * dirs, B, hidden) if kwargs.get("nn_rnn_compatible_return")
                else (layers, B, hidden * dirs))
     _compare(oracle, ours, x, c0, mask_pad, dtype, (L, B, hidden * dirs), c_shape)
@@ -168,7 +148,7 @@ def test_sru_parity_mask_pad_uint8():
     oracle, ours = _pair(sru.SRU, sru_cupy.SRU, (5, 4), dict(num_layers=2, bidirectional=True),
                          torch.float64)
     x = torch.randn(L, B, 5, dtype=torch.float64)
-    mask_pad = _mask_pad([3, L, 5], L).to(torch.uint8)
+    mask_pad = padding_mask([3, L, 5], L).to(torch.uint8)
     _compare(oracle, ours, x, None, mask_pad, torch.float64, (L, B, 8), (2, B, 8))
 
 
@@ -196,7 +176,7 @@ def test_cell_parity(name, mask):
     out = hidden * (2 if kwargs.get("bidirectional") else 1)
     x = torch.randn(L, B, input_size, dtype=dtype)
     c0 = torch.randn(B, out, dtype=dtype)
-    mask_pad = _mask_pad([2, L, 5], L) if mask else None
+    mask_pad = padding_mask([2, L, 5], L) if mask else None
     _compare(oracle, ours, x, c0, mask_pad, dtype, (L, B, out), (B, out))
 
 
@@ -228,8 +208,8 @@ def test_sru_parity_dropout_same_seed(dtype):
     ho, co = oracle(x)
     torch.manual_seed(11)
     hs, cs = ours(x)
-    _assert_close(hs, ho, "h with dropout", dtype)
-    _assert_close(cs, co, "final c with dropout", dtype)
+    assert_close(hs, ho, "h with dropout", dtype)
+    assert_close(cs, co, "final c with dropout", dtype)
     # and the dropout did something: eval mode differs
     with torch.no_grad():
         he, _ = ours.eval()(x)
