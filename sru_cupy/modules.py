@@ -48,6 +48,14 @@ def _refresh_scale_x(module, incompatible_keys):
     module._scale_x_value = float(module.scale_x.reshape(-1)[0])
 
 
+def _rename_custom_m_keys(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                          unexpected_keys, error_msgs):
+    """`sru` 2.6 stores the transform module as ``custom_m``: its keys load as ours."""
+    old = prefix + "custom_m."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "transform_module." + key[len(old):]] = state_dict.pop(key)
+
+
 class SRUCell(nn.Module):
     """One SRU layer (unidirectional or bidirectional).
 
@@ -112,6 +120,7 @@ class SRUCell(nn.Module):
         # reset_parameters and after load_state_dict.
         self._scale_x_value = 1.0
         self.register_load_state_dict_post_hook(_refresh_scale_x)
+        self.register_load_state_dict_pre_hook(_rename_custom_m_keys)
         self.layer_norm: Optional[nn.LayerNorm] = None
         if layer_norm:
             self.layer_norm = nn.LayerNorm(self.output_size if normalize_after else input_size)
@@ -157,21 +166,35 @@ class SRUCell(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
     def compute_U(self, input: Tensor) -> Tensor:
-        """U = input W (L, B, output_size * num_matrices)."""
+        """U = input W (L, B, output_size * num_matrices), or the transform module's U."""
         if self.transform_module is not None:
-            U = self.transform_module(input)
-            if isinstance(U, (tuple, list)):
-                raise NotImplementedError(
-                    "transform_module: returning (U, V) with per-step weight_c offsets V is not "
-                    "supported; return U alone")
-            expected = self.output_size * self.num_matrices
-            if U.shape[-1] != expected:
-                raise ValueError(f"transform_module: expected U with last axis {expected}, got "
-                                 f"{tuple(U.shape)}")
-            return U
+            return self.compute_UV(input)[0]
         if self.weight_proj is not None:
             input = torch.matmul(input, self.weight_proj)
         return torch.matmul(input, self.weight)
+
+    def compute_UV(self, input: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """(U, V): U as ``compute_U``; V (L, B, 2 * output_size) the per-step offsets of weight_c
+        when the transform module returns (U, V), else None."""
+        if self.transform_module is None:
+            return self.compute_U(input), None
+        out = self.transform_module(input)
+        V: Optional[Tensor] = None
+        if isinstance(out, (tuple, list)):
+            if len(out) != 2:
+                raise ValueError(f"transform_module: expected U or (U, V), got {len(out)} values")
+            U, V = out[0], out[1]
+        else:
+            U = out
+        expected = self.output_size * self.num_matrices
+        if U.shape[-1] != expected:
+            raise ValueError(f"transform_module: expected U with last axis {expected}, got "
+                             f"shape {list(U.shape)}")
+        if V is not None and list(V.shape) != list(U.shape[:-1]) + [2 * self.output_size]:
+            raise ValueError(f"transform_module: expected V of shape (L, B, 2 * output_size) = "
+                             f"{list(U.shape[:-1]) + [2 * self.output_size]}, got "
+                             f"{list(V.shape)}")
+        return U, V
 
     def _check_input(self, input: Tensor):
         if not isinstance(input, Tensor):
@@ -229,7 +252,7 @@ class SRUCell(nn.Module):
             input = self.layer_norm(input)
         if self.training and self.rnn_dropout > 0:
             input = input * _dropout_mask(input, (B, input.shape[-1]), self.rnn_dropout)
-        U = self.compute_U(input)
+        U, V = self.compute_UV(input)
         mask_h = None
         if self.training and self.dropout > 0:
             mask_h = _dropout_mask(self.bias.detach(), (B, self.output_size), self.dropout)
@@ -239,10 +262,17 @@ class SRUCell(nn.Module):
         x = residual.to(dtype) if self.has_skip_term and self.num_matrices == 3 else None
         if c0 is not None:
             c0 = c0.to(dtype)
-        h, c = ops.recurrence(U, x, None if self.v1 else self.weight_c, self.bias, c0,
+        weight_c: Optional[Tensor] = None if self.v1 else self.weight_c
+        if V is not None:
+            V = V.to(dtype)
+            if weight_c is not None:
+                # sru 2.6 adds weight_c to V as flat vectors, so with V its entries are read in
+                # V's layout, (forget, reset) per column: the same reordering gives its results.
+                weight_c = weight_c.view(self.output_size, 2).t().reshape(-1)
+        h, c = ops.recurrence(U, x, weight_c, self.bias, c0,
                               hidden_size=self.hidden_size, bidirectional=self.bidirectional,
                               has_skip_term=self.has_skip_term, use_tanh=self.use_tanh,
-                              scale_x=self._scale_x_value, mask_h=mask_h, mask_pad=mask_pad)
+                              scale_x=self._scale_x_value, mask_h=mask_h, mask_pad=mask_pad, V=V)
         if self.layer_norm is not None and self.normalize_after:
             h = self.layer_norm(h)
         return h, c

@@ -182,6 +182,62 @@ def test_custom_m_replaces_the_gemm():
         bad(torch.randn(3, 2, 5))
 
 
+class _ReturnsUV(nn.Module):
+    def __init__(self, u_width, v_width, extra=False):
+        super().__init__()
+        self.u = nn.Linear(5, u_width, bias=False)
+        self.v = nn.Linear(5, v_width)
+        self.extra = extra
+
+    def forward(self, x):
+        U, V = self.u(x), self.v(x)
+        return (U, V, V) if self.extra else (U, V)
+
+
+def test_custom_m_returning_u_and_v():
+    """V offsets weight_c per step. As in sru 2.6, whose V = ret[1] + weight_c adds the flat
+    vectors, weight_c's entries are then read in V's layout, (forget, reset) per column: a zero V
+    equals no V with weight_c reordered that way. A nonzero V changes h and gets a gradient."""
+    cell = SRUCell(5, 4, custom_m=_ReturnsUV(16, 8)).double()
+    x = torch.randn(3, 2, 5, dtype=F64)
+    with torch.no_grad():
+        cell.transform_module.v.weight.zero_()
+        cell.transform_module.v.bias.zero_()
+    # (constructed first: its reset_parameters re-initialises the shared Linear)
+    u_only = SRUCell(5, 4, custom_m=cell.transform_module.u).double()
+    h_zero_v, c_zero_v = cell(x)
+    u_only.load_state_dict({"weight_c": cell.weight_c.detach().view(4, 2).t().reshape(-1),
+                            "bias": cell.bias, "scale_x": cell.scale_x}, strict=False)
+    h_u_only, c_u_only = u_only(x)
+    torch.testing.assert_close(h_zero_v, h_u_only, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c_zero_v, c_u_only, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        cell.transform_module.v.bias.fill_(0.5)
+    h, c = cell(x)
+    assert not torch.allclose(h, h_zero_v)
+    (h.sum() + c.sum()).backward()
+    assert cell.transform_module.v.weight.grad.abs().sum() > 0
+    assert cell.weight_c.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("module, match", [
+    (_ReturnsUV(16, 6), r"^transform_module: expected V"),
+    (_ReturnsUV(16, 8, extra=True), r"^transform_module: expected U or \(U, V\)"),
+])
+def test_custom_m_bad_v_is_rejected(module, match):
+    with pytest.raises(ValueError, match=match):
+        SRUCell(5, 4, custom_m=module)(torch.randn(3, 2, 5))
+
+
+def test_state_dict_with_sru_custom_m_keys_loads():
+    a = SRUCell(5, 4, custom_m=_ReturnsUV(16, 8))
+    state = {k.replace("transform_module.", "custom_m."): v for k, v in a.state_dict().items()}
+    b = SRUCell(5, 4, custom_m=_ReturnsUV(16, 8))
+    b.load_state_dict(state, strict=True)
+    x = torch.randn(3, 2, 5)
+    torch.testing.assert_close(b(x)[0], a(x)[0], rtol=0, atol=0)
+
+
 # -- layouts ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cls, args, kwargs", [
