@@ -13,6 +13,7 @@ _LAZY = {
     "SRU": ("modules", "SRU"),
     "SRUCell": ("modules", "SRUCell"),
     "recurrence": ("ops", "recurrence"),
+    "export_onnx": ("export", "export_onnx"),
 }
 
 
@@ -30,4 +31,4 @@ def __dir__():
     return sorted(list(globals()) + list(_LAZY))
 
 
-__all__ = ["SRU", "SRUCell", "recurrence", "__version__"]
+__all__ = ["SRU", "SRUCell", "recurrence", "export_onnx", "__version__"]

@@ -158,6 +158,11 @@ def test_onnx_graph_is_a_scan_in_standard_operations(exported):
     assert "recurrence_forward" not in str(ops_seen)
 
 
+def test_export_onnx_is_a_package_name():
+    import sru_cupy
+    assert sru_cupy.export_onnx is export.export_onnx
+
+
 def test_plain_torch_onnx_export_works(tmp_path):
     """torch.onnx.export(model, (x,), path, dynamo=True) itself, no helper, no translation table."""
     ort = _onnx_runtime()
