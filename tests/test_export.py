@@ -158,6 +158,23 @@ def test_onnx_graph_is_a_scan_in_standard_operations(exported):
     assert "recurrence_forward" not in str(ops_seen)
 
 
+def test_onnx_one_step_cell(tmp_path):
+    """SRUCell with rank-2 input (B, n_in), one step, batch size dynamic."""
+    ort = _onnx_runtime()
+    model = _model(SRUCell, 5, 4, bidirectional=True)
+    path = str(tmp_path / "step.onnx")
+    export.export_onnx(model, (torch.randn(3, 5), torch.randn(3, 8)), path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for B in (1, 6):
+        x, c0 = torch.randn(B, 5), torch.randn(B, 8)
+        h, c = session.run(None, {"input": x.numpy(), "c0": c0.numpy()})
+        with torch.no_grad():
+            h_eager, c_eager = model(x, c0)
+        assert h.shape == (B, 8)
+        np.testing.assert_allclose(h, h_eager.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(c, c_eager.numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_export_onnx_is_a_package_name():
     import sru_cupy
     assert sru_cupy.export_onnx is export.export_onnx
