@@ -18,6 +18,7 @@ _LAZY = {
     "SRUppCell": ("srupp", "SRUppCell"),
     "SRUppAttention": ("srupp", "SRUppAttention"),
     "SRUppProjectedLinear": ("srupp", "SRUppProjectedLinear"),
+    "export_onnx": ("export", "export_onnx"),
 }
 
 
@@ -36,4 +37,4 @@ def __dir__():
 
 
 __all__ = ["SRU", "SRUCell", "SRUpp", "SRUppCell", "SRUppAttention", "SRUppProjectedLinear",
-           "recurrence", "__version__"]
+           "recurrence", "export_onnx", "__version__"]

@@ -293,14 +293,16 @@ class SRUppCell(SRUCell):
                          batch_first=batch_first)
 
     def _transform(self, input: Tensor, mask_pad: Optional[Tensor], attn_mask: Optional[Tensor],
-                   memory: Optional[Tensor], memory_mask_pad: Optional[Tensor]) -> Tensor:
+                   memory: Optional[Tensor], memory_mask_pad: Optional[Tensor]
+                   ) -> Tuple[Tensor, Optional[Tensor]]:
+        """(U, None): U from the attention (or projected linear) transform module; SRU++ has no V."""
         U = self.transform_module(input, mask_pad=mask_pad, attn_mask=attn_mask, memory=memory,
                                   memory_mask_pad=memory_mask_pad)
         expected = self.output_size * self.num_matrices
         if U.shape[-1] != expected:
             raise ValueError(f"transform_module: expected U with last axis {expected}, got "
                              f"{tuple(U.shape)}")
-        return U
+        return U, None
 
     def forward(self, input: Tensor, c0: Optional[Tensor] = None,
                 mask_pad: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,

@@ -1,0 +1,285 @@
+"""Deployment routes of ``sru_cupy.SRU`` / ``SRUCell`` (sru_cupy/export.py): ONNX files run by ONNX
+Runtime (CPU execution provider) against eager PyTorch, the scan form of the recurrence against the
+custom op, and torch.export programs saved and loaded. TorchScript is tested in test_modules.py.
+
+ONNX needs the ``onnx`` extra (onnx, onnxscript, onnxruntime), which the ``test`` extra installs.
+"""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sru_cupy import SRU, SRUCell, export, ops
+
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+
+def _onnx_runtime():
+    for name in ("onnx", "onnxscript"):
+        pytest.importorskip(name, reason=f"ONNX export needs {name}: pip install sru_cupy[onnx]")
+    return pytest.importorskip("onnxruntime",
+                               reason="running ONNX files needs onnxruntime: pip install "
+                                      "sru_cupy[onnx]")
+
+
+class _SplitUV(nn.Module):
+    """A transform module returning (U, V)."""
+
+    def __init__(self, n_in, u_width, v_width):
+        super().__init__()
+        self.u = nn.Linear(n_in, u_width, bias=False)
+        self.v = nn.Linear(n_in, v_width)
+
+    def forward(self, x):
+        return self.u(x), self.v(x)
+
+
+def _model(cls, *args, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = cls(*args, **kwargs)
+    with torch.no_grad():  # off the trivial init (zero bias, unit layer norm)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def _inputs(model, L, B, seed, with_c0, with_pad):
+    g = torch.Generator().manual_seed(seed)
+    shape = (B, L, model.input_size) if model.batch_first else (L, B, model.input_size)
+    x = torch.randn(shape, generator=g)
+    layers = getattr(model, "num_layers", None)
+    c_shape = (B, model.output_size) if layers is None else (layers, B, model.output_size)
+    c0 = torch.randn(c_shape, generator=g) if with_c0 else None
+    mask_pad = None
+    if with_pad:  # lengths L, then random, the last one empty when B > 2
+        lengths = [L] + torch.randint(0, L + 1, (B - 1,), generator=g).tolist()
+        if B > 2:
+            lengths[-1] = 0
+        mask_pad = torch.arange(L).unsqueeze(1) >= torch.tensor(lengths).unsqueeze(0)
+        if model.batch_first:
+            mask_pad = mask_pad.t().contiguous()
+    return x, c0, mask_pad
+
+
+#: name -> (class, args, kwargs, inputs given: "x", "x-c0", "x-c0-pad" or "x-pad")
+ONNX_CASES = {
+    "cell-k4": (SRUCell, (5, 4), dict(), "x"),
+    "cell-bi-k3-tanh-c0-pad": (SRUCell, (8, 4), dict(bidirectional=True, use_tanh=True),
+                               "x-c0-pad"),
+    "sru-bi-3layers-c0-pad": (SRU, (5, 4), dict(num_layers=3, bidirectional=True), "x-c0-pad"),
+    "sru-proj-ln-rescale-pad": (SRU, (9, 4), dict(projection_size=3, layer_norm=True,
+                                                  rescale=True, highway_bias=-1.0), "x-pad"),
+    "sru-ln-after-noskip-v1-c0": (SRU, (5, 4), dict(layer_norm=True, normalize_after=True,
+                                                    has_skip_term=False, v1=True), "x-c0"),
+    "sru-batch-first-compat-proj-first": (SRU, (5, 3), dict(
+        batch_first=True, bidirectional=True, nn_rnn_compatible_return=True,
+        proj_input_to_hidden_first=True), "x-c0-pad"),
+    "cell-custom_m-UV-pad": (SRUCell, (5, 4), dict(custom_m=_SplitUV(5, 16, 8)), "x-pad"),
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """name -> (model, path of its ONNX file, the inputs it was exported with), made once."""
+    _onnx_runtime()
+    folder = tmp_path_factory.mktemp("onnx")
+    made = {}
+
+    def get(name):
+        if name not in made:
+            cls, args, kwargs, given = ONNX_CASES[name]
+            model = _model(cls, *args, **kwargs)
+            x, c0, mask_pad = _inputs(model, 6, 3, 0, "c0" in given, "pad" in given)
+            call = (x, c0, mask_pad) if "pad" in given else (x, c0) if "c0" in given else (x,)
+            path = str(folder / f"{name}.onnx")
+            export.export_onnx(model, call, path)
+            made[name] = (model, path, given)
+        return made[name]
+    return get
+
+
+@pytest.mark.parametrize("name", list(ONNX_CASES))
+def test_onnx_runtime_matches_eager(exported, name):
+    """Outputs within 1e-5 of eager for other lengths and batch sizes (L = 1, B = 1 included),
+    padded batches where mask_pad is an input."""
+    ort = _onnx_runtime()
+    model, path, given = exported(name)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    parts = given.split("-")
+    assert names == ["input"] + ["c0"] * ("c0" in parts) + ["mask_pad"] * ("pad" in parts)
+    assert [o.name for o in session.get_outputs()] == ["h", "c"]
+    for seed, (L, B) in enumerate([(6, 3), (1, 1), (11, 5), (1, 4), (3, 1)]):
+        x, c0, mask_pad = _inputs(model, L, B, seed + 1, "c0" in given, "pad" in given)
+        feeds = {"input": x.numpy()}
+        if c0 is not None:
+            feeds["c0"] = c0.numpy()
+        if mask_pad is not None:
+            feeds["mask_pad"] = mask_pad.numpy()
+        h, c = session.run(None, feeds)
+        with torch.no_grad():
+            h_eager, c_eager = model(x, c0, mask_pad)
+        np.testing.assert_allclose(h, h_eager.numpy(), rtol=1e-5, atol=1e-5,
+                                   err_msg=f"h, L={L} B={B}")
+        np.testing.assert_allclose(c, c_eager.numpy(), rtol=1e-5, atol=1e-5,
+                                   err_msg=f"c, L={L} B={B}")
+        if mask_pad is not None:
+            padded = mask_pad.t() if model.batch_first else mask_pad
+            h_time_major = np.swapaxes(h, 0, 1) if model.batch_first else h
+            assert np.all(h_time_major[padded.numpy()] == 0)
+
+
+def test_onnx_graph_is_a_scan_in_standard_operations(exported):
+    """The recurrence is a Scan per direction and layer whose body is the step's elementwise
+    math, all in the default ONNX domain: no custom-op library is needed."""
+    import onnx
+    _, path, _ = exported("sru-bi-3layers-c0-pad")
+    model = onnx.load(path)
+    onnx.checker.check_model(model)
+    scans = [n for n in model.graph.node if n.op_type == "Scan"]
+    assert len(scans) == 3 * 2
+    ops_seen = set()
+
+    def visit(graph):
+        for node in graph.node:
+            assert node.domain in ("", "ai.onnx"), f"{node.op_type} in domain {node.domain!r}"
+            ops_seen.add(node.op_type)
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    visit(attribute.g)
+    visit(model.graph)
+    assert not model.functions or all(f.domain in ("", "ai.onnx") for f in model.functions)
+    assert {"Sigmoid", "Mul", "Add", "Sub", "Where"} <= ops_seen
+    assert "recurrence_forward" not in str(ops_seen)
+
+
+def test_onnx_one_step_cell(tmp_path):
+    """SRUCell with rank-2 input (B, n_in), one step, batch size dynamic."""
+    ort = _onnx_runtime()
+    model = _model(SRUCell, 5, 4, bidirectional=True)
+    path = str(tmp_path / "step.onnx")
+    export.export_onnx(model, (torch.randn(3, 5), torch.randn(3, 8)), path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for B in (1, 6):
+        x, c0 = torch.randn(B, 5), torch.randn(B, 8)
+        h, c = session.run(None, {"input": x.numpy(), "c0": c0.numpy()})
+        with torch.no_grad():
+            h_eager, c_eager = model(x, c0)
+        assert h.shape == (B, 8)
+        np.testing.assert_allclose(h, h_eager.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(c, c_eager.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_export_onnx_is_a_package_name():
+    import sru_cupy
+    assert sru_cupy.export_onnx is export.export_onnx
+
+
+def test_plain_torch_onnx_export_works(tmp_path):
+    """torch.onnx.export(model, (x,), path, dynamo=True) itself, no helper, no translation table."""
+    ort = _onnx_runtime()
+    model = _model(SRU, 5, 4, num_layers=2, bidirectional=True)
+    x = torch.randn(4, 2, 5)
+    path = str(tmp_path / "plain.onnx")
+    torch.onnx.export(model, (x,), path, dynamo=True)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    h = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(h, model(x)[0].numpy(), rtol=1e-5, atol=1e-5)
+
+
+# -- the scan form against the op --------------------------------------------------------------
+
+SCAN_CASES = [
+    dict(bidirectional=False, k=3, skip=True, tanh=False, c0=True, mh=True, pad=True, V=False),
+    dict(bidirectional=True, k=4, skip=True, tanh=True, c0=False, mh=False, pad=True, V=True),
+    dict(bidirectional=True, k=3, skip=False, tanh=False, c0=True, mh=True, pad=False, V=True),
+    dict(bidirectional=False, k=4, skip=True, tanh=True, c0=True, mh=False, pad=False, V=False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", SCAN_CASES, ids=lambda c: "-".join(k for k, v in c.items() if v))
+def test_recurrence_scan_equals_the_op(case, dtype):
+    L, B, d = 7, 3, 5
+    D = d * (2 if case["bidirectional"] else 1)
+    g = torch.Generator().manual_seed(2)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+    mask_pad = None
+    if case["pad"]:
+        mask_pad = torch.zeros(L, B, dtype=torch.bool)
+        mask_pad[4:, 1] = True
+        mask_pad[:, 2] = True
+    args = (randn(L, B, D * case["k"]), randn(L, B, D) if case["k"] == 3 and case["skip"] else None,
+            randn(2 * D), randn(2 * D), randn(B, D) if case["c0"] else None,
+            (randn(B, D) > 0).to(dtype) / 0.5 if case["mh"] else None, mask_pad)
+    options = (d, case["bidirectional"], case["skip"], case["tanh"], 1.3, True)
+    V = randn(L, B, 2 * D) if case["V"] else None
+    expected = ops.recurrence_forward_op(*args, *options, V)
+    got = export.recurrence_scan(*args, *options, V)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for name, a, b in zip(("h", "c", "c_last"), got, expected):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_the_layers_use_the_op_outside_onnx_export():
+    assert not export.onnx_exporting()
+    calls = []
+    real = export.recurrence_scan
+    try:
+        export.recurrence_scan = lambda *a: calls.append(a) or real(*a)
+        SRU(5, 4)(torch.randn(3, 2, 5))
+    finally:
+        export.recurrence_scan = real
+    assert calls == []
+
+
+# -- torch.export ------------------------------------------------------------------------------
+
+EXPORT_CASES = {
+    "cell": (SRUCell, (5, 4), dict(), False),
+    "sru-bi-2layers-c0-pad": (SRU, (5, 4), dict(num_layers=2, bidirectional=True), True),
+    "cell-custom_m-UV-pad": (SRUCell, (5, 4), dict(custom_m=_SplitUV(5, 16, 8)), True),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPORT_CASES))
+def test_torch_export_save_load_matches_eager(name):
+    """torch.export.export with dynamic length and batch; the ExportedProgram saved and loaded
+    with torch.export.save/load gives the eager outputs at other sizes (it holds the custom op,
+    whose fake implementation gives the output sizes)."""
+    cls, args, kwargs, full = EXPORT_CASES[name]
+    model = _model(cls, *args, **kwargs)
+    x, c0, mask_pad = _inputs(model, 6, 3, 0, full, full)
+    length, batch = torch.export.Dim("length", min=1), torch.export.Dim("batch", min=1)
+    dims = {0: length, 1: batch}
+    if full:
+        layered = c0.dim() == 3
+        program = torch.export.export(
+            model, (x, c0, mask_pad),
+            dynamic_shapes=(dims, {1 if layered else 0: batch}, dims))
+    else:
+        program = torch.export.export(model, (x,), dynamic_shapes=(dims,))
+    assert any(node.target == torch.ops.sru_cupy.recurrence_forward.default
+               for node in program.graph.nodes)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer).module()
+    for seed, (L, B) in enumerate([(6, 3), (1, 1), (9, 4)]):
+        x, c0, mask_pad = _inputs(model, L, B, seed + 1, full, full)
+        call = (x, c0, mask_pad) if full else (x,)
+        with torch.no_grad():
+            expected = model(*call)
+            got = loaded(*call)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
