@@ -13,6 +13,8 @@
 //   h, c     (L, B, D)     outputs; c is the state after every step (kept for backward)
 //   c0, c_last, mask_h     (B, D)
 //   weight_c, bias         (2, D): forget values then reset values, in the arithmetic type A
+//   V        (L, B, D, 2)  optional per-step offsets of weight_c (forget, reset) for each column:
+//                          the gates then use weight_c + V_t (a transform module's second output)
 //   mask_pad (L, B)        nonzero = padding: the step is skipped (c carries over, h = 0)
 // Direction 0 runs t = 0 .. L-1, direction 1 (units d .. 2d-1 of D) runs t = L-1 .. 0.
 //
@@ -43,16 +45,18 @@ struct sru_input_cursor {
     const T* up;                // u (K values)
     const T* xp;                // x; null unless the skip term reads x (K = 3 with skip)
     const unsigned char* padp;  // mask_pad; null without padding
+    const T* vp;                // V (2 values); null without per-step weight_c offsets
     long long step;             // elements of (L, B, D) per processed step: +-B*D
     long long pad_step;         // elements of mask_pad (L, B) per processed step: +-B
 };
 
-template <typename T, int K>
+template <typename T, int K, bool WITH_V>
 __device__ __forceinline__ void sru_advance(sru_input_cursor<T>& in, int steps)
 {
     in.up += steps * in.step * K;
     if (in.xp) in.xp += steps * in.step;
     if (in.padp) in.padp += steps * in.pad_step;
+    if (WITH_V) in.vp += steps * in.step * 2;
 }
 
 // Where one column sits: its constants, and a cursor at its first processed step (t0 = 0, or L - 1
@@ -61,7 +65,7 @@ __device__ __forceinline__ void sru_advance(sru_input_cursor<T>& in, int steps)
 template <typename T, int K>
 __device__ __forceinline__ long long sru_locate_column(
     const T* __restrict__ u, const T* __restrict__ x, const unsigned char* __restrict__ mask_pad,
-    const typename sru_acc<T>::type* __restrict__ weight_c,
+    const typename sru_acc<T>::type* __restrict__ weight_c, const T* __restrict__ V,
     const typename sru_acc<T>::type* __restrict__ bias,
     const typename sru_acc<T>::type* __restrict__ mask_h, long long length, long long batch,
     int d, int dirs, int flags, long long col, bool backwards,
@@ -87,6 +91,7 @@ __device__ __forceinline__ long long sru_locate_column(
     in.up = u + first * K;
     in.xp = (column.skip && K == 3) ? x + first : 0;
     in.padp = mask_pad ? mask_pad + t0 * batch + b : 0;
+    in.vp = V ? V + first * 2 : 0;
     in.step = time_down ? -ncols : ncols;
     in.pad_step = time_down ? -batch : batch;
     return first;
@@ -118,18 +123,40 @@ __device__ __forceinline__ sru_step_inputs<typename sru_acc<T>::type> sru_load_s
     return in;
 }
 
-// Forward of one step: updates the state and returns h_t.
+// The gate coefficients of one step: weight_c, plus the step's offsets V_t when V is given (vp not
+// null). V is read here, not prefetched with U. The kernels run steps with V (a rare option) through
+// their own instantiation of the step loops (WITH_V) without prefetching, so that the common path
+// keeps its register count.
+template <typename T>
+__device__ __forceinline__ void sru_step_weights(const sru_column<typename sru_acc<T>::type>& col,
+                                                 const T* vp, typename sru_acc<T>::type& v_f,
+                                                 typename sru_acc<T>::type& v_r)
+{
+    v_f = col.v_f;
+    v_r = col.v_r;
+    if (vp) {
+        v_f += sru_load(vp);
+        v_r += sru_load(vp + 1);
+    }
+}
+
+// Forward of one step: updates the state and returns h_t. v_f, v_r are weight_c (+ V_t).
 //   f_t = sigmoid(u1_t + v_f c_{t-1} + b_f)      r_t = sigmoid(u2_t + v_r c_{t-1} + b_r)
 //   c_t = f_t c_{t-1} + (1 - f_t) u0_t           g_t = c_t or tanh(c_t)
 //   h_t = (g_t - x'_t) m r_t + x'_t  (skip)   or   h_t = g_t m r_t  (no skip)
 // A padded step keeps c and gives h_t = 0.
-template <typename A>
-__device__ __forceinline__ A sru_forward_step(const sru_column<A>& col, const sru_step_inputs<A>& in,
-                                              A& state)
+template <typename T>
+__device__ __forceinline__ typename sru_acc<T>::type sru_forward_step(
+    const sru_column<typename sru_acc<T>::type>& col,
+    const sru_step_inputs<typename sru_acc<T>::type>& in, const T* vp,
+    typename sru_acc<T>::type& state)
 {
+    typedef typename sru_acc<T>::type A;
     if (in.pad) return A(0);
-    const A f = sru_sigmoid(in.u1 + col.v_f * state + col.b_f);
-    const A r = sru_sigmoid(in.u2 + col.v_r * state + col.b_r);
+    A v_f, v_r;
+    sru_step_weights(col, vp, v_f, v_r);
+    const A f = sru_sigmoid(in.u1 + v_f * state + col.b_f);
+    const A r = sru_sigmoid(in.u2 + v_r * state + col.b_r);
     state = (state - in.u0) * f + in.u0;
     const A g = col.use_tanh ? sru_tanh(state) : state;
     return col.skip ? (g - in.skip_in) * col.m * r + in.skip_in : g * col.m * r;
@@ -150,7 +177,7 @@ struct sru_forward_column {
 // then each step is computed for every column in turn, so the N dependency chains interleave.
 // `more`: steps remain after these, so the pointers move on (past the last step they would point
 // outside the arrays).
-template <typename T, int K, int N, int P>
+template <typename T, int K, int N, int P, bool WITH_V>
 __device__ __forceinline__ void sru_forward_steps(sru_forward_column<T> (&cols)[N], int n,
                                                   typename sru_acc<T>::type scale_x, bool more)
 {
@@ -170,7 +197,8 @@ __device__ __forceinline__ void sru_forward_steps(sru_forward_column<T> (&cols)[
         for (int j = 0; j < N; ++j) {
             if (j >= n) break;
             sru_forward_column<T>& q = cols[j];
-            sru_store(q.hp + i * q.in.step, sru_forward_step(q.column, in[j][i], q.state));
+            const T* vp = WITH_V ? q.in.vp + i * q.in.step * 2 : 0;
+            sru_store(q.hp + i * q.in.step, sru_forward_step(q.column, in[j][i], vp, q.state));
             if (q.cp) sru_store(q.cp + i * q.in.step, q.state);
         }
     }
@@ -179,14 +207,16 @@ __device__ __forceinline__ void sru_forward_steps(sru_forward_column<T> (&cols)[
     for (int j = 0; j < N; ++j) {
         if (j >= n) break;
         sru_forward_column<T>& q = cols[j];
-        sru_advance<T, K>(q.in, P);
+        sru_advance<T, K, WITH_V>(q.in, P);
         q.hp += P * q.in.step;
         if (q.cp) q.cp += P * q.in.step;
     }
 }
 
 // Forward kernel: writes h (L, B, D), c (L, B, D; null for inference) and c_last (B, D).
-// Thread i runs columns i*N .. i*N+N-1; steps are taken P at a time, then one at a time.
+// V (L, B, D, 2) may be null (no per-step offsets of weight_c).
+// Thread i runs columns i*N .. i*N+N-1; steps are taken P at a time, then one at a time (one at a
+// time throughout with V).
 template <typename T, int K, int N>
 __global__ void sru_recurrence_forward(
     T* __restrict__ h,
@@ -195,6 +225,7 @@ __global__ void sru_recurrence_forward(
     const T* __restrict__ u,
     const T* __restrict__ x,
     const typename sru_acc<T>::type* __restrict__ weight_c,
+    const T* __restrict__ V,
     const typename sru_acc<T>::type* __restrict__ bias,
     const T* __restrict__ c0,
     const typename sru_acc<T>::type* __restrict__ mask_h,
@@ -215,7 +246,7 @@ __global__ void sru_recurrence_forward(
     for (int j = 0; j < N; ++j) {
         sru_forward_column<T>& q = cols[j];
         const long long col = first_col + j;
-        const long long first = sru_locate_column<T, K>(u, x, mask_pad, weight_c, bias, mask_h,
+        const long long first = sru_locate_column<T, K>(u, x, mask_pad, weight_c, V, bias, mask_h,
                                                         length, batch, d, dirs, flags, col, false,
                                                         q.column, q.in);
         if (first < 0) break;
@@ -226,8 +257,13 @@ __global__ void sru_recurrence_forward(
     }
     if (n == 0) return;
     long long s = 0;
-    for (; s + P <= length; s += P) sru_forward_steps<T, K, N, P>(cols, n, scale_x, s + P < length);
-    for (; s < length; ++s) sru_forward_steps<T, K, N, 1>(cols, n, scale_x, s + 1 < length);
+    if (V) {
+        for (; s < length; ++s) sru_forward_steps<T, K, N, 1, true>(cols, n, scale_x, s + 1 < length);
+    } else {
+        for (; s + P <= length; s += P)
+            sru_forward_steps<T, K, N, P, false>(cols, n, scale_x, s + P < length);
+        for (; s < length; ++s) sru_forward_steps<T, K, N, 1, false>(cols, n, scale_x, s + 1 < length);
+    }
 #pragma unroll
     for (int j = 0; j < N; ++j) {
         if (j >= n) break;
@@ -241,8 +277,8 @@ struct sru_param_grads {
     A v_f, v_r, b_f, b_r;
 };
 
-// Backward of one step, recomputing f and r from the saved c_{t-1}. With gh = dL/dh_t and
-// gc = dL/dc_t carried from the later step (dL/dc_last at the start):
+// Backward of one step, recomputing f and r from the saved c_{t-1}, v_f and v_r being weight_c
+// (+ V_t). With gh = dL/dh_t and gc = dL/dc_t carried from the later step (dL/dc_last at the start):
 //   dr      = gh (g_t - x'_t) m       (skip)   or   gh g_t m
 //   du2     = dr r (1 - r)
 //   dc      = gh m r g'(c_t) + gc      g' = 1, or 1 - tanh^2(c_t)
@@ -251,6 +287,7 @@ struct sru_param_grads {
 //   dx'     = gh (1 - m r)             (du3 when K = 4; grad_x = scale_x dx' when K = 3)
 //   gc_prev = dc f + du1 v_f + du2 v_r   (dL/dc_{t-1})
 //   dv_f += du1 c_{t-1}, dv_r += du2 c_{t-1}, db_f += du1, db_r += du2
+//   dV_t = (du1 c_{t-1}, du2 c_{t-1})   (the step's terms of dv_f, dv_r; written when V is given)
 // A padded step has zero input gradients and passes gc through unchanged.
 template <typename T, int K>
 __device__ __forceinline__ void sru_backward_step(
@@ -258,13 +295,15 @@ __device__ __forceinline__ void sru_backward_step(
     const sru_step_inputs<typename sru_acc<T>::type>& in,
     typename sru_acc<T>::type c_prev, typename sru_acc<T>::type c_cur, typename sru_acc<T>::type gh,
     typename sru_acc<T>::type scale_x, typename sru_acc<T>::type& gc,
-    sru_param_grads<typename sru_acc<T>::type>& grads, T* gup, T* gxp)
+    sru_param_grads<typename sru_acc<T>::type>& grads, const T* vp, T* gup, T* gxp, T* gvp)
 {
     typedef typename sru_acc<T>::type A;
     A du0 = A(0), du1 = A(0), du2 = A(0), dskip = A(0);
     if (!in.pad) {
-        const A f = sru_sigmoid(in.u1 + col.v_f * c_prev + col.b_f);
-        const A r = sru_sigmoid(in.u2 + col.v_r * c_prev + col.b_r);
+        A v_f, v_r;
+        sru_step_weights(col, vp, v_f, v_r);
+        const A f = sru_sigmoid(in.u1 + v_f * c_prev + col.b_f);
+        const A r = sru_sigmoid(in.u2 + v_r * c_prev + col.b_r);
         const A g = col.use_tanh ? sru_tanh(c_cur) : c_cur;
         const A dr = col.skip ? gh * (g - in.skip_in) * col.m : gh * g * col.m;
         du2 = dr * r * (A(1) - r);
@@ -273,7 +312,7 @@ __device__ __forceinline__ void sru_backward_step(
         du1 = dc * (c_prev - in.u0) * f * (A(1) - f);
         du0 = dc * (A(1) - f);
         dskip = col.skip ? gh * (A(1) - col.m * r) : A(0);
-        gc = dc * f + du1 * col.v_f + du2 * col.v_r;
+        gc = dc * f + du1 * v_f + du2 * v_r;
         grads.b_f += du1;
         grads.b_r += du2;
         grads.v_f += du1 * c_prev;
@@ -284,6 +323,10 @@ __device__ __forceinline__ void sru_backward_step(
     sru_store(gup + 2, du2);
     if (K == 4) sru_store(gup + (K - 1), dskip);
     if (gxp) sru_store(gxp, scale_x * dskip);
+    if (gvp) {
+        sru_store(gvp, du1 * c_prev);
+        sru_store(gvp + 1, du2 * c_prev);
+    }
 }
 
 // One column of the backward pass: constants, carried dL/dc, partial sums and pointers at its
@@ -300,12 +343,13 @@ struct sru_backward_column {
     const T* ghp;
     T* gup;
     T* gxp;                      // null unless grad_x is written
+    T* gvp;                      // grad_V; null without V
 };
 
 // Runs P steps of each of the n (<= N) columns, `remaining` being the steps not yet processed (the
 // current one is forward step number remaining - 1, whose c_{t-1} is c0 when it is the first).
 // The pointers move on only while steps remain after these.
-template <typename T, int K, int N, int P>
+template <typename T, int K, int N, int P, bool WITH_V>
 __device__ __forceinline__ void sru_backward_steps(sru_backward_column<T> (&cols)[N], int n,
                                                    long long remaining,
                                                    typename sru_acc<T>::type scale_x)
@@ -332,9 +376,11 @@ __device__ __forceinline__ void sru_backward_steps(sru_backward_column<T> (&cols
         for (int j = 0; j < N; ++j) {
             if (j >= n) break;
             sru_backward_column<T>& q = cols[j];
+            const long long step = q.in.step;
             sru_backward_step<T, K>(q.column, in[j][i], c_prev[j][i], c_cur[j][i], gh[j][i], scale_x,
-                                    q.gc, q.grads, q.gup + i * q.in.step * K,
-                                    q.gxp ? q.gxp + i * q.in.step : 0);
+                                    q.gc, q.grads, WITH_V ? q.in.vp + i * step * 2 : 0,
+                                    q.gup + i * step * K, q.gxp ? q.gxp + i * step : 0,
+                                    WITH_V ? q.gvp + i * step * 2 : 0);
         }
     }
     if (remaining == P) return;
@@ -343,17 +389,19 @@ __device__ __forceinline__ void sru_backward_steps(sru_backward_column<T> (&cols
         if (j >= n) break;
         sru_backward_column<T>& q = cols[j];
         const long long step = q.in.step;
-        sru_advance<T, K>(q.in, P);
+        sru_advance<T, K, WITH_V>(q.in, P);
         q.cp += P * step;
         q.ghp += P * step;
         q.gup += P * step * K;
         if (q.gxp) q.gxp += P * step;
+        if (WITH_V) q.gvp += P * step * 2;
     }
 }
 
 // Backward kernel, in reverse processing order. Writes grad_u (L, B, D, K), grad_x (L, B, D; null
 // unless the skip term reads x, i.e. K = 3 with skip), grad_c0 (B, D), and per-column partial sums
-// grad_weight_c, grad_bias (2, B, D) that the caller sums over B. grad_c_last may be null (zero).
+// grad_weight_c, grad_bias (2, B, D) that the caller sums over B, and grad_V (L, B, D, 2) when V
+// is given (null otherwise). grad_c_last may be null (zero).
 // Thread i runs columns i*N .. i*N+N-1, as in the forward kernel.
 template <typename T, int K, int N>
 __global__ void sru_recurrence_backward(
@@ -362,9 +410,11 @@ __global__ void sru_recurrence_backward(
     typename sru_acc<T>::type* __restrict__ grad_weight_c,
     typename sru_acc<T>::type* __restrict__ grad_bias,
     T* __restrict__ grad_c0,
+    T* __restrict__ grad_V,
     const T* __restrict__ u,
     const T* __restrict__ x,
     const typename sru_acc<T>::type* __restrict__ weight_c,
+    const T* __restrict__ V,
     const typename sru_acc<T>::type* __restrict__ bias,
     const T* __restrict__ c0,
     const typename sru_acc<T>::type* __restrict__ mask_h,
@@ -390,7 +440,7 @@ __global__ void sru_recurrence_backward(
         sru_backward_column<T>& q = cols[j];
         const long long col = first_col + j;
         // Start at the last processed forward step: time goes down for direction 0, up for 1.
-        const long long first = sru_locate_column<T, K>(u, x, mask_pad, weight_c, bias, mask_h,
+        const long long first = sru_locate_column<T, K>(u, x, mask_pad, weight_c, V, bias, mask_h,
                                                         length, batch, d, dirs, flags, col, true,
                                                         q.column, q.in);
         if (first < 0) break;
@@ -401,12 +451,20 @@ __global__ void sru_recurrence_backward(
         q.ghp = grad_h + first;
         q.gup = grad_u + first * K;
         q.gxp = grad_x ? grad_x + first : 0;
+        q.gvp = V ? grad_V + first * 2 : 0;
         ++n;
     }
     if (n == 0) return;
     long long remaining = length;  // steps not yet processed
-    for (; remaining >= P; remaining -= P) sru_backward_steps<T, K, N, P>(cols, n, remaining, scale_x);
-    for (; remaining > 0; --remaining) sru_backward_steps<T, K, N, 1>(cols, n, remaining, scale_x);
+    if (V) {
+        for (; remaining > 0; --remaining)
+            sru_backward_steps<T, K, N, 1, true>(cols, n, remaining, scale_x);
+    } else {
+        for (; remaining >= P; remaining -= P)
+            sru_backward_steps<T, K, N, P, false>(cols, n, remaining, scale_x);
+        for (; remaining > 0; --remaining)
+            sru_backward_steps<T, K, N, 1, false>(cols, n, remaining, scale_x);
+    }
 #pragma unroll
     for (int j = 0; j < N; ++j) {
         if (j >= n) break;

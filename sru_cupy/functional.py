@@ -11,6 +11,8 @@ k = 3 (u0, u1, u2) or 4 (plus the learned skip input u3, only with has_skip_term
     U (L, B, D*k)   x (L, B, D) the skip input (read only when k == 3 and has_skip_term)
     weight_c, bias (2*D,) (forget gate's D values, then the reset gate's; weight_c None = v1)
     c0, mask_h (B, D)   mask_pad (L, B), nonzero = padding   h, c (L, B, D)   c_last (B, D)
+    V (L, B, D*2) optional per-step offsets of weight_c: (forget, reset) per column; the gates of
+    step t then use weight_c + V_t (the second output of an `sru` custom_m / transform_module)
 
 Inputs. Each array argument may be
   * a ``numpy.ndarray``: runs on the CPU with the host backend (the C++ build of the CUDA kernels);
@@ -27,7 +29,7 @@ Inputs. Each array argument may be
 All arrays of one call must be on the same side: mixing CPU (NumPy) and GPU (CuPy) arrays is a
 TypeError, and GPU arrays must be on one device.
 
-Data arrays (U, x, c0, c, grad_h, grad_c_last) share U's dtype: float16, float32, float64 or
+Data arrays (U, x, c0, V, c, grad_h, grad_c_last) share U's dtype: float16, float32, float64 or
 bfloat16 (``ml_dtypes.bfloat16`` NumPy arrays; on CuPy, uint16/int16 arrays of bfloat16 bits with
 ``storage_dtype="bfloat16"``). weight_c, bias and mask_h may be any floating dtype and are used in
 the arithmetic dtype (float32; float64 for float64 data).
@@ -287,7 +289,7 @@ class _Converted:
 
 def recurrence_forward(U, x, weight_c, bias, c0=None, *, hidden_size, bidirectional=False,
                        has_skip_term=True, use_tanh=False, scale_x=1.0, mask_h=None, mask_pad=None,
-                       store_c=True, storage_dtype=None, out=None):
+                       store_c=True, storage_dtype=None, out=None, V=None):
     """SRU recurrence forward (training variant: keeps the state of every step for backward).
 
     Args:
@@ -304,22 +306,23 @@ def recurrence_forward(U, x, weight_c, bias, c0=None, *, hidden_size, bidirectio
         storage_dtype: "bfloat16" for CuPy uint16/int16 arrays holding bfloat16 bits.
         out: dict with preallocated C-contiguous outputs "h", "c", "c_last" (optional, any of them;
             NumPy/CuPy arrays or DLPack producers, written in place).
+        V: (L, B, D*2) per-step offsets of weight_c ((forget, reset) per column), None for none.
 
     Returns:
         (h (L, B, D), c (L, B, D) or None, c_last (B, D)) as NumPy or CuPy arrays in U's dtype.
     """
     a = _Converted(dict(U=U, x=x, weight_c=weight_c, bias=bias, c0=c0, mask_h=mask_h,
-                        mask_pad=mask_pad), storage_dtype, out)
+                        mask_pad=mask_pad, V=V), storage_dtype, out)
     return launch.recurrence_forward(
         a["U"], a["x"], a["weight_c"], a["bias"], a["c0"], hidden_size=hidden_size,
         bidirectional=bidirectional, has_skip_term=has_skip_term, use_tanh=use_tanh,
         scale_x=scale_x, mask_h=a["mask_h"], mask_pad=a["mask_pad"], store_c=store_c,
-        storage_dtype=a.storage_dtype, out=a.out)
+        storage_dtype=a.storage_dtype, out=a.out, V=a["V"])
 
 
 def recurrence_inference(U, x, weight_c, bias, c0=None, *, hidden_size, bidirectional=False,
                          has_skip_term=True, use_tanh=False, scale_x=1.0, mask_h=None,
-                         mask_pad=None, storage_dtype=None, out=None):
+                         mask_pad=None, storage_dtype=None, out=None, V=None):
     """SRU recurrence forward without the per-step state (nothing kept for backward).
 
     Same arguments as :func:`recurrence_forward` (``out`` may hold "h" and "c_last").
@@ -328,14 +331,14 @@ def recurrence_inference(U, x, weight_c, bias, c0=None, *, hidden_size, bidirect
     h, _, c_last = recurrence_forward(
         U, x, weight_c, bias, c0, hidden_size=hidden_size, bidirectional=bidirectional,
         has_skip_term=has_skip_term, use_tanh=use_tanh, scale_x=scale_x, mask_h=mask_h,
-        mask_pad=mask_pad, store_c=False, storage_dtype=storage_dtype, out=out)
+        mask_pad=mask_pad, store_c=False, storage_dtype=storage_dtype, out=out, V=V)
     return h, c_last
 
 
 def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, *, hidden_size,
                         bidirectional=False, has_skip_term=True, use_tanh=False, scale_x=1.0,
                         mask_h=None, mask_pad=None, storage_dtype=None, out=None,
-                        reduce_params=True):
+                        reduce_params=True, V=None):
     """Gradients of the SRU recurrence.
 
     Args:
@@ -344,7 +347,9 @@ def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, *, hid
         U, x, weight_c, bias, c0: the forward's inputs (as for :func:`recurrence_forward`).
         c: (L, B, D) the forward's per-step state (``recurrence_forward(...)[1]``).
         mask_h, mask_pad, hidden_size, bidirectional, has_skip_term, use_tanh, scale_x: as forward.
-        out: dict with preallocated outputs "U", "x", "c0", "weight_c_partial", "bias_partial".
+        V: the forward's per-step offsets of weight_c, or None.
+        out: dict with preallocated outputs "U", "x", "c0", "weight_c_partial", "bias_partial",
+            "V".
         reduce_params: False leaves the sums over the batch of the parameter gradients to the
             caller ("weight_c" and "bias" are then absent).
 
@@ -352,13 +357,14 @@ def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, *, hid
         dict of NumPy or CuPy arrays: "U" (L, B, D*k), "x" (L, B, D) or None when the recurrence
         does not read x, "c0" (B, D) (in U's dtype); "weight_c", "bias" (2*D,) and their per-column
         partials "weight_c_partial", "bias_partial" (2, B, D) in the arithmetic dtype ("weight_c" is
-        the gradient w.r.t. v even when weight_c is None).
+        the gradient w.r.t. v even when weight_c is None); "V" (L, B, D*2) in U's dtype, or None
+        without V.
     """
     a = _Converted(dict(grad_h=grad_h, grad_c_last=grad_c_last, U=U, x=x, weight_c=weight_c,
-                        bias=bias, c0=c0, c=c, mask_h=mask_h, mask_pad=mask_pad),
+                        bias=bias, c0=c0, c=c, mask_h=mask_h, mask_pad=mask_pad, V=V),
                    storage_dtype, out)
     return launch.recurrence_backward(
         a["grad_h"], a["grad_c_last"], a["U"], a["x"], a["weight_c"], a["bias"], a["c0"], a["c"],
         hidden_size=hidden_size, bidirectional=bidirectional, has_skip_term=has_skip_term,
         use_tanh=use_tanh, scale_x=scale_x, mask_h=a["mask_h"], mask_pad=a["mask_pad"],
-        storage_dtype=a.storage_dtype, out=a.out, reduce_params=reduce_params)
+        storage_dtype=a.storage_dtype, out=a.out, reduce_params=reduce_params, V=a["V"])

@@ -7,6 +7,7 @@ stream of the arrays' device). The same code serves both; the kernels themselves
 
 Shapes, with D = dirs * hidden_size and k = 3 or 4:
     U (L, B, D*k)  x (L, B, D)  weight_c, bias (2*D,)  c0, mask_h (B, D)  mask_pad (L, B)
+    V (L, B, D*2): optional per-step offsets of weight_c, (forget, reset) per column
 16-bit storage: float16, or bfloat16 (``ml_dtypes.bfloat16`` NumPy arrays; on CuPy, uint16 arrays
 holding the bits with ``storage_dtype="bfloat16"``). Parameters (weight_c, bias, mask_h) are used in
 the arithmetic type (float32, float64 for float64 data) and converted to it here.
@@ -176,8 +177,8 @@ class _Problem:
 
 def recurrence_forward(U, x, weight_c, bias, c0=None, *, hidden_size, bidirectional=False,
                        has_skip_term=True, use_tanh=False, scale_x=1.0, mask_h=None, mask_pad=None,
-                       store_c=True, storage_dtype=None, out=None):
-    """Runs the SRU recurrence forward.
+                       store_c=True, storage_dtype=None, out=None, V=None):
+    """Runs the SRU recurrence forward (with V, the gates use weight_c + V_t at step t).
 
     Returns ``(h, c, c_last)``: h (L, B, D), c (L, B, D) the state after every step (None when
     ``store_c`` is False, the inference variant), c_last (B, D) the final state of each direction.
@@ -195,6 +196,7 @@ def recurrence_forward(U, x, weight_c, bias, c0=None, *, hidden_size, bidirectio
         c0 = p.data(c0, (B, D), "c0", required=False)
         mask_h = p.param(mask_h, "mask_h", (B, D), required=False)
         mask_pad = p.pad_mask(mask_pad)
+        V = p.data(V, (L, B, D * 2), "V", required=False)
 
         p.check_out_keys(out, ("h", "c", "c_last"))
         h = p.output(out, "h", (L, B, D))
@@ -214,7 +216,7 @@ def recurrence_forward(U, x, weight_c, bias, c0=None, *, hidden_size, bidirectio
             return h, c, c_last
         name, grid, block = p.kernel("sru_recurrence_forward")
         p.backend.launch(name, grid, block,
-                         [h, c, c_last, U, x, weight_c, bias, c0, mask_h, mask_pad, *p.sizes()],
+                         [h, c, c_last, U, x, weight_c, V, bias, c0, mask_h, mask_pad, *p.sizes()],
                          work=L * B * D)
         return h, c, c_last
 
@@ -222,14 +224,14 @@ def recurrence_forward(U, x, weight_c, bias, c0=None, *, hidden_size, bidirectio
 def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, *, hidden_size,
                         bidirectional=False, has_skip_term=True, use_tanh=False, scale_x=1.0,
                         mask_h=None, mask_pad=None, storage_dtype=None, out=None,
-                        reduce_params=True):
+                        reduce_params=True, V=None):
     """Gradients of the SRU recurrence, given dL/dh (L, B, D) and dL/dc_last (B, D, or None).
 
     ``c`` is the forward's state after every step. Returns a dict: "U" (L, B, D*k), "x" (L, B, D) or
     None when the recurrence does not read x, "c0" (B, D), "weight_c" and "bias" (2*D,) in the
     arithmetic dtype, and their per-column partials "weight_c_partial", "bias_partial" (2, B, D)
-    before the sum over the batch. ``out`` may hold preallocated outputs under "U", "x", "c0",
-    "weight_c_partial" and "bias_partial". With ``reduce_params=False`` the sums over the batch are
+    before the sum over the batch, and "V" (L, B, D*2) when V is given (None otherwise). ``out``
+    may hold preallocated outputs under "U", "x", "c0", "weight_c_partial", "bias_partial", "V". With ``reduce_params=False`` the sums over the batch are
     left to the caller ("weight_c" and "bias" are then absent).
     """
     p = _Problem(U, hidden_size, bidirectional, has_skip_term, use_tanh, scale_x, storage_dtype)
@@ -245,18 +247,22 @@ def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, *, hid
         c = p.data(c, (L, B, D), "c")
         grad_h = p.data(grad_h, (L, B, D), "grad_h")
         grad_c_last = p.data(grad_c_last, (B, D), "grad_c_last", required=False)
+        V = p.data(V, (L, B, D * 2), "V", required=False)
 
-        p.check_out_keys(out, ("U", "x", "c0", "weight_c_partial", "bias_partial"))
+        p.check_out_keys(out, ("U", "x", "c0", "weight_c_partial", "bias_partial", "V"))
         grads = {
             "U": p.output(out, "U", (L, B, D * p.k)),
             "x": p.output(out, "x", (L, B, D)) if p.reads_x else None,
             "c0": p.output(out, "c0", (B, D)),
             "weight_c_partial": p.output(out, "weight_c_partial", (2, B, D), arith=True),
             "bias_partial": p.output(out, "bias_partial", (2, B, D), arith=True),
+            "V": p.output(out, "V", (L, B, D * 2)) if V is not None else None,
         }
         if B > 0 and L == 0:  # nothing ran: dL/dc0 is dL/dc_last
             grads["weight_c_partial"][...] = 0
             grads["bias_partial"][...] = 0
+            if grads["V"] is not None:
+                grads["V"][...] = 0
             if grad_c_last is None:
                 grads["c0"][...] = 0
             else:
@@ -268,7 +274,8 @@ def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, *, hid
             name, grid, block = p.kernel("sru_recurrence_backward")
             p.backend.launch(name, grid, block,
                              [grads["U"], grads["x"], grads["weight_c_partial"], grads["bias_partial"],
-                              grads["c0"], U, x, weight_c, bias, c0, mask_h, mask_pad, c, grad_h,
+                              grads["c0"], grads["V"], U, x, weight_c, V, bias, c0, mask_h,
+                              mask_pad, c, grad_h,
                               grad_c_last, *p.sizes()], work=L * B * D)
         if reduce_params:
             grads["weight_c"] = grads["weight_c_partial"].sum(axis=1).reshape(2 * D)

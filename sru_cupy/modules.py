@@ -12,7 +12,7 @@ projection) with ``weight`` (projection, out*k); ``weight_c`` and ``bias`` (2*ou
 
 import math
 import warnings
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import ops
 
 
-def _dropout_mask(reference: Tensor, shape, p: float) -> Tensor:
+def _dropout_mask(reference: Tensor, shape: List[int], p: float) -> Tensor:
     """Variational dropout mask: one Bernoulli(1 - p) / (1 - p) value per (batch, column)."""
     return reference.new_empty(shape).bernoulli_(1 - p).div_(1 - p)
 
@@ -35,17 +35,30 @@ def _resolve_transform_module(transform_module, custom_m):
     return custom_m
 
 
-def _time_major(input: Tensor, mask_pad: Optional[Tensor]):
+def _shape(sizes: List[int]) -> str:
+    """Sizes as the error messages write shapes, e.g. (3, 2) (TorchScript has no tuple(shape))."""
+    return "(" + ", ".join([str(n) for n in sizes]) + ")"
+
+
+def _time_major(input: Tensor, mask_pad: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
     """Batch-first input (B, L, n) and mask_pad (B, L) as time-major views (L, B, n), (L, B)."""
     if mask_pad is not None:
         if mask_pad.dim() != 2:
-            raise ValueError(f"mask_pad: expected shape (B, L), got {tuple(mask_pad.shape)}")
+            raise ValueError(f"mask_pad: expected shape (B, L), got {_shape(mask_pad.shape)}")
         mask_pad = mask_pad.transpose(0, 1)
     return input.transpose(0, 1), mask_pad
 
 
 def _refresh_scale_x(module, incompatible_keys):
     module._scale_x_value = float(module.scale_x.reshape(-1)[0])
+
+
+def _rename_custom_m_keys(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                          unexpected_keys, error_msgs):
+    """`sru` 2.6 stores the transform module as ``custom_m``: its keys load as ours."""
+    old = prefix + "custom_m."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "transform_module." + key[len(old):]] = state_dict.pop(key)
 
 
 class SRUCell(nn.Module):
@@ -56,6 +69,10 @@ class SRUCell(nn.Module):
     mask_pad (L, B) ((B, L) with ``batch_first``), nonzero at padding. h (L, B, output_size) and
     c (B, output_size), output_size = hidden_size * (2 if bidirectional else 1).
     """
+
+    # For TorchScript: the parameters that may be None.
+    weight_proj: Optional[Tensor]
+    weight: Optional[Tensor]
 
     def __init__(self, input_size: int, hidden_size: int, dropout: float = 0.0,
                  rnn_dropout: float = 0.0, bidirectional: bool = False, n_proj: int = 0,
@@ -96,8 +113,8 @@ class SRUCell(nn.Module):
         self.projection_size = n_proj if 0 < n_proj < min(input_size, self.output_size) else 0
         self.num_matrices = 4 if has_skip_term and input_size != self.output_size else 3
 
-        self.weight_proj: Optional[nn.Parameter] = None
-        self.weight: Optional[nn.Parameter] = None
+        self.weight_proj = None
+        self.weight = None
         if transform_module is None:
             fan_in = input_size
             if self.projection_size:
@@ -112,7 +129,8 @@ class SRUCell(nn.Module):
         # reset_parameters and after load_state_dict.
         self._scale_x_value = 1.0
         self.register_load_state_dict_post_hook(_refresh_scale_x)
-        self.layer_norm: Optional[nn.LayerNorm] = None
+        self.register_load_state_dict_pre_hook(_rename_custom_m_keys)
+        self.layer_norm = None
         if layer_norm:
             self.layer_norm = nn.LayerNorm(self.output_size if normalize_after else input_size)
         self.reset_parameters()
@@ -157,28 +175,46 @@ class SRUCell(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
     def compute_U(self, input: Tensor) -> Tensor:
-        """U = input W (L, B, output_size * num_matrices)."""
+        """U = input W (L, B, output_size * num_matrices), or the transform module's U."""
         if self.transform_module is not None:
-            U = self.transform_module(input)
-            if isinstance(U, (tuple, list)):
-                raise NotImplementedError(
-                    "transform_module: returning (U, V) with per-step weight_c offsets V is not "
-                    "supported; return U alone")
-            expected = self.output_size * self.num_matrices
-            if U.shape[-1] != expected:
-                raise ValueError(f"transform_module: expected U with last axis {expected}, got "
-                                 f"{tuple(U.shape)}")
-            return U
-        if self.weight_proj is not None:
-            input = torch.matmul(input, self.weight_proj)
-        return torch.matmul(input, self.weight)
+            return self.compute_UV(input)[0]
+        weight_proj, weight = self.weight_proj, self.weight  # locals: TorchScript refines them
+        if weight_proj is not None:
+            input = torch.matmul(input, weight_proj)
+        assert weight is not None  # present whenever there is no transform module
+        return torch.matmul(input, weight)
+
+    def compute_UV(self, input: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """(U, V): U as ``compute_U``; V (L, B, 2 * output_size) the per-step offsets of weight_c
+        when the transform module returns (U, V), else None."""
+        if self.transform_module is None:
+            return self.compute_U(input), None
+        out = self.transform_module(input)
+        V: Optional[Tensor] = None
+        if isinstance(out, (tuple, list)):
+            if len(out) != 2:
+                raise ValueError(f"transform_module: expected U or (U, V), got {len(out)} values")
+            U, V = out[0], out[1]
+        else:
+            U = out
+        expected = self.output_size * self.num_matrices
+        if U.shape[-1] != expected:
+            raise ValueError(f"transform_module: expected U with last axis {expected}, got "
+                             f"shape {_shape(U.shape)}")
+        if V is not None:
+            expected_V = list(U.shape[:-1]) + [2 * self.output_size]
+            if list(V.shape) != expected_V:
+                raise ValueError(f"transform_module: expected V of shape (L, B, 2 * output_size) "
+                                 f"= {_shape(expected_V)}, got {_shape(V.shape)}")
+        return U, V
 
     def _check_input(self, input: Tensor):
         if not isinstance(input, Tensor):
             raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
         if input.dim() != 3:
-            raise ValueError(f"input: expected rank 3 {'(B, L, n_in)' if self.batch_first else '(L, B, n_in)'}"
-                             f" or rank 2 (B, n_in), got shape {tuple(input.shape)}")
+            layout = "(B, L, n_in)" if self.batch_first else "(L, B, n_in)"
+            raise ValueError(f"input: expected rank 3 {layout} or rank 2 (B, n_in), got shape "
+                             f"{_shape(input.shape)}")
         if input.shape[-1] != self.input_size:
             raise ValueError(f"input: expected last axis input_size = {self.input_size}, got "
                              f"{input.shape[-1]}")
@@ -213,45 +249,84 @@ class SRUCell(nn.Module):
     def _forward_time_major(self, input: Tensor, c0: Optional[Tensor],
                             mask_pad: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         L, B = input.shape[0], input.shape[1]
-        if c0 is not None and tuple(c0.shape) != (B, self.output_size):
-            raise ValueError(f"c0: expected shape (B, output_size) = {(B, self.output_size)}, got "
-                             f"{tuple(c0.shape)}")
-        if mask_pad is not None and tuple(mask_pad.shape) != (L, B):
-            raise ValueError(f"mask_pad: expected shape {(B, L) if self.batch_first else (L, B)}, "
-                             f"got {tuple(mask_pad.shape[::-1] if self.batch_first else mask_pad.shape)}")
-        for name, t in (("c0", c0), ("mask_pad", mask_pad)):
-            if t is not None and t.device != input.device:
-                raise ValueError(f"{name}: expected a tensor on {input.device} like input, got "
-                                 f"{t.device}")
+        if c0 is not None:
+            if list(c0.shape) != [B, self.output_size]:
+                raise ValueError(f"c0: expected shape (B, output_size) = "
+                                 f"{_shape([B, self.output_size])}, got {_shape(c0.shape)}")
+            if c0.device != input.device:
+                raise ValueError(f"c0: expected a tensor on {input.device} like input, got "
+                                 f"{c0.device}")
+        if mask_pad is not None:
+            if list(mask_pad.shape) != [L, B]:
+                expected, got = [L, B], list(mask_pad.shape)
+                if self.batch_first:  # as the caller gave it, (B, L)
+                    expected, got = [B, L], got[::-1]
+                raise ValueError(f"mask_pad: expected shape {_shape(expected)}, got {_shape(got)}")
+            if mask_pad.device != input.device:
+                raise ValueError(f"mask_pad: expected a tensor on {input.device} like input, got "
+                                 f"{mask_pad.device}")
 
         residual = input
         if self.layer_norm is not None and not self.normalize_after:
             input = self.layer_norm(input)
         if self.training and self.rnn_dropout > 0:
-            input = input * _dropout_mask(input, (B, input.shape[-1]), self.rnn_dropout)
-        U = self.compute_U(input)
-        mask_h = None
+            input = input * _dropout_mask(input, [B, input.shape[-1]], self.rnn_dropout)
+        U, V = self.compute_UV(input)
+        mask_h: Optional[Tensor] = None
         if self.training and self.dropout > 0:
-            mask_h = _dropout_mask(self.bias.detach(), (B, self.output_size), self.dropout)
+            mask_h = _dropout_mask(self.bias.detach(), [B, self.output_size], self.dropout)
 
         dtype = self._recurrence_dtype(U)
         U = U.to(dtype)
         x = residual.to(dtype) if self.has_skip_term and self.num_matrices == 3 else None
         if c0 is not None:
             c0 = c0.to(dtype)
-        h, c = ops.recurrence(U, x, None if self.v1 else self.weight_c, self.bias, c0,
-                              hidden_size=self.hidden_size, bidirectional=self.bidirectional,
-                              has_skip_term=self.has_skip_term, use_tanh=self.use_tanh,
-                              scale_x=self._scale_x_value, mask_h=mask_h, mask_pad=mask_pad)
+        weight_c: Optional[Tensor] = None if self.v1 else self.weight_c
+        if V is not None:
+            V = V.to(dtype)
+            if weight_c is not None:
+                # sru 2.6 adds weight_c to V as flat vectors, so with V its entries are read in
+                # V's layout, (forget, reset) per column: the same reordering gives its results.
+                weight_c = weight_c.view(self.output_size, 2).t().reshape(-1)
+        h, c = self._recurrence(U, x, weight_c, c0, mask_h, mask_pad, V)
         if self.layer_norm is not None and self.normalize_after:
             h = self.layer_norm(h)
         return h, c
 
+    def _recurrence(self, U: Tensor, x: Optional[Tensor], weight_c: Optional[Tensor],
+                    c0: Optional[Tensor], mask_h: Optional[Tensor], mask_pad: Optional[Tensor],
+                    V: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """(h, c_last) of the recurrence over U with this layer's bias and options."""
+        if torch.jit.is_scripting():
+            # TorchScript calls the custom op itself (ops.recurrence's checks are Python); the
+            # op's autograd formula is registered with the dispatcher, so gradients flow.
+            needs_grad = torch.is_grad_enabled() and (
+                U.requires_grad or self.bias.requires_grad
+                or (x is not None and x.requires_grad)
+                or (weight_c is not None and weight_c.requires_grad)
+                or (c0 is not None and c0.requires_grad) or (V is not None and V.requires_grad))
+            h, _, c = torch.ops.sru_cupy.recurrence_forward(
+                U, x, weight_c, self.bias, c0, mask_h, mask_pad, self.hidden_size,
+                self.bidirectional, self.has_skip_term, self.use_tanh, self._scale_x_value,
+                needs_grad, V)
+            return h, c
+        else:
+            return ops.recurrence(U, x, weight_c, self.bias, c0, hidden_size=self.hidden_size,
+                                  bidirectional=self.bidirectional,
+                                  has_skip_term=self.has_skip_term, use_tanh=self.use_tanh,
+                                  scale_x=self._scale_x_value, mask_h=mask_h, mask_pad=mask_pad,
+                                  V=V)
+
     def _recurrence_dtype(self, U: Tensor) -> torch.dtype:
         # Under autocast U comes from the GEMM in a 16-bit type: keep it as the kernel's storage
         # type (float32 arithmetic inside) or widen it to float32, as amp_recurrence_fp16 says.
-        if U.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(U.device.type):
-            return U.dtype if self.amp_recurrence_fp16 else torch.float32
+        if U.dtype == torch.float16 or U.dtype == torch.bfloat16:
+            if torch.jit.is_scripting():  # TorchScript knows the CUDA autocast state only
+                autocast = U.is_cuda and torch.is_autocast_enabled()
+            else:
+                autocast = torch.is_autocast_enabled(U.device.type)
+            if autocast:
+                return U.dtype if self.amp_recurrence_fp16 else torch.float32
         return U.dtype
 
     def extra_repr(self):
@@ -307,7 +382,7 @@ class SRU(nn.Module):
         self.batch_first = batch_first
         if rnn_dropout > 0:
             warnings.warn("rnn_dropout > 0 is deprecated in the sru package; prefer dropout")
-        self.input_to_hidden: Optional[nn.Linear] = None
+        self.input_to_hidden = None
         first_input = input_size
         if proj_input_to_hidden_first and input_size != self.output_size:
             self.input_to_hidden = nn.Linear(input_size, self.output_size, bias=False)
@@ -336,42 +411,57 @@ class SRU(nn.Module):
         if self.input_to_hidden is not None:
             self.input_to_hidden.reset_parameters()
 
-    def forward(self, input, c0: Optional[Tensor] = None,
-                mask_pad: Optional[Tensor] = None):
-        packed = isinstance(input, PackedSequence)
-        if packed:
-            if mask_pad is not None:
-                raise ValueError("mask_pad: must be None for PackedSequence input (the lengths "
-                                 "give the padding)")
-            input, lengths = pad_packed_sequence(input)  # (L, B, n), batch in original order
-            steps = torch.arange(input.shape[0], device=input.device).unsqueeze(1)
-            mask_pad = steps >= lengths.to(input.device).unsqueeze(0)
-        else:
+    def forward(self, input: Tensor, c0: Optional[Tensor] = None,
+                mask_pad: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        if not torch.jit.is_scripting():  # TorchScript takes tensors only
+            if isinstance(input, PackedSequence):
+                return self._forward_packed(input, c0, mask_pad)
             if not isinstance(input, Tensor):
                 raise TypeError(f"input: expected a torch.Tensor or PackedSequence, got "
                                 f"{type(input).__name__}")
-            if input.dim() != 3:
-                raise ValueError(f"input: expected rank 3 "
-                                 f"{'(B, L, n_in)' if self.batch_first else '(L, B, n_in)'}, got "
-                                 f"shape {tuple(input.shape)}")
-            if self.batch_first:
-                input, mask_pad = _time_major(input, mask_pad)
+        if input.dim() != 3:
+            layout = "(B, L, n_in)" if self.batch_first else "(L, B, n_in)"
+            raise ValueError(f"input: expected rank 3 {layout}, got shape {_shape(input.shape)}")
+        if self.batch_first:
+            input, mask_pad = _time_major(input, mask_pad)
+        h, c = self._forward_time_major(input, c0, mask_pad)
+        if self.batch_first:
+            h = h.transpose(0, 1)
+        return h, c
+
+    @torch.jit.unused
+    def _forward_packed(self, input: PackedSequence, c0: Optional[Tensor],
+                        mask_pad: Optional[Tensor]) -> Tuple[PackedSequence, Tensor]:
+        if mask_pad is not None:
+            raise ValueError("mask_pad: must be None for PackedSequence input (the lengths "
+                             "give the padding)")
+        padded, lengths = pad_packed_sequence(input)  # (L, B, n), batch in original order
+        steps = torch.arange(padded.shape[0], device=padded.device).unsqueeze(1)
+        mask_pad = steps >= lengths.to(padded.device).unsqueeze(0)
+        h, c = self._forward_time_major(padded, c0, mask_pad)
+        return pack_padded_sequence(h, lengths, enforce_sorted=False), c
+
+    def _forward_time_major(self, input: Tensor, c0: Optional[Tensor],
+                            mask_pad: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         B = input.shape[1]
         if input.shape[-1] != self.input_size:
             raise ValueError(f"input: expected last axis input_size = {self.input_size}, got "
                              f"{input.shape[-1]}")
         if not input.is_floating_point():
             raise TypeError(f"input: expected a floating dtype, got {input.dtype}")
-        if input.device != self.rnn_lst[0].bias.device:
-            raise ValueError(f"input: expected a tensor on the module's device "
-                             f"{self.rnn_lst[0].bias.device}, got {input.device}")
+        device = self.rnn_lst[0].bias.device
+        if input.device != device:
+            raise ValueError(f"input: expected a tensor on the module's device {device}, got "
+                             f"{input.device}")
         if c0 is not None:
-            expected = (self.num_layers, B, self.output_size)
-            if not isinstance(c0, Tensor) or tuple(c0.shape) != expected:
-                raise ValueError(f"c0: expected shape (num_layers, B, output_size) = {expected}, "
-                                 f"got {tuple(c0.shape) if isinstance(c0, Tensor) else type(c0)}")
-        prev = input if self.input_to_hidden is None else self.input_to_hidden(input)
-        finals = []
+            expected = [self.num_layers, B, self.output_size]
+            if list(c0.shape) != expected:
+                raise ValueError(f"c0: expected shape (num_layers, B, output_size) = "
+                                 f"{_shape(expected)}, got {_shape(c0.shape)}")
+        prev = input
+        if self.input_to_hidden is not None:
+            prev = self.input_to_hidden(input)
+        finals: List[Tensor] = []
         for i, layer in enumerate(self.rnn_lst):
             prev, c = layer._forward_time_major_checked(prev, None if c0 is None else c0[i],
                                                         mask_pad)
@@ -381,10 +471,6 @@ class SRU(nn.Module):
             c_all = (c_all.view(self.num_layers, B, self.num_directions, self.hidden_size)
                      .transpose(1, 2).reshape(self.num_layers * self.num_directions, B,
                                               self.hidden_size))
-        if packed:
-            return pack_padded_sequence(prev, lengths, enforce_sorted=False), c_all
-        if self.batch_first:
-            prev = prev.transpose(0, 1)
         return prev, c_all
 
     def extra_repr(self):

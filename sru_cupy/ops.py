@@ -106,35 +106,35 @@ def _device_context(device):
 def recurrence_forward_op(U: Tensor, x: Optional[Tensor], weight_c: Optional[Tensor], bias: Tensor,
                           c0: Optional[Tensor], mask_h: Optional[Tensor],
                           mask_pad: Optional[Tensor], hidden_size: int, bidirectional: bool,
-                          has_skip_term: bool, use_tanh: bool, scale_x: float,
-                          store_c: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                          has_skip_term: bool, use_tanh: bool, scale_x: float, store_c: bool,
+                          V: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(h (L, B, D), c (L, B, D), or (0,) when not store_c, c_last (B, D))."""
     if U.device.type == "cpu" and cpu_implementation() == "torch":
         from . import torch_fallback
         return torch_fallback.recurrence_forward(
             U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional,
-            has_skip_term, use_tanh, scale_x, store_c)
+            has_skip_term, use_tanh, scale_x, store_c, V)
     L, B = U.shape[0], U.shape[1]
     D = hidden_size * (2 if bidirectional else 1)
     h = U.new_empty((L, B, D))
     c = U.new_empty((L, B, D) if store_c else (0,))
     c_last = U.new_empty((B, D))
-    inputs = _prepared(U, x, weight_c, bias, c0, mask_h, mask_pad)
+    inputs = _prepared(U, x, weight_c, bias, c0, mask_h, mask_pad) + [_contiguous(V)]
     with _device_context(U.device):
         arrays = [_as_array(t) for t in inputs]
         out = {"h": _as_array(h), "c_last": _as_array(c_last)}
         if store_c:
             out["c"] = _as_array(c)
         launch.recurrence_forward(
-            *arrays[:5], mask_h=arrays[5], mask_pad=arrays[6], store_c=store_c, out=out,
-            **_options(hidden_size, bidirectional, has_skip_term, use_tanh, scale_x, U.dtype,
-                       U.device))
+            *arrays[:5], mask_h=arrays[5], mask_pad=arrays[6], V=arrays[7], store_c=store_c,
+            out=out, **_options(hidden_size, bidirectional, has_skip_term, use_tanh, scale_x,
+                                U.dtype, U.device))
     return h, c, c_last
 
 
 @recurrence_forward_op.register_fake
 def _(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional, has_skip_term,
-      use_tanh, scale_x, store_c):
+      use_tanh, scale_x, store_c, V=None):
     L, B = U.shape[0], U.shape[1]
     D = hidden_size * (2 if bidirectional else 1)
     return (U.new_empty((L, B, D)), U.new_empty((L, B, D) if store_c else (0,)),
@@ -146,10 +146,12 @@ def recurrence_backward_op(grad_h: Tensor, grad_c_last: Optional[Tensor], U: Ten
                            x: Optional[Tensor], weight_c: Optional[Tensor], bias: Tensor,
                            c0: Optional[Tensor], c: Tensor, mask_h: Optional[Tensor],
                            mask_pad: Optional[Tensor], hidden_size: int, bidirectional: bool,
-                           has_skip_term: bool, use_tanh: bool,
-                           scale_x: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                           has_skip_term: bool, use_tanh: bool, scale_x: float,
+                           V: Optional[Tensor] = None
+                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(grad U, grad x ((0,) when x is not read), grad weight_c (2D,), grad bias (2D,),
-    grad c0 (B, D)); parameter gradients in float32 (float64 for float64 data)."""
+    grad c0 (B, D), grad V ((L, B, 2D), or (0,) without V)); parameter gradients in float32
+    (float64 for float64 data)."""
     L, B = U.shape[0], U.shape[1]
     D = hidden_size * (2 if bidirectional else 1)
     reads_x = has_skip_term and U.shape[2] == 3 * D
@@ -157,16 +159,17 @@ def recurrence_backward_op(grad_h: Tensor, grad_c_last: Optional[Tensor], U: Ten
         from . import torch_fallback
         return torch_fallback.recurrence_backward(
             grad_h, grad_c_last, U, x, weight_c, bias, c0, c, mask_h, mask_pad, hidden_size,
-            bidirectional, has_skip_term, use_tanh, scale_x)
+            bidirectional, has_skip_term, use_tanh, scale_x, V)
     arith = _arith_dtype(U.dtype)
     grad_U = torch.empty_like(U, memory_format=torch.contiguous_format)
     grad_x = U.new_empty((L, B, D) if reads_x else (0,))
     grad_c0 = U.new_empty((B, D))
     grad_wc_partial = U.new_empty((2, B, D), dtype=arith)
     grad_bias_partial = U.new_empty((2, B, D), dtype=arith)
+    grad_V = U.new_empty((L, B, 2 * D) if V is not None else (0,))
     inputs = [_contiguous(grad_h), _contiguous(grad_c_last)] + _prepared(
-        U, x, weight_c, bias, c0, mask_h, mask_pad)
-    inputs.insert(7, _contiguous(c))  # launch order: ..., c0, c, mask_h, mask_pad
+        U, x, weight_c, bias, c0, mask_h, mask_pad) + [_contiguous(V)]
+    inputs.insert(7, _contiguous(c))  # launch order: ..., c0, c, mask_h, mask_pad, V
     with _device_context(U.device):
         a = [_as_array(t) for t in inputs]
         out = {"U": _as_array(grad_U), "c0": _as_array(grad_c0),
@@ -174,52 +177,55 @@ def recurrence_backward_op(grad_h: Tensor, grad_c_last: Optional[Tensor], U: Ten
                "bias_partial": _as_array(grad_bias_partial)}
         if reads_x:
             out["x"] = _as_array(grad_x)
+        if V is not None:
+            out["V"] = _as_array(grad_V)
         launch.recurrence_backward(
-            *a[:8], mask_h=a[8], mask_pad=a[9], out=out, reduce_params=False,
+            *a[:8], mask_h=a[8], mask_pad=a[9], V=a[10], out=out, reduce_params=False,
             **_options(hidden_size, bidirectional, has_skip_term, use_tanh, scale_x, U.dtype,
                        U.device))
     return (grad_U, grad_x, grad_wc_partial.sum(1).reshape(2 * D),
-            grad_bias_partial.sum(1).reshape(2 * D), grad_c0)
+            grad_bias_partial.sum(1).reshape(2 * D), grad_c0, grad_V)
 
 
 @recurrence_backward_op.register_fake
 def _(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, mask_h, mask_pad, hidden_size,
-      bidirectional, has_skip_term, use_tanh, scale_x):
+      bidirectional, has_skip_term, use_tanh, scale_x, V=None):
     L, B = U.shape[0], U.shape[1]
     D = hidden_size * (2 if bidirectional else 1)
     reads_x = has_skip_term and U.shape[2] == 3 * D
     arith = _arith_dtype(U.dtype)
     return (U.new_empty(U.shape), U.new_empty((L, B, D) if reads_x else (0,)),
             U.new_empty((2 * D,), dtype=arith), U.new_empty((2 * D,), dtype=arith),
-            U.new_empty((B, D)))
+            U.new_empty((B, D)), U.new_empty((L, B, 2 * D) if V is not None else (0,)))
 
 
 def _setup_context(ctx, inputs, output):
     (U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional, has_skip_term,
-     use_tanh, scale_x, store_c) = inputs
+     use_tanh, scale_x, store_c, V) = inputs
     h, c, c_last = output
     ctx.options = (hidden_size, bidirectional, has_skip_term, use_tanh, scale_x)
     ctx.store_c = store_c
-    ctx.has = [t is not None for t in (x, weight_c, c0)]
+    ctx.has = [t is not None for t in (x, weight_c, c0, V)]
     ctx.reads_x = has_skip_term and U.shape[2] == 3 * c_last.shape[1]
     ctx.param_dtypes = (weight_c.dtype if weight_c is not None else None, bias.dtype)
-    ctx.save_for_backward(U, x, weight_c, bias, c0, mask_h, mask_pad, c)
+    ctx.save_for_backward(U, x, weight_c, bias, c0, mask_h, mask_pad, V, c)
 
 
 def _backward(ctx, grad_h, grad_c, grad_c_last):
-    U, x, weight_c, bias, c0, mask_h, mask_pad, c = ctx.saved_tensors
+    U, x, weight_c, bias, c0, mask_h, mask_pad, V, c = ctx.saved_tensors
     if not ctx.store_c:
         raise RuntimeError("sru_cupy: backward through a recurrence run with store_c=False "
                            "(the inference variant keeps no per-step state)")
     if grad_h is None:  # only c_last was used
         grad_h = torch.zeros_like(c)
-    grad_U, grad_x, grad_wc, grad_bias, grad_c0 = recurrence_backward_op(
-        grad_h, grad_c_last, U, x, weight_c, bias, c0, c, mask_h, mask_pad, *ctx.options)
+    grad_U, grad_x, grad_wc, grad_bias, grad_c0, grad_V = recurrence_backward_op(
+        grad_h, grad_c_last, U, x, weight_c, bias, c0, c, mask_h, mask_pad, *ctx.options, V)
     wc_dtype, bias_dtype = ctx.param_dtypes
-    has_x, has_wc, has_c0 = ctx.has
+    has_x, has_wc, has_c0, has_V = ctx.has
     return (grad_U, grad_x if has_x and ctx.reads_x else None,
             grad_wc.to(wc_dtype) if has_wc else None, grad_bias.to(bias_dtype),
-            grad_c0 if has_c0 else None, None, None, None, None, None, None, None, None)
+            grad_c0 if has_c0 else None, None, None, None, None, None, None, None, None,
+            grad_V if has_V else None)
 
 
 recurrence_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -228,27 +234,31 @@ recurrence_forward_op.register_autograd(_backward, setup_context=_setup_context)
 def recurrence(U: Tensor, x: Optional[Tensor], weight_c: Optional[Tensor], bias: Tensor,
                c0: Optional[Tensor] = None, *, hidden_size: int, bidirectional: bool = False,
                has_skip_term: bool = True, use_tanh: bool = False, scale_x: float = 1.0,
-               mask_h: Optional[Tensor] = None,
-               mask_pad: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+               mask_h: Optional[Tensor] = None, mask_pad: Optional[Tensor] = None,
+               V: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """The SRU elementwise recurrence over U = x W: returns (h (L, B, D), c_last (B, D)).
 
     U (L, B, D*k) with k = 3 or 4 (learned skip), x (L, B, D) the skip input when k = 3, weight_c
     and bias (2*D,), c0 and mask_h (B, D), mask_pad (L, B) nonzero at padding; D = dirs *
-    hidden_size. U, x and c0 share one dtype (float16, bfloat16, float32 or float64); weight_c,
-    bias and mask_h may be float32. Differentiable in U, x, weight_c, bias and c0.
+    hidden_size. V (L, B, 2*D), optional, holds per-step offsets of weight_c, (forget, reset) per
+    column: step t's gates use weight_c + V_t. U, x, c0 and V share one dtype (float16, bfloat16,
+    float32 or float64); weight_c, bias and mask_h may be float32. Differentiable in U, x,
+    weight_c, bias, c0 and V.
     """
-    _check(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional, has_skip_term)
+    _check(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional, has_skip_term,
+           V)
     if U.device.type == "cpu" and not torch.compiler.is_compiling():
         _notice_cpu_path()
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (U, x, weight_c, bias, c0))
+        t is not None and t.requires_grad for t in (U, x, weight_c, bias, c0, V))
     h, _, c_last = recurrence_forward_op(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size,
                                          bidirectional, has_skip_term, use_tanh, float(scale_x),
-                                         needs_grad)
+                                         needs_grad, V)
     return h, c_last
 
 
-def _check(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional, has_skip_term):
+def _check(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional, has_skip_term,
+           V=None):
     """Argument checks with messages naming the argument, before anything is launched."""
     if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
         raise (ValueError if isinstance(hidden_size, int) and not isinstance(hidden_size, bool)
@@ -267,9 +277,10 @@ def _check(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectiona
                          f"got {U.shape[2]}")
     L, B = U.shape[0], U.shape[1]
     expected = {"x": ((L, B, D), True), "c0": ((B, D), True), "weight_c": ((2 * D,), False),
-                "bias": ((2 * D,), False), "mask_h": ((B, D), False), "mask_pad": ((L, B), None)}
+                "bias": ((2 * D,), False), "mask_h": ((B, D), False), "mask_pad": ((L, B), None),
+                "V": ((L, B, 2 * D), True)}
     for name, t in (("x", x), ("weight_c", weight_c), ("bias", bias), ("c0", c0),
-                    ("mask_h", mask_h), ("mask_pad", mask_pad)):
+                    ("mask_h", mask_h), ("mask_pad", mask_pad), ("V", V)):
         if t is None:
             if name == "bias":
                 raise ValueError("bias: expected a tensor of shape (2*D,), got None")

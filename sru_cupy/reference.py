@@ -5,7 +5,8 @@ being fast: it loops over time, is vectorised over batch and hidden units, and c
 whatever the input dtype. It imports neither torch nor cupy.
 
 For every column (batch b, direction, unit j), with u0..u3 the k values of U for that column,
-v_f, v_r = weight_c, b_f, b_r = bias, and m = mask_h[b, column]:
+v_f, v_r = weight_c (plus, when V is given, that step's offsets V_t: v_f = weight_c_f + V_t[..., 0],
+v_r = weight_c_r + V_t[..., 1]), b_f, b_r = bias, and m = mask_h[b, column]:
 
     f_t = sigmoid(u1_t + v_f * c_{t-1} + b_f)
     r_t = sigmoid(u2_t + v_r * c_{t-1} + b_r)
@@ -22,7 +23,8 @@ t = 0 .. L-1, the reverse direction (columns d .. 2d-1) runs t = L-1 .. 0.
 Layouts (L steps, B batch, d = hidden_size, dirs = 2 if bidirectional else 1, D = dirs * d):
     U (L, B, D*k) read as (L, B, dirs, d, k);  x, h, c (L, B, D);  c0, c_last, mask_h (B, D);
     weight_c, bias (2*D,) read as (2, dirs, d): the forget gate's D values (v_f, b_f), then the
-    reset gate's (v_r, b_r);  mask_pad (L, B).
+    reset gate's (v_r, b_r);  mask_pad (L, B);  V (L, B, D*2) read as (L, B, dirs, d, 2): per step
+    and column, the forget then the reset offset (the layout of the `sru` package's custom V).
 """
 
 import numpy as np
@@ -46,7 +48,7 @@ class _Problem:
     """Validated float64 inputs, reshaped so that direction and unit are separate axes."""
 
     def __init__(self, U, x, weight_c, bias, c0, hidden_size, bidirectional, has_skip_term,
-                 use_tanh, scale_x, mask_h, mask_pad):
+                 use_tanh, scale_x, mask_h, mask_pad, V=None):
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, (int, np.integer)) \
                 or hidden_size < 1:
             raise ValueError(f"hidden_size: expected a positive int, got {hidden_size!r}")
@@ -86,6 +88,7 @@ class _Problem:
         v = _as_float64("weight_c", weight_c, (2 * D,)).reshape(2, dirs, d)
         b = _as_float64("bias", bias, (2 * D,)).reshape(2, dirs, d)
         self.v_f, self.v_r = v[0], v[1]
+        self.V = None if V is None else _as_float64("V", V, (L, B, 2 * D)).reshape(L, B, dirs, d, 2)
         self.b_f, self.b_r = b[0], b[1]
         self.c0 = (np.zeros((B, dirs, d)) if c0 is None
                    else _as_float64("c0", c0, (B, D)).reshape(B, dirs, d))
@@ -103,6 +106,13 @@ class _Problem:
         """The steps in the order the given direction processes them."""
         return range(self.L) if direction == 0 else range(self.L - 1, -1, -1)
 
+    def gate_weights(self, t, direction):
+        """(v_f, v_r) at step t, shape (d,) or (B, d): weight_c plus V_t when V is given."""
+        v_f, v_r = self.v_f[direction], self.v_r[direction]
+        if self.V is None:
+            return v_f, v_r
+        return v_f + self.V[t, :, direction, :, 0], v_r + self.V[t, :, direction, :, 1]
+
     def skip_input(self, t, direction):
         """x'_t for one direction, shape (B, d); None without a skip term."""
         if not self.has_skip_term:
@@ -114,19 +124,19 @@ class _Problem:
 
 def recurrence_forward_reference(U, x, weight_c, bias, c0=None, *, hidden_size, bidirectional=False,
                                  has_skip_term=True, use_tanh=False, scale_x=1.0, mask_h=None,
-                                 mask_pad=None):
+                                 mask_pad=None, V=None):
     """-> (h (L,B,D), c (L,B,D) the state after every step, c_last (B,D)), all float64."""
     p = _Problem(U, x, weight_c, bias, c0, hidden_size, bidirectional, has_skip_term, use_tanh,
-                 scale_x, mask_h, mask_pad)
+                 scale_x, mask_h, mask_pad, V)
     h = np.zeros((p.L, p.B, p.dirs, p.d))
     c = np.zeros((p.L, p.B, p.dirs, p.d))
     c_last = np.zeros((p.B, p.dirs, p.d))
     for direction in range(p.dirs):
-        v_f, v_r = p.v_f[direction], p.v_r[direction]
         b_f, b_r = p.b_f[direction], p.b_r[direction]
         m = p.mask_h[:, direction]
         c_prev = p.c0[:, direction]
         for t in p.time_order(direction):
+            v_f, v_r = p.gate_weights(t, direction)
             u0, u1, u2 = (p.U[t, :, direction, :, slot] for slot in range(3))
             f = _sigmoid(u1 + v_f * c_prev + b_f)
             r = _sigmoid(u2 + v_r * c_prev + b_r)
@@ -146,15 +156,16 @@ def recurrence_forward_reference(U, x, weight_c, bias, c0=None, *, hidden_size, 
 
 def recurrence_backward_reference(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, *, hidden_size,
                                   bidirectional=False, has_skip_term=True, use_tanh=False,
-                                  scale_x=1.0, mask_h=None, mask_pad=None):
+                                  scale_x=1.0, mask_h=None, mask_pad=None, V=None):
     """grad_h (L,B,D); grad_c_last (B,D) or None (zeros); c is the forward's c (L,B,D).
 
     -> dict with float64 arrays: 'U' (L,B,D*k), 'x' (L,B,D) or None when x is not used
        (k == 4 or not has_skip_term), 'weight_c' (2*D,) (returned even when weight_c is None: it is
-       the gradient w.r.t. v), 'bias' (2*D,), 'c0' (B,D).
+       the gradient w.r.t. v), 'bias' (2*D,), 'c0' (B,D), 'V' (L,B,D*2) or None without V (its
+       per-step terms sum over steps and batch to 'weight_c').
     """
     p = _Problem(U, x, weight_c, bias, c0, hidden_size, bidirectional, has_skip_term, use_tanh,
-                 scale_x, mask_h, mask_pad)
+                 scale_x, mask_h, mask_pad, V)
     L, B, dirs, d = p.L, p.B, p.dirs, p.d
     grad_h = _as_float64("grad_h", grad_h, (L, B, p.D)).reshape(L, B, dirs, d)
     grad_c_last = (np.zeros((B, dirs, d)) if grad_c_last is None
@@ -164,10 +175,10 @@ def recurrence_backward_reference(grad_h, grad_c_last, U, x, weight_c, bias, c0,
     grad_U = np.zeros((L, B, dirs, d, p.k))
     grad_x_skip = np.zeros((L, B, dirs, d))  # gradient w.r.t. x'
     grad_v = np.zeros((2, dirs, d))
+    grad_V = np.zeros((L, B, dirs, d, 2))
     grad_b = np.zeros((2, dirs, d))
     grad_c0 = np.zeros((B, dirs, d))
     for direction in range(dirs):
-        v_f, v_r = p.v_f[direction], p.v_r[direction]
         b_f, b_r = p.b_f[direction], p.b_r[direction]
         m = p.mask_h[:, direction]
         order = list(p.time_order(direction))
@@ -177,6 +188,7 @@ def recurrence_backward_reference(grad_h, grad_c_last, U, x, weight_c, bias, c0,
             c_prev = p.c0[:, direction] if position == 0 else c[order[position - 1], :, direction]
             c_t = c[t, :, direction]
             u0, u1, u2 = (p.U[t, :, direction, :, slot] for slot in range(3))
+            v_f, v_r = p.gate_weights(t, direction)
             # Recompute the gates from the saved state, as the kernels do.
             f = _sigmoid(u1 + v_f * c_prev + b_f)
             r = _sigmoid(u2 + v_r * c_prev + b_r)
@@ -204,8 +216,10 @@ def recurrence_backward_reference(grad_h, grad_c_last, U, x, weight_c, bias, c0,
                 grad_x_skip[t, :, direction] = np.where(real, gh * (1.0 - m * r), 0.0)
             grad_b[0, direction] += grad_u1.sum(axis=0)
             grad_b[1, direction] += grad_u2.sum(axis=0)
-            grad_v[0, direction] += (grad_u1 * c_prev).sum(axis=0)
-            grad_v[1, direction] += (grad_u2 * c_prev).sum(axis=0)
+            grad_V[t, :, direction, :, 0] = grad_u1 * c_prev
+            grad_V[t, :, direction, :, 1] = grad_u2 * c_prev
+            grad_v[0, direction] += grad_V[t, :, direction, :, 0].sum(axis=0)
+            grad_v[1, direction] += grad_V[t, :, direction, :, 1].sum(axis=0)
             grad_c_carry = np.where(real, grad_c_before, grad_c_carry)
         grad_c0[:, direction] = grad_c_carry
 
@@ -220,4 +234,5 @@ def recurrence_backward_reference(grad_h, grad_c_last, U, x, weight_c, bias, c0,
         "weight_c": grad_v.reshape(2 * p.D),
         "bias": grad_b.reshape(2 * p.D),
         "c0": grad_c0.reshape(B, p.D),
+        "V": None if p.V is None else grad_V.reshape(L, B, 2 * p.D),
     }

@@ -17,7 +17,7 @@ def _processing_order(t, dirs):
 
 
 def _prepare(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional,
-             has_skip_term, scale_x):
+             has_skip_term, scale_x, V):
     dirs = 2 if bidirectional else 1
     L, B = U.shape[0], U.shape[1]
     d = hidden_size
@@ -33,6 +33,10 @@ def _prepare(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectio
         skip = _processing_order(x.to(A).reshape(L, B, dirs, d), dirs) * scale_x
     zeros = U.new_zeros((2, dirs, d), dtype=A)
     v = zeros if weight_c is None else weight_c.to(A).reshape(2, dirs, d)
+    # weight_c (2, dirs, d), or with V the per-step (L, 2, B, dirs, d) in processing order.
+    if V is not None:
+        steps = _processing_order(V.to(A).reshape(L, B, dirs, d, 2), dirs)
+        v = v.unsqueeze(1) + steps.permute(0, 4, 1, 2, 3)
     b = bias.to(A).reshape(2, dirs, d)
     state0 = U.new_zeros((B, dirs, d), dtype=A) if c0 is None else c0.to(A).reshape(B, dirs, d)
     m = 1.0 if mask_h is None else mask_h.to(A).reshape(B, dirs, d)
@@ -44,15 +48,22 @@ def _prepare(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectio
     return dirs, L, B, D, k, A, u, skip, v, b, state0, m, pad
 
 
+def _step_weights(v, s, per_step):
+    """(v_f, v_r) of processing step s."""
+    w = v[s] if per_step else v
+    return w[0], w[1]
+
+
 def recurrence_forward(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional,
-                       has_skip_term, use_tanh, scale_x, store_c):
+                       has_skip_term, use_tanh, scale_x, store_c, V=None):
     dirs, L, B, D, k, A, u, skip, v, b, state, m, pad = _prepare(
         U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional, has_skip_term,
-        scale_x)
+        scale_x, V)
     hs, cs = [], []
     for s in range(L):
-        f = torch.sigmoid(u[s, ..., 1] + v[0] * state + b[0])
-        r = torch.sigmoid(u[s, ..., 2] + v[1] * state + b[1])
+        v_f, v_r = _step_weights(v, s, V is not None)
+        f = torch.sigmoid(u[s, ..., 1] + v_f * state + b[0])
+        r = torch.sigmoid(u[s, ..., 2] + v_r * state + b[1])
         new_state = (state - u[s, ..., 0]) * f + u[s, ..., 0]
         g = torch.tanh(new_state) if use_tanh else new_state
         h = (g - skip[s]) * m * r + skip[s] if skip is not None else g * m * r
@@ -71,10 +82,10 @@ def recurrence_forward(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, 
 
 
 def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, mask_h, mask_pad,
-                        hidden_size, bidirectional, has_skip_term, use_tanh, scale_x):
+                        hidden_size, bidirectional, has_skip_term, use_tanh, scale_x, V=None):
     dirs, L, B, D, k, A, u, skip, v, b, state0, m, pad = _prepare(
         U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional, has_skip_term,
-        scale_x)
+        scale_x, V)
     d = hidden_size
     cp = _processing_order(c.to(A).reshape(L, B, dirs, d), dirs)
     gh_all = _processing_order(grad_h.to(A).reshape(L, B, dirs, d), dirs)
@@ -84,12 +95,15 @@ def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, mask_h
     grad_skip = torch.zeros_like(u[..., 0])
     grad_v = torch.zeros((2, B, dirs, d), dtype=A, device=U.device)
     grad_b = torch.zeros((2, B, dirs, d), dtype=A, device=U.device)
+    grad_steps = torch.zeros((L, 2, B, dirs, d), dtype=A, device=U.device) if V is not None \
+        else None
     for s in range(L - 1, -1, -1):
         c_prev = cp[s - 1] if s > 0 else state0
         c_cur = cp[s]
         gh = gh_all[s]
-        f = torch.sigmoid(u[s, ..., 1] + v[0] * c_prev + b[0])
-        r = torch.sigmoid(u[s, ..., 2] + v[1] * c_prev + b[1])
+        v_f, v_r = _step_weights(v, s, V is not None)
+        f = torch.sigmoid(u[s, ..., 1] + v_f * c_prev + b[0])
+        r = torch.sigmoid(u[s, ..., 2] + v_r * c_prev + b[1])
         g = torch.tanh(c_cur) if use_tanh else c_cur
         dr = gh * (g - skip[s]) * m if skip is not None else gh * g * m
         du2 = dr * r * (1 - r)
@@ -98,7 +112,7 @@ def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, mask_h
         du1 = dc * (c_prev - u[s, ..., 0]) * f * (1 - f)
         du0 = dc * (1 - f)
         dskip = gh * (1 - m * r) if skip is not None else torch.zeros_like(gh)
-        gc_prev = dc * f + du1 * v[0] + du2 * v[1]
+        gc_prev = dc * f + du1 * v_f + du2 * v_r
         step = torch.stack((du0, du1, du2, dskip)[:k], dim=-1)
         parts = torch.stack((du1, du2, du1 * c_prev, du2 * c_prev))
         if pad is not None:
@@ -111,10 +125,18 @@ def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, mask_h
         grad_skip[s] = dskip
         grad_b += parts[:2]
         grad_v += parts[2:]
+        if grad_steps is not None:
+            grad_steps[s] = parts[2:]
         gc = gc_prev
     grad_U = _processing_order(grad_u, dirs).reshape(U.shape).to(U.dtype)
     reads_x = has_skip_term and k == 3
     grad_x = (_processing_order(grad_skip, dirs).reshape(L, B, D) * scale_x).to(U.dtype) \
         if reads_x else U.new_empty((0,))
+    if grad_steps is None:
+        grad_V = U.new_empty((0,))
+    else:  # (L, 2, B, dirs, d) in processing order -> (L, B, D*2) in time order
+        grad_V = _processing_order(grad_steps.permute(0, 2, 3, 4, 1), dirs).reshape(L, B, 2 * D)
+        grad_V = grad_V.to(U.dtype).contiguous()
     return (grad_U.contiguous(), grad_x.contiguous(), grad_v.sum(1).reshape(2 * D),
-            grad_b.sum(1).reshape(2 * D), gc.reshape(B, D).to(U.dtype, copy=True).contiguous())
+            grad_b.sum(1).reshape(2 * D), gc.reshape(B, D).to(U.dtype, copy=True).contiguous(),
+            grad_V)

@@ -24,18 +24,20 @@ DTYPES = {"f64": np.dtype(np.float64), "f32": np.dtype(np.float32), "f16": np.dt
 #: Max error allowed, relative to max(1, max |reference|).
 TOLERANCE = {"f64": 1e-12, "f32": 2e-5, "f16": 2e-2, "bf16": 8e-2}
 
-#: (dtype, bidirectional, k, has_skip_term, use_tanh, v1, c0, mask_h, mask_pad, scale_x)
+#: (dtype, bidirectional, k, has_skip_term, use_tanh, v1, c0, mask_h, mask_pad, scale_x, V)
 CASES = {
-    "f64-uni-k3-tanh-all": ("f64", False, 3, True, True, False, True, True, True, 1.7),
-    "f32-bi-k4-v1": ("f32", True, 4, True, False, True, False, False, False, 1.0),
-    "f16-uni-noskip-pad": ("f16", False, 3, False, False, False, True, False, True, 1.0),
-    "bf16-bi-k3-mh": ("bf16", True, 3, True, True, False, True, True, False, 1.3),
-    "f32-bi-k3-pad-c0": ("f32", True, 3, True, False, False, True, True, True, 1.0),
+    "f64-uni-k3-tanh-all": ("f64", False, 3, True, True, False, True, True, True, 1.7, False),
+    "f32-bi-k4-v1": ("f32", True, 4, True, False, True, False, False, False, 1.0, False),
+    "f16-uni-noskip-pad": ("f16", False, 3, False, False, False, True, False, True, 1.0, False),
+    "bf16-bi-k3-mh": ("bf16", True, 3, True, True, False, True, True, False, 1.3, False),
+    "f32-bi-k3-pad-c0": ("f32", True, 3, True, False, False, True, True, True, 1.0, False),
+    "f32-bi-k4-pad-V": ("f32", True, 4, True, True, False, True, False, True, 1.0, True),
+    "bf16-uni-k3-v1-V": ("bf16", False, 3, True, False, True, False, True, False, 1.0, True),
 }
 
 
 def _problem(case, L=7, B=3, d=5, seed=0):
-    dtype_name, bi, k, skip, tanh, v1, has_c0, has_mh, has_pad, scale_x = CASES[case]
+    dtype_name, bi, k, skip, tanh, v1, has_c0, has_mh, has_pad, scale_x, has_V = CASES[case]
     dtype = DTYPES[dtype_name]
     arith = np.float64 if dtype_name == "f64" else np.float32
     rng = np.random.default_rng(seed)
@@ -58,7 +60,7 @@ def _problem(case, L=7, B=3, d=5, seed=0):
     options = dict(hidden_size=d, bidirectional=bi, has_skip_term=skip, use_tanh=tanh,
                    scale_x=scale_x,
                    mask_h=((rng.random((B, D)) > 0.3) / 0.7).astype(arith) if has_mh else None,
-                   mask_pad=mask_pad)
+                   mask_pad=mask_pad, V=data(L, B, 2 * D) if has_V else None)
     grads_in = dict(grad_h=data(L, B, D), grad_c_last=data(B, D))
     return dtype_name, arrays, options, grads_in
 
@@ -100,6 +102,10 @@ def test_numpy_matches_reference(case):
                                         *ref_args.values(), _f64(c), **options)
     for name in ("U", "c0", "weight_c", "bias"):
         _assert_close(f"grad {name}", grads[name], ref[name], dtype_name)
+    if ref["V"] is None:
+        assert grads["V"] is None
+    else:
+        _assert_close("grad V", grads["V"], ref["V"], dtype_name)
     if ref["x"] is None:
         assert grads["x"] is None
     else:

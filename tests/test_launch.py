@@ -2,7 +2,7 @@
 
 Every kernel instantiation (float64, float32, float16, bfloat16 storage; k = 3, k = 4) and every
 option that changes what a kernel computes (direction, skip term, weight_c or v1, tanh, dropout
-mask, padding, c0, scale_x, dL/dc_last) is run through forward (training and inference) and
+mask, padding, c0, scale_x, dL/dc_last, per-step weight_c offsets V) is run through forward (training and inference) and
 backward. Direction x k-variant x dtype is covered fully; the other options by a pairwise covering
 design built below (and checked by a test). Outputs are passed in NaN-poisoned ``out=`` arrays so
 that an element a kernel forgets to write cannot pass.
@@ -46,6 +46,7 @@ OTHER_FACTORS = {
     "sx": ("sx1", "sx1.7"),       # scale_x
     "gcl": ("nogcl", "gcl"),      # dL/dc_last given or None
     "cols": ("hostcols", "cols1"),  # host columns per thread: the host's own, or the GPU's (1)
+    "V": ("noV", "V"),            # per-step offsets of weight_c (a transform module's V)
 }
 CORE_FACTORS = {"dir": ("uni", "bi"), "kvar": tuple(KVARIANTS), "dtype": tuple(DTYPES)}
 
@@ -63,6 +64,7 @@ class Case:
     sx: str = "sx1.7"
     gcl: str = "gcl"
     cols: str = "hostcols"
+    V: str = "noV"
     L: int = 11  # 8 + 3 and 2 * 4 + 3: the prefetched loops and their tails both run
     B: int = 4
     d: int = 9   # uni: 36 columns, bi: 72: partial blocks, and (uni) a thread with 4 of its 8 columns
@@ -70,7 +72,7 @@ class Case:
     @property
     def id(self):
         return "-".join([self.dir, self.kvar, self.dtype, self.wc, self.tanh, self.mh, self.pad,
-                         self.c0, self.sx, self.gcl, self.cols, f"L{self.L}B{self.B}d{self.d}"])
+                         self.c0, self.sx, self.gcl, self.cols, self.V, f"L{self.L}B{self.B}d{self.d}"])
 
     @property
     def bidirectional(self):
@@ -167,6 +169,13 @@ SIZE_CASES = [
     for cols in OTHER_FACTORS["cols"]
     for i, (direction, kvar, dtype) in enumerate(itertools.product(("uni", "bi"), KVARIANTS, DTYPES))
 ]
+#: V runs its own step loop (no prefetch): the sizes again, over the directions and k-variants.
+SIZE_CASES += [
+    Case(dir=direction, kvar=kvar, dtype=("f32", "bf16", "f64", "f16")[i % 4],
+         pad=("padend", "padstart")[i % 2], cols=OTHER_FACTORS["cols"][i % 2], V="V", L=L, B=B, d=d)
+    for size, (L, B, d) in SIZES.items()
+    for i, (direction, kvar) in enumerate(itertools.product(("uni", "bi"), KVARIANTS))
+]
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -217,13 +226,15 @@ def _inputs(case, seed=None):
         mask_pad=_pad_mask(case.pad, L, B, rng),
         grad_h=data(L, B, D),
         grad_c_last=data(B, D) if case.gcl == "gcl" else None,
+        V=data(L, B, 2 * D) if case.V == "V" else None,
     )
 
 
 def _options(case, inputs):
     return dict(hidden_size=case.d, bidirectional=case.bidirectional,
                 has_skip_term=case.has_skip_term, use_tanh=case.tanh == "tanh",
-                scale_x=case.scale_x, mask_h=inputs["mask_h"], mask_pad=inputs["mask_pad"])
+                scale_x=case.scale_x, mask_h=inputs["mask_h"], mask_pad=inputs["mask_pad"],
+                V=inputs["V"])
 
 
 def _f64(array):
@@ -301,7 +312,7 @@ def _check_case_on_host(case):
     L, B, D, k = case.L, case.B, case.D, case.k
     reads_x = case.k == 3 and case.has_skip_term
     # The reference runs on the same (possibly 16-bit) values, upcast to float64.
-    ref_options = dict(options, mask_h=_f64(inputs["mask_h"]))
+    ref_options = dict(options, mask_h=_f64(inputs["mask_h"]), V=_f64(inputs["V"]))
     args = [inputs[name] for name in ("U", "x", "weight_c", "bias", "c0")]
     ref_args = [_f64(a) for a in args]
     padded = _padded_steps(inputs["mask_pad"])
@@ -332,6 +343,8 @@ def _check_case_on_host(case):
             "bias_partial": _poisoned((2, B, D), arith)}
     if reads_x:
         gout["x"] = _poisoned((L, B, D), dtype)
+    if case.V == "V":
+        gout["V"] = _poisoned((L, B, 2 * D), dtype)
     grads = recurrence_backward(inputs["grad_h"], inputs["grad_c_last"], *args, c, **options,
                                 out=dict(gout))
     for key, array in gout.items():
@@ -344,6 +357,10 @@ def _check_case_on_host(case):
         _assert_close("grad x", grads["x"], ref["x"], case.dtype)
     else:
         assert grads["x"] is None and ref["x"] is None
+    if case.V == "V":
+        _assert_close("grad V", grads["V"], ref["V"], case.dtype)
+    else:
+        assert grads["V"] is None and ref["V"] is None
     # Parameter gradients are accumulated in the arithmetic type, from the same stored inputs:
     # float32 accuracy even for 16-bit data.
     param_kind = "f64" if case.dtype == "f64" else "f32"
@@ -366,7 +383,7 @@ def _check_case_on_host(case):
             one(grad_args[0], 1), one(grad_args[1], 0), one(ref_args[0], 1), one(ref_args[1], 1),
             ref_args[2], ref_args[3], one(ref_args[4], 0), one(grad_args[-1], 1),
             **dict(ref_options, mask_h=one(ref_options["mask_h"], 0),
-                   mask_pad=one(ref_options["mask_pad"], 1)))
+                   mask_pad=one(ref_options["mask_pad"], 1), V=one(ref_options["V"], 1)))
         for name in ("weight_c", "bias"):
             _assert_close(f"grad {name} partial, batch {b}",
                           grads[f"{name}_partial"][:, b, :].reshape(2 * D), ref_b[name], param_kind)
@@ -375,6 +392,8 @@ def _check_case_on_host(case):
         assert np.all(gU[padded] == 0), "grad U at padded steps is not exactly 0"
         if reads_x:
             assert np.all(grads["x"].astype(np.float64)[padded] == 0)
+        if case.V == "V":
+            assert np.all(grads["V"].astype(np.float64)[padded] == 0)
 
 
 @pytest.mark.parametrize("case", DESIGN_CASES, ids=[c.id for c in DESIGN_CASES])
@@ -460,7 +479,8 @@ def _strided(array, rng):
 NONCONTIGUOUS_CASES = [Case("bi", "k3", "f32", pad="padholes", L=9, B=3, d=5),
                        Case("bi", "k4", "bf16", pad="padstart", L=9, B=3, d=5),
                        Case("uni", "noskip", "f64", pad="padend", L=9, B=3, d=5),
-                       Case("bi", "k3", "f16", pad="padend", L=9, B=3, d=5)]
+                       Case("bi", "k3", "f16", pad="padend", L=9, B=3, d=5),
+                       Case("bi", "k4", "f32", pad="padholes", V="V", L=9, B=3, d=5)]
 
 
 @pytest.mark.parametrize("case", NONCONTIGUOUS_CASES, ids=[c.id for c in NONCONTIGUOUS_CASES])
@@ -654,6 +674,9 @@ BAD_INPUTS = [
     ("mask_h-int", dict(mask_h=np.ones((B_, D_), np.int32)), TypeError, r"^mask_h: "),
     ("mask_pad-shape", dict(mask_pad=np.zeros((B_, L_), bool)), ValueError, r"^mask_pad: .*shape"),
     ("mask_pad-1d", dict(mask_pad=np.zeros(L_, bool)), ValueError, r"^mask_pad: .*shape"),
+    ("V-shape", dict(V=np.zeros((L_, B_, D_), np.float32)), ValueError, r"^V: .*shape"),
+    ("V-interleaved-2d", dict(V=np.zeros((L_, B_, D_, 2), np.float32)), ValueError, r"^V: .*shape"),
+    ("V-dtype", dict(V=np.zeros((L_, B_, 2 * D_), np.float64)), TypeError, r"^V: .*dtype"),
     ("storage_dtype-bad", dict(storage_dtype="int8"), TypeError, r"^storage_dtype: "),
     ("storage_dtype-mismatch", dict(storage_dtype="float16"), TypeError, r"^U: .*storage_dtype"),
 ]
@@ -668,7 +691,7 @@ BACKWARD_ONLY = [
     ("grad_c_last-shape", dict(grad_c_last=np.zeros((B_ + 1, D_), np.float32)), ValueError,
      r"^grad_c_last: .*shape"),
 ]
-OPTION_KEYS = ("hidden_size", "has_skip_term", "storage_dtype", "mask_h", "mask_pad")
+OPTION_KEYS = ("hidden_size", "has_skip_term", "storage_dtype", "mask_h", "mask_pad", "V")
 
 
 def _apply(change, inputs, options):

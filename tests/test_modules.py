@@ -18,7 +18,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from sru_cupy import ops
 from sru_cupy.modules import SRU, SRUCell
 
-pytestmark = pytest.mark.filterwarnings("ignore:rnn_dropout > 0 is deprecated:UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:rnn_dropout > 0 is deprecated:UserWarning"),
+              pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")]
 
 F64 = torch.float64
 
@@ -180,6 +181,62 @@ def test_custom_m_replaces_the_gemm():
     bad = SRUCell(5, 4, custom_m=nn.Linear(5, 12))
     with pytest.raises(ValueError, match="transform_module"):
         bad(torch.randn(3, 2, 5))
+
+
+class _ReturnsUV(nn.Module):
+    def __init__(self, u_width, v_width, extra=False):
+        super().__init__()
+        self.u = nn.Linear(5, u_width, bias=False)
+        self.v = nn.Linear(5, v_width)
+        self.extra = extra
+
+    def forward(self, x):
+        U, V = self.u(x), self.v(x)
+        return (U, V, V) if self.extra else (U, V)
+
+
+def test_custom_m_returning_u_and_v():
+    """V offsets weight_c per step. As in sru 2.6, whose V = ret[1] + weight_c adds the flat
+    vectors, weight_c's entries are then read in V's layout, (forget, reset) per column: a zero V
+    equals no V with weight_c reordered that way. A nonzero V changes h and gets a gradient."""
+    cell = SRUCell(5, 4, custom_m=_ReturnsUV(16, 8)).double()
+    x = torch.randn(3, 2, 5, dtype=F64)
+    with torch.no_grad():
+        cell.transform_module.v.weight.zero_()
+        cell.transform_module.v.bias.zero_()
+    # (constructed first: its reset_parameters re-initialises the shared Linear)
+    u_only = SRUCell(5, 4, custom_m=cell.transform_module.u).double()
+    h_zero_v, c_zero_v = cell(x)
+    u_only.load_state_dict({"weight_c": cell.weight_c.detach().view(4, 2).t().reshape(-1),
+                            "bias": cell.bias, "scale_x": cell.scale_x}, strict=False)
+    h_u_only, c_u_only = u_only(x)
+    torch.testing.assert_close(h_zero_v, h_u_only, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c_zero_v, c_u_only, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        cell.transform_module.v.bias.fill_(0.5)
+    h, c = cell(x)
+    assert not torch.allclose(h, h_zero_v)
+    (h.sum() + c.sum()).backward()
+    assert cell.transform_module.v.weight.grad.abs().sum() > 0
+    assert cell.weight_c.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("module, match", [
+    (_ReturnsUV(16, 6), r"^transform_module: expected V"),
+    (_ReturnsUV(16, 8, extra=True), r"^transform_module: expected U or \(U, V\)"),
+])
+def test_custom_m_bad_v_is_rejected(module, match):
+    with pytest.raises(ValueError, match=match):
+        SRUCell(5, 4, custom_m=module)(torch.randn(3, 2, 5))
+
+
+def test_state_dict_with_sru_custom_m_keys_loads():
+    a = SRUCell(5, 4, custom_m=_ReturnsUV(16, 8))
+    state = {k.replace("transform_module.", "custom_m."): v for k, v in a.state_dict().items()}
+    b = SRUCell(5, 4, custom_m=_ReturnsUV(16, 8))
+    b.load_state_dict(state, strict=True)
+    x = torch.randn(3, 2, 5)
+    torch.testing.assert_close(b(x)[0], a(x)[0], rtol=0, atol=0)
 
 
 # -- layouts ---------------------------------------------------------------------------------------
@@ -742,3 +799,123 @@ def test_cpu_autocast_recurrence_dtype(amp_recurrence_fp16, expected):
     torch.testing.assert_close(c.float(), ref_c, rtol=0.05, atol=0.05)
     h.float().sum().backward()
     assert m.rnn_lst[0].weight.grad.dtype == torch.float32
+
+
+# -- TorchScript ----------------------------------------------------------------------------------
+
+class _SplitUV(nn.Module):
+    """A transform module returning (U, V), scriptable."""
+
+    def __init__(self, n_in: int, u_width: int, v_width: int):
+        super().__init__()
+        self.u = nn.Linear(n_in, u_width, bias=False)
+        self.v = nn.Linear(n_in, v_width)
+
+    def forward(self, x: torch.Tensor):
+        return self.u(x), self.v(x)
+
+
+#: One option (or a combination) of sru 2.6 per entry: (class, args, kwargs).
+SCRIPT_CONFIGS = {
+    "sru-default": (SRU, (5, 4), dict()),
+    "sru-bi-3layers": (SRU, (5, 4), dict(num_layers=3, bidirectional=True)),
+    "sru-projection-ln": (SRU, (9, 4), dict(projection_size=3, layer_norm=True)),
+    "sru-ln-after-bi": (SRU, (5, 4), dict(layer_norm=True, normalize_after=True,
+                                          bidirectional=True)),
+    "sru-rescale-highway-tanh": (SRU, (4, 4), dict(rescale=True, highway_bias=-1.0,
+                                                   use_tanh=True)),
+    "sru-noskip-v1": (SRU, (5, 4), dict(has_skip_term=False, v1=True)),
+    "sru-compat-return": (SRU, (5, 4), dict(num_layers=2, bidirectional=True,
+                                            nn_rnn_compatible_return=True)),
+    "sru-proj-first": (SRU, (5, 3), dict(proj_input_to_hidden_first=True, weight_c_init=0.5)),
+    "sru-batch-first": (SRU, (5, 4), dict(batch_first=True, bidirectional=True)),
+    "sru-dropout": (SRU, (5, 4), dict(num_layers=3, dropout=0.3, rnn_dropout=0.2)),
+    "sru-custom_m": (SRU, (4, 4), dict(num_layers=2, custom_m=nn.Linear(4, 12, bias=False))),
+    "cell-default": (SRUCell, (5, 4), dict()),
+    "cell-bi-nproj": (SRUCell, (9, 6), dict(n_proj=3, bidirectional=True)),
+    "cell-k3-noskip-tanh": (SRUCell, (4, 4), dict(has_skip_term=False, use_tanh=True)),
+    "cell-custom_m-UV": (SRUCell, (5, 4), dict(custom_m=_SplitUV(5, 16, 8))),
+    "cell-custom_m-UV-bi-v1": (SRUCell, (5, 4), dict(custom_m=_SplitUV(5, 32, 16),
+                                                       bidirectional=True, v1=True)),
+}
+
+
+def _script_inputs(module, L=6, B=3, with_c0=True, mask=True, dtype=F64):
+    g = torch.Generator().manual_seed(4)
+    layers = getattr(module, "num_layers", None)
+    batch_first = module.batch_first
+    x = torch.randn((B, L, module.input_size) if batch_first else (L, B, module.input_size),
+                    generator=g, dtype=dtype)
+    c_shape = (B, module.output_size) if layers is None else (layers, B, module.output_size)
+    c0 = torch.randn(c_shape, generator=g, dtype=dtype) if with_c0 else None
+    mask_pad = _mask_from_lengths([L, 2, 4][:B], L) if mask else None
+    if mask_pad is not None and batch_first:
+        mask_pad = mask_pad.t()
+    return x, c0, mask_pad
+
+
+def _assert_scripted_equals_eager(module, x, c0, mask_pad, train):
+    scripted = torch.jit.script(module)
+    module.train(train)
+    scripted.train(train)
+    torch.manual_seed(21)
+    expected = _forward_backward(module, x, c0, mask_pad)
+    torch.manual_seed(21)
+    got = _forward_backward(scripted, x, c0, mask_pad)
+    for name, a, b in zip(("h", "c", "grad input", "grad c0"), got[:4], expected[:4]):
+        if b is None:
+            assert a is None, name
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    assert expected[4], "no parameter gradients"
+    _assert_params_close(got[4], expected[4], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", list(SCRIPT_CONFIGS))
+def test_torchscript_matches_eager(name, train):
+    """torch.jit.script(model) gives the eager model's outputs and gradients (CPU)."""
+    cls, args, kwargs = SCRIPT_CONFIGS[name]
+    module = _make(cls, *args, **kwargs)
+    x, c0, mask_pad = _script_inputs(module)
+    _assert_scripted_equals_eager(module, x, c0, mask_pad, train)
+
+
+def test_torchscript_without_c0_and_mask_and_one_step():
+    cell = _make(SRUCell, 5, 4, bidirectional=True)
+    scripted = torch.jit.script(cell)
+    x = torch.randn(3, 5, dtype=F64)  # one step, (B, input_size)
+    h, c = scripted(x)
+    h_eager, c_eager = cell(x)
+    assert h.shape == (3, 8)
+    torch.testing.assert_close(h, h_eager, rtol=0, atol=0)
+    torch.testing.assert_close(c, c_eager, rtol=0, atol=0)
+    sru = _make(SRU, 5, 4)
+    x = torch.randn(1, 2, 5, dtype=F64)
+    torch.testing.assert_close(torch.jit.script(sru)(x)[0], sru(x)[0], rtol=0, atol=0)
+
+
+def test_torchscript_save_load_and_errors(tmp_path):
+    module = _make(SRU, 5, 4, num_layers=2, bidirectional=True)
+    path = tmp_path / "sru.pt"
+    torch.jit.save(torch.jit.script(module), str(path))
+    loaded = torch.jit.load(str(path))
+    x, c0, mask_pad = _script_inputs(module)
+    torch.testing.assert_close(loaded(x, c0, mask_pad)[0], module(x, c0, mask_pad)[0],
+                               rtol=0, atol=0)
+    # The argument checks run in TorchScript too and name the argument.
+    with pytest.raises(Exception, match="input: expected last axis input_size = 5"):
+        loaded(torch.randn(3, 2, 6, dtype=F64))
+    with pytest.raises(Exception, match=r"c0: expected shape \(num_layers, B, output_size\)"):
+        loaded(x, torch.zeros(2, 3, 4, dtype=F64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["sru-bi-3layers", "sru-projection-ln", "cell-custom_m-UV"])
+def test_torchscript_matches_eager_on_gpu(name):
+    if not torch.cuda.is_available():
+        pytest.skip("gpu: this torch build has no CUDA device")
+    cls, args, kwargs = SCRIPT_CONFIGS[name]
+    module = _make(cls, *args, **kwargs).cuda()
+    x, c0, mask_pad = (None if t is None else t.cuda() for t in _script_inputs(module))
+    _assert_scripted_equals_eager(module, x, c0, mask_pad, train=True)

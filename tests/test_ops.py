@@ -66,6 +66,8 @@ DTYPES = {"f64": torch.float64, "f32": torch.float32, "bf16": torch.bfloat16, "f
 PARAM_DTYPES = {"f64": torch.float64, "f32": torch.float32, "bf16": torch.float32,
                 "f16": torch.float32}
 KVARIANTS = {"k3": (3, True), "k4": (4, True), "noskip": (3, False)}
+#: The differentiable inputs of ops.recurrence.
+DIFFERENTIABLE = ("U", "x", "weight_c", "bias", "c0", "V")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,12 +82,13 @@ class Opts:
     c0: bool = False
     sx: float = 1.0           # scale_x
     used: str = "both"        # both, h (grad_c_last None), clast (grad_h None)
+    V: bool = False           # per-step offsets of weight_c (a transform module's V)
 
     @property
     def id(self):
         parts = ["bi" if self.bi else "uni", self.kvar]
         parts += [name for name, on in (("v1", self.v1), ("tanh", self.tanh), ("mh", self.mh),
-                                        ("c0", self.c0)) if on]
+                                        ("c0", self.c0), ("V", self.V)) if on]
         if self.pad != "nopad":
             parts.append(self.pad)
         if self.sx != 1.0:
@@ -150,10 +153,12 @@ def make_problem(opts, L, B, d, dtype=torch.float64, param_dtype=None, device="c
     c0 = torch.randn(B, D, generator=g, dtype=torch.float64)
     mask_h = (torch.rand(B, D, generator=g, dtype=torch.float64) < 0.7).double() / 0.7
     mask_pad = _pad_mask(L, B, opts.pad, lengths)
+    V = torch.randn(L, B, 2 * D, generator=g, dtype=torch.float64) * 0.5
     if poison_padding and mask_pad is not None:
         padded = (mask_pad != 0)[:, :, None]
         U = U.masked_fill(padded, float("nan"))
         x = x.masked_fill(padded, float("nan"))
+        V = V.masked_fill(padded, float("nan"))
     problem = {
         "U": U.to(dtype),
         "x": x.to(dtype) if opts.reads_x else None,
@@ -162,11 +167,12 @@ def make_problem(opts, L, B, d, dtype=torch.float64, param_dtype=None, device="c
         "c0": c0.to(dtype) if opts.c0 else None,
         "mask_h": mask_h.to(param_dtype) if opts.mh else None,
         "mask_pad": mask_pad,
+        "V": V.to(dtype) if opts.V else None,
     }
     for name, t in problem.items():
         if t is not None:
             t = t.to(device)
-            if requires_grad and name in ("U", "x", "weight_c", "bias", "c0"):
+            if requires_grad and name in DIFFERENTIABLE:
                 t.requires_grad_()
             problem[name] = t
     return problem
@@ -175,8 +181,9 @@ def make_problem(opts, L, B, d, dtype=torch.float64, param_dtype=None, device="c
 def call(problem, opts, d, fn=None):
     fn = fn or ops.recurrence
     p = problem
+    extra = {} if p.get("V") is None else {"V": p["V"]}
     return fn(p["U"], p["x"], p["weight_c"], p["bias"], p["c0"], mask_h=p["mask_h"],
-              mask_pad=p["mask_pad"], **opts.kwargs(d))
+              mask_pad=p["mask_pad"], **extra, **opts.kwargs(d))
 
 
 def _np(t):
@@ -186,7 +193,8 @@ def _np(t):
 def reference(problem, opts, d, grad_h, grad_c_last):
     """Float64 oracle outputs for the problem's (rounded) inputs; grad_h may be None (zeros)."""
     args = [_np(problem[n]) for n in ("U", "x", "weight_c", "bias", "c0")]
-    kw = dict(opts.kwargs(d), mask_h=_np(problem["mask_h"]), mask_pad=_np(problem["mask_pad"]))
+    kw = dict(opts.kwargs(d), mask_h=_np(problem["mask_h"]), mask_pad=_np(problem["mask_pad"]),
+              V=_np(problem.get("V")))
     h, c, c_last = recurrence_forward_reference(*args, **kw)
     gh = np.zeros_like(h) if grad_h is None else grad_h
     grads = recurrence_backward_reference(gh, grad_c_last, *args, c, **kw)
@@ -228,8 +236,7 @@ def forward_backward(problem, opts, d, seed=0):
     if opts.used in ("both", "clast"):
         loss = loss + (c_last.double() * gcl.to(h.device)).sum()
     loss.backward()
-    grads = {n: problem[n].grad for n in ("U", "x", "weight_c", "bias", "c0")
-             if problem[n] is not None}
+    grads = {n: problem[n].grad for n in DIFFERENTIABLE if problem.get(n) is not None}
     return (h, c_last, grads, gh.numpy() if opts.used != "clast" else None,
             gcl.numpy() if opts.used != "h" else None)
 
@@ -244,6 +251,8 @@ OPTION_SETS = {
     "mh-padend-sx-onlyclast": dict(mh=True, pad="padend", sx=0.6, used="clast"),
     "v1-mh-padstart": dict(v1=True, mh=True, pad="padstart"),
     "all": dict(tanh=True, mh=True, pad="padend", c0=True, sx=1.7),
+    "V-tanh-mh-padend-c0": dict(V=True, tanh=True, mh=True, pad="padend", c0=True),
+    "v1-V-padstart-onlyh": dict(v1=True, V=True, pad="padstart", used="h"),
 }
 ORACLE_CASES = [Opts(bi=bi, kvar=kvar, **extra)
                 for bi, kvar, extra in itertools.product((False, True), KVARIANTS,
@@ -267,7 +276,7 @@ def test_against_reference(monkeypatch, impl, opts, dtype_name):
     assert h.device == c_last.device == p["U"].device
     assert_matches("h", _np(h), ref_h, dtype)
     assert_matches("c_last", _np(c_last), ref_c_last, dtype)
-    assert set(grads) == {n for n in ("U", "x", "weight_c", "bias", "c0") if p[n] is not None}
+    assert set(grads) == {n for n in DIFFERENTIABLE if p[n] is not None}
     for name, grad in grads.items():
         assert grad is not None, f"{name}: no gradient"
         assert grad.dtype == p[name].dtype, f"{name}: grad dtype {grad.dtype} != {p[name].dtype}"
@@ -342,12 +351,14 @@ GRADCHECK_CASES = [
         (False, True), KVARIANTS, (False, True), (False, True), (False, True),
         ("nopad", "padend", "padstart"), (False, True))
 ]
+# V (per-step weight_c offsets) over a spread sixth of the combinations.
+GRADCHECK_CASES += [dataclasses.replace(o, V=True) for o in GRADCHECK_CASES[::6]]
 
 
 def _gradcheck(opts, device="cpu", fast_mode=True):
     L, B, d = 4, 2, 3
     p = make_problem(opts, L, B, d, torch.float64, device=device, poison_padding=False)
-    names = [n for n in ("U", "x", "weight_c", "bias", "c0") if p[n] is not None]
+    names = [n for n in DIFFERENTIABLE if p[n] is not None]
 
     def fn(*tensors):
         q = dict(p, **dict(zip(names, tensors)))
@@ -367,6 +378,8 @@ EXACT_GRADCHECK_CASES = [
     Opts(bi=True, kvar="k3", pad="padstart", c0=True, sx=0.8),
     Opts(bi=True, kvar="k4", v1=True, tanh=True, mh=True, pad="padend", c0=True),
     Opts(bi=True, kvar="noskip", tanh=True, mh=True, pad="padstart", c0=True),
+    Opts(bi=True, kvar="k4", tanh=True, pad="padend", c0=True, V=True),
+    Opts(bi=True, kvar="k3", v1=True, mh=True, pad="padstart", V=True, sx=1.7),
 ]
 
 
@@ -386,6 +399,10 @@ OPCHECK_SETS = {
                              torch.bfloat16, False),
     "uni-k3-f32-noncontiguous": (Opts(kvar="k3", c0=True, pad="padend"), torch.float32, True),
     "bi-k3-f16-noncontiguous": (Opts(bi=True, kvar="k3", c0=True, tanh=True), torch.float16, True),
+    "bi-k4-f32-V-padend": (Opts(bi=True, kvar="k4", c0=True, pad="padend", V=True),
+                           torch.float32, False),
+    "uni-k3-f64-V-noncontiguous": (Opts(kvar="k3", tanh=True, mh=True, V=True), torch.float64,
+                                   True),
 }
 
 
@@ -394,7 +411,7 @@ def _opcheck_inputs(name, requires_grad):
     L, B, d = 4, 3, 2
     p = make_problem(opts, L, B, d, dtype, requires_grad=requires_grad, poison_padding=False)
     if noncontiguous:  # same values, transposed (L, B) storage
-        for n in ("U", "x", "c0"):
+        for n in ("U", "x", "c0", "V"):
             if p[n] is not None:
                 t = p[n].detach()
                 t = t.transpose(0, 1).contiguous().transpose(0, 1) if t.dim() == 3 else \
@@ -410,7 +427,7 @@ def test_opcheck_forward(cpu_impl, name, store_c):
     # Backward through store_c=False raises by design: its inputs do not require grad.
     opts, d, p = _opcheck_inputs(name, requires_grad=store_c)
     args = (p["U"], p["x"], p["weight_c"], p["bias"], p["c0"], p["mask_h"], p["mask_pad"], d,
-            opts.bi, opts.has_skip_term, opts.tanh, opts.sx, store_c)
+            opts.bi, opts.has_skip_term, opts.tanh, opts.sx, store_c, p["V"])
     torch.library.opcheck(ops.recurrence_forward_op, args)
 
 
@@ -420,12 +437,12 @@ def test_opcheck_backward(cpu_impl, name, with_grad_c_last):
     opts, d, p = _opcheck_inputs(name, requires_grad=False)
     _, c, c_last = ops.recurrence_forward_op(
         p["U"], p["x"], p["weight_c"], p["bias"], p["c0"], p["mask_h"], p["mask_pad"], d, opts.bi,
-        opts.has_skip_term, opts.tanh, opts.sx, True)
+        opts.has_skip_term, opts.tanh, opts.sx, True, p["V"])
     g = torch.Generator().manual_seed(1)
     grad_h = torch.randn(c.shape, generator=g).to(c.dtype)
     grad_c_last = torch.randn(c_last.shape, generator=g).to(c.dtype) if with_grad_c_last else None
     args = (grad_h, grad_c_last, p["U"], p["x"], p["weight_c"], p["bias"], p["c0"], c, p["mask_h"],
-            p["mask_pad"], d, opts.bi, opts.has_skip_term, opts.tanh, opts.sx)
+            p["mask_pad"], d, opts.bi, opts.has_skip_term, opts.tanh, opts.sx, p["V"])
     torch.library.opcheck(ops.recurrence_backward_op, args)
 
 
@@ -641,7 +658,7 @@ def forward_spy(monkeypatch):
     real = ops.recurrence_forward_op
 
     def spy(*args):
-        calls.append(args[-1])
+        calls.append(args[12])  # store_c
         return real(*args)
     monkeypatch.setattr(ops, "recurrence_forward_op", spy)
     return calls

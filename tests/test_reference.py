@@ -22,6 +22,7 @@ class Case:
     with_mask_h: bool
     with_c0: bool
     scale_x: float
+    with_V: bool = False  # per-step offsets of weight_c (a transform module's V)
     L: int = 5
     B: int = 3
     d: int = 2
@@ -38,12 +39,13 @@ class Case:
             "mh" if self.with_mask_h else "nomh",
             "c0" if self.with_c0 else "noc0",
             f"sx{self.scale_x}",
+        ] + (["V"] if self.with_V else []) + [
             f"L{self.L}B{self.B}d{self.d}",
         ])
 
 
 def _covering_cases():
-    """All 64 combinations of (bidirectional, k, skip, tanh, mask_pad), with the four remaining
+    """All 64 combinations of (bidirectional, k, skip, tanh, mask_pad), with the five remaining
     two-valued options set by XOR parities of those bits. Distinct parities make every pair of
     option values occur together (a strength-2 orthogonal array) without the full 1024-case product.
     """
@@ -60,7 +62,8 @@ def _covering_cases():
                             with_weight_c=bool(bi ^ k4 ^ p0 ^ 1),
                             with_mask_h=bool(skip ^ tanh ^ p1 ^ 1),
                             with_c0=bool(bi ^ skip ^ p0 ^ p1 ^ 1),
-                            scale_x=1.7 if k4 ^ tanh ^ p0 ^ 1 else 1.0))
+                            scale_x=1.7 if k4 ^ tanh ^ p0 ^ 1 else 1.0,
+                            with_V=bool(bi ^ k4 ^ skip ^ tanh ^ p1)))
     return cases
 
 
@@ -70,6 +73,8 @@ SMALL_CASES = [
     Case(True, 3, True, True, "padmid", True, True, True, 1.7, L=4, B=2, d=1),
     Case(False, 4, False, False, "padend", True, True, False, 1.0, L=3, B=1, d=1),
     Case(True, 3, False, True, "nopad", False, True, True, 1.0, L=1, B=3, d=3),
+    Case(True, 4, True, True, "padmid", False, True, True, 1.0, with_V=True, L=4, B=2, d=1),
+    Case(False, 3, True, False, "nopad", True, False, False, 1.7, with_V=True, L=1, B=1, d=1),
 ]
 ALL_CASES = _covering_cases() + SMALL_CASES
 
@@ -106,6 +111,7 @@ def _make_inputs(case, seed):
         c0=rng.normal(size=(B, D)) if case.with_c0 else None,
         mask_h=(rng.integers(0, 2, size=(B, D)) / 0.6) if case.with_mask_h else None,
         mask_pad=mask_pad,
+        V=rng.normal(size=(L, B, 2 * D)) if case.with_V else None,
     )
 
 
@@ -127,7 +133,7 @@ def test_backward_matches_central_finite_differences(case):
 
     grads = recurrence_backward_reference(grad_h, grad_c_last, inputs["U"], inputs["x"],
                                           inputs["weight_c"], inputs["bias"], inputs["c0"], c,
-                                          **options)
+                                          V=inputs["V"], **options)
     if case.k == 3 and case.has_skip_term:
         assert grads["x"].shape == inputs["x"].shape
     else:
@@ -151,7 +157,15 @@ def test_backward_matches_central_finite_differences(case):
         return np.sum(grad_h * h_) + np.sum(grad_c_last * c_last_)
 
     eps = 1e-6
-    differentiable = [name for name in ("U", "x", "weight_c", "bias", "c0")
+    if case.with_V:
+        assert grads["V"].shape == inputs["V"].shape
+        # dL/dweight_c is dL/dV summed over steps and batch (weight_c + V_t is what the gates use).
+        D2 = grads["V"].shape[-1]
+        np.testing.assert_allclose(
+            grads["V"].reshape(-1, D2 // 2, 2).sum(0).T.reshape(-1), grads["weight_c"], rtol=1e-12)
+    else:
+        assert grads["V"] is None
+    differentiable = [name for name in ("U", "x", "weight_c", "bias", "c0", "V")
                       if point[name] is not None]
     for name in differentiable:
         flat_size = point[name].size
@@ -209,7 +223,7 @@ def test_one_step_by_hand():
                                [dh_dc * f + dh_du1 * v_f + dh_du2 * v_r], rtol=1e-13)
 
 
-def _forward_one_column_at_a_time(U, x, weight_c, bias, c0, mask_h, mask_pad, *, d, dirs,
+def _forward_one_column_at_a_time(U, x, weight_c, bias, c0, mask_h, mask_pad, V, *, d, dirs,
                                    has_skip_term, use_tanh, scale_x):
     """A second, scalar forward that reads every value by its flat index in the documented
     layouts, so that a layout mistake cannot hide behind matching reshapes."""
@@ -230,8 +244,9 @@ def _forward_one_column_at_a_time(U, x, weight_c, bias, c0, mask_h, mask_pad, *,
                     if mask_pad[t, b]:
                         continue
                     u = [U[t, b, col * k + slot] for slot in range(k)]
-                    f = 1.0 / (1.0 + math.exp(-(u[1] + v_f * c + b_f)))
-                    r = 1.0 / (1.0 + math.exp(-(u[2] + v_r * c + b_r)))
+                    dv_f, dv_r = V[t, b, col * 2], V[t, b, col * 2 + 1]
+                    f = 1.0 / (1.0 + math.exp(-(u[1] + (v_f + dv_f) * c + b_f)))
+                    r = 1.0 / (1.0 + math.exp(-(u[2] + (v_r + dv_r) * c + b_r)))
                     c = f * c + (1.0 - f) * u[0]
                     g = math.tanh(c) if use_tanh else c
                     m = mask_h[b, col]
@@ -258,6 +273,7 @@ def test_forward_matches_scalar_loop_over_documented_layouts(case):
         np.zeros((B, D)) if inputs["c0"] is None else inputs["c0"],
         np.ones((B, D)) if mask_h is None else mask_h,
         np.zeros((L, B)) if mask_pad is None else mask_pad,
+        np.zeros((L, B, 2 * D)) if inputs["V"] is None else inputs["V"],
         d=case.d, dirs=dirs, has_skip_term=case.has_skip_term, use_tanh=case.use_tanh,
         scale_x=case.scale_x)
     np.testing.assert_allclose(h, expected_h, rtol=1e-13, atol=1e-14)

@@ -75,12 +75,15 @@ def _assert_close(actual, expected, what, dtype):
     torch.testing.assert_close(actual, expected, **tol, msg=lambda m: f"{what}: {m}")
 
 
-def _compare(oracle, ours, x, c0, mask_pad, dtype, out_shape_h, out_shape_c):
+def _compare(oracle, ours, x, c0, mask_pad, dtype, out_shape_h, out_shape_c, oracle_names=None):
+    """``oracle_names`` maps sru's parameter names to ours where they differ."""
     g = torch.Generator().manual_seed(123)
     weights = (torch.randn(out_shape_h, generator=g, dtype=dtype),
                torch.randn(out_shape_c, generator=g, dtype=dtype))
     ho, co, gxo, gc0o, gpo = _run(oracle, x, c0, mask_pad, weights)
     hs, cs, gxs, gc0s, gps = _run(ours, x, c0, mask_pad, weights)
+    if oracle_names is not None:
+        gpo = {oracle_names(name): grad for name, grad in gpo.items()}
     assert hs.dtype == ho.dtype == dtype
     _assert_close(hs.reshape(ho.shape), ho, "h", dtype)
     _assert_close(cs, co, "final c", dtype)
@@ -297,3 +300,47 @@ def test_every_sru_constructor_argument_is_accepted(cls_name):
               if name not in ("self", "input_size", "hidden_size")}
     module = getattr(sru_cupy, cls_name)(5, 4, **kwargs)
     assert module.hidden_size == 4
+
+
+class _UV(torch.nn.Module):
+    """A custom_m returning (U, V): U from a linear map, V (L, B, 2 * out) from another."""
+
+    def __init__(self, n_in, out, k):
+        super().__init__()
+        self.u = torch.nn.Linear(n_in, out * k, bias=False)
+        self.v = torch.nn.Linear(n_in, 2 * out)
+
+    def forward(self, x):
+        return self.u(x), self.v(x)
+
+
+UV_CONFIGS = {
+    "cell-k4": (sru.SRUCell, sru_cupy.SRUCell, 5, 4, dict()),
+    "cell-bi-k3-tanh": (sru.SRUCell, sru_cupy.SRUCell, 8, 4, dict(bidirectional=True,
+                                                                   use_tanh=True)),
+    "cell-v1": (sru.SRUCell, sru_cupy.SRUCell, 4, 4, dict(v1=True)),
+    "sru-bi-2layers": (sru.SRU, sru_cupy.SRU, 8, 4, dict(num_layers=2, bidirectional=True)),
+}
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask_pad"])
+@pytest.mark.parametrize("name", list(UV_CONFIGS))
+def test_custom_m_returning_u_and_v_parity(name, mask):
+    """V (L, B, 2 * out) returned by custom_m is added to weight_c at each step, as in sru 2.6
+    (whose state_dict, with the module under the key ``custom_m``, loads as it is)."""
+    oracle_cls, ours_cls, n_in, hidden, kwargs = UV_CONFIGS[name]
+    dirs = 2 if kwargs.get("bidirectional") else 1
+    out = hidden * dirs
+    k = 4 if n_in != out else 3
+    dtype = torch.float64
+    kwargs = dict(kwargs, custom_m=_UV(n_in, out, k))
+    oracle, ours = _pair(oracle_cls, ours_cls, (n_in, hidden), kwargs, dtype)
+    assert any(".custom_m." in key or key.startswith("custom_m.") for key in oracle.state_dict())
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(L, B, n_in, generator=g, dtype=dtype)
+    layered = oracle_cls is sru.SRU
+    c_shape = (kwargs["num_layers"], B, out) if layered else (B, out)
+    c0 = 0.5 * torch.randn(c_shape, generator=g, dtype=dtype)
+    mask_pad = _mask_pad([L, 2, 5], L) if mask else None
+    _compare(oracle, ours, x, c0, mask_pad, dtype, (L, B, out), c_shape,
+             oracle_names=lambda name: name.replace("custom_m.", "transform_module."))
