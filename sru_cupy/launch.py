@@ -212,7 +212,7 @@ def recurrence_forward(U, x, weight_c, bias, c0=None, *, hidden_size, bidirectio
             return h, c, c_last
         if p.uses_numpy_fallback():
             numpy_fallback.recurrence_forward(p, h, c, c_last, U, x, weight_c, bias, c0, mask_h,
-                                              mask_pad)
+                                              mask_pad, V)
             return h, c, c_last
         name, grid, block = p.kernel("sru_recurrence_forward")
         p.backend.launch(name, grid, block,
@@ -269,7 +269,7 @@ def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, *, hid
                 grads["c0"][...] = grad_c_last
         elif B > 0 and p.uses_numpy_fallback():
             numpy_fallback.recurrence_backward(p, grads, U, x, weight_c, bias, c0, mask_h, mask_pad,
-                                               c, grad_h, grad_c_last)
+                                               c, grad_h, grad_c_last, V)
         elif B > 0:
             name, grid, block = p.kernel("sru_recurrence_backward")
             p.backend.launch(name, grid, block,

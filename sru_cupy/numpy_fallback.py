@@ -57,7 +57,7 @@ def _put(out, s, value, dirs):
 class _Columns:
     """The inputs of one call, shaped (L, B, dirs, d[, k]) or (B, dirs, d), read step by step."""
 
-    def __init__(self, p, U, x, weight_c, bias, c0, mask_h, mask_pad):
+    def __init__(self, p, U, x, weight_c, bias, c0, mask_h, mask_pad, V):
         self.L, self.B, self.dirs, self.d, self.k = p.L, p.B, p.dirs, p.d, p.k
         self.A = np.dtype(p.arith)
         self.scale_x = p.scale_x
@@ -69,6 +69,8 @@ class _Columns:
         self.x = x.reshape(self.L, *cols) if self.reads_x else None
         zeros = np.zeros((2, self.dirs, self.d), self.A)
         self.v = zeros if weight_c is None else weight_c.reshape(2, self.dirs, self.d)
+        # V (L, B, D*2): per step and column, the forget then the reset offset of weight_c.
+        self.V = None if V is None else V.reshape(self.L, *cols, 2)
         self.b = bias.reshape(2, self.dirs, self.d)
         self.state0 = np.zeros(cols, self.A) if c0 is None else c0.reshape(cols).astype(self.A)
         self.m = self.A.type(1) if mask_h is None else mask_h.reshape(cols)
@@ -76,7 +78,8 @@ class _Columns:
             mask_pad.reshape(self.L, self.B, 1, 1) != 0, (self.L, self.B, self.dirs, 1))
 
     def step(self, s):
-        """(u (B, dirs, d, k), x' or None, pad (B, dirs, 1) or None) of processing step s, in A."""
+        """(u (B, dirs, d, k), x' or None, pad (B, dirs, 1) or None, (v_f, v_r)) of processing
+        step s, in A: v is weight_c, plus V_s when V is given."""
         u = _at_step(self.U, s, self.dirs).astype(self.A)
         if not self.skip:
             skip = None
@@ -85,30 +88,35 @@ class _Columns:
         else:
             skip = self.scale_x * _at_step(self.x, s, self.dirs).astype(self.A)
         pad = None if self.pad is None else _at_step(self.pad, s, self.dirs)
-        return u, skip, pad
+        if self.V is None:
+            v = (self.v[0], self.v[1])
+        else:
+            offsets = _at_step(self.V, s, self.dirs).astype(self.A)
+            v = (self.v[0] + offsets[..., 0], self.v[1] + offsets[..., 1])
+        return u, skip, pad, v
 
-    def gates(self, u, c_prev):
+    def gates(self, u, v, c_prev):
         """f and r from c_{t-1}: sigmoid(u1 + v_f c + b_f), sigmoid(u2 + v_r c + b_r)."""
         one = self.A.type(1)
-        f = one / (one + np.exp(-(u[..., 1] + self.v[0] * c_prev + self.b[0])))
-        r = one / (one + np.exp(-(u[..., 2] + self.v[1] * c_prev + self.b[1])))
+        f = one / (one + np.exp(-(u[..., 1] + v[0] * c_prev + self.b[0])))
+        r = one / (one + np.exp(-(u[..., 2] + v[1] * c_prev + self.b[1])))
         return f, r
 
 
-def recurrence_forward(p, h, c, c_last, U, x, weight_c, bias, c0, mask_h, mask_pad):
+def recurrence_forward(p, h, c, c_last, U, x, weight_c, bias, c0, mask_h, mask_pad, V=None):
     """Fills h, c (None for inference) and c_last as ``sru_recurrence_forward`` does:
     c_t = f c_{t-1} + (1 - f) u0, h_t = (g - x') m r + x' (or g m r without skip), g = c or tanh(c);
     a padded step keeps c and gives h = 0."""
     _notice()
-    q = _Columns(p, U, x, weight_c, bias, c0, mask_h, mask_pad)
+    q = _Columns(p, U, x, weight_c, bias, c0, mask_h, mask_pad, V)
     shape = (q.L, q.B, q.dirs, q.d)
     h4 = h.reshape(shape)
     c4 = None if c is None else c.reshape(shape)
     state = q.state0
     with np.errstate(all="ignore"):  # inf and nan propagate as in the kernels, silently
         for s in range(q.L):
-            u, skip, pad = q.step(s)
-            f, r = q.gates(u, state)
+            u, skip, pad, v = q.step(s)
+            f, r = q.gates(u, v, state)
             new_state = (state - u[..., 0]) * f + u[..., 0]
             g = np.tanh(new_state) if q.use_tanh else new_state
             out = (g - skip) * q.m * r + skip if skip is not None else g * q.m * r
@@ -123,29 +131,32 @@ def recurrence_forward(p, h, c, c_last, U, x, weight_c, bias, c0, mask_h, mask_p
 
 
 def recurrence_backward(p, grads, U, x, weight_c, bias, c0, mask_h, mask_pad, c, grad_h,
-                        grad_c_last):
+                        grad_c_last, V=None):
     """Fills grads["U"], grads["x"] (None unless x is read), grads["c0"] and the per-column partials
-    grads["weight_c_partial"], grads["bias_partial"] (2, B, D) as ``sru_recurrence_backward`` does.
+    grads["weight_c_partial"], grads["bias_partial"] (2, B, D) and, with V, grads["V"] (L, B, D*2)
+    as ``sru_recurrence_backward`` does.
     With gh = dL/dh_t and gc = dL/dc_t: dr = gh (g - x') m, du2 = dr r (1 - r),
     dc = gh m r g'(c) + gc, du1 = dc (c_{t-1} - u0) f (1 - f), du0 = dc (1 - f), dx' = gh (1 - m r),
-    dL/dc_{t-1} = dc f + du1 v_f + du2 v_r; a padded step has zero gradients and passes gc on."""
+    dL/dc_{t-1} = dc f + du1 v_f + du2 v_r, dV_t = (du1 c_{t-1}, du2 c_{t-1}); a padded step has zero
+    gradients and passes gc on."""
     _notice()
-    q = _Columns(p, U, x, weight_c, bias, c0, mask_h, mask_pad)
+    q = _Columns(p, U, x, weight_c, bias, c0, mask_h, mask_pad, V)
     shape = (q.L, q.B, q.dirs, q.d)
     c4 = c.reshape(shape)
     gh4 = grad_h.reshape(shape)
     gU = grads["U"].reshape(*shape, q.k)
     gx = None if grads["x"] is None else grads["x"].reshape(shape)
+    gV = None if V is None else grads["V"].reshape(*shape, 2)
     A, one, zero = q.A, q.A.type(1), q.A.type(0)
     gc = np.zeros(shape[1:], A) if grad_c_last is None else grad_c_last.reshape(shape[1:]).astype(A)
     partials = np.zeros((4,) + shape[1:], A)  # db_f, db_r, dv_f, dv_r
     with np.errstate(all="ignore"):
         for s in range(q.L - 1, -1, -1):
-            u, skip, pad = q.step(s)
+            u, skip, pad, v = q.step(s)
             c_prev = _at_step(c4, s - 1, q.dirs).astype(A) if s > 0 else q.state0
             c_cur = _at_step(c4, s, q.dirs).astype(A)
             gh = _at_step(gh4, s, q.dirs).astype(A)
-            f, r = q.gates(u, c_prev)
+            f, r = q.gates(u, v, c_prev)
             g = np.tanh(c_cur) if q.use_tanh else c_cur
             dr = gh * (g - skip) * q.m if skip is not None else gh * g * q.m
             du2 = dr * r * (one - r)
@@ -154,7 +165,7 @@ def recurrence_backward(p, grads, U, x, weight_c, bias, c0, mask_h, mask_pad, c,
             du1 = dc * (c_prev - u[..., 0]) * f * (one - f)
             du0 = dc * (one - f)
             dskip = gh * (one - q.m * r) if skip is not None else np.zeros_like(gh)
-            gc_prev = dc * f + du1 * q.v[0] + du2 * q.v[1]
+            gc_prev = dc * f + du1 * v[0] + du2 * v[1]
             step = np.stack((du0, du1, du2, dskip)[:q.k], axis=-1)
             parts = np.stack((du1, du2, du1 * c_prev, du2 * c_prev))
             if pad is not None:
@@ -167,6 +178,8 @@ def recurrence_backward(p, grads, U, x, weight_c, bias, c0, mask_h, mask_pad, c,
             if gx is not None:
                 _put(gx, s, q.scale_x * dskip, q.dirs)
             partials += parts
+            if gV is not None:
+                _put(gV, s, np.stack((parts[2], parts[3]), axis=-1), q.dirs)
             gc = gc_prev
     grads["c0"][...] = gc.reshape(grads["c0"].shape)
     grads["bias_partial"][...] = partials[:2].reshape(grads["bias_partial"].shape)
