@@ -321,6 +321,6 @@ def test_custom_m_returning_u_and_v_parity(name, mask):
     layered = oracle_cls is sru.SRU
     c_shape = (kwargs["num_layers"], B, out) if layered else (B, out)
     c0 = 0.5 * torch.randn(c_shape, generator=g, dtype=dtype)
-    mask_pad = _mask_pad([L, 2, 5], L) if mask else None
+    mask_pad = padding_mask([L, 2, 5], L) if mask else None
     _compare(oracle, ours, x, c0, mask_pad, dtype, (L, B, out), c_shape,
              oracle_names=lambda name: name.replace("custom_m.", "transform_module."))
