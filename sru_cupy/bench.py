@@ -401,31 +401,38 @@ print(json.dumps(times))
 def startup_cost(device, warm_runs=STARTUP_WARM_RUNS):
     """Seconds of the start-up steps in fresh processes: the imports (torch, sru_cupy; CuPy and
     the CUDA context on a GPU), then the first SRU forward with an empty kernel cache ("cold
-    cache": the kernels are compiled) and with the cache it left ("warm cache"); the imports and
-    the warm figures are medians over ``warm_runs`` processes, and "warm cache, over the second
-    call" is the first forward's excess over the second in the same process."""
-    results, warm = {}, []
+    cache": the kernels are compiled) and with the cache it left ("warm cache"), and the warm
+    first forward's excess over the second in the same process. The imports and the warm
+    figures are medians over ``warm_runs`` processes."""
+    cold, warm, error = None, [], None
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, SRU_CUPY_CACHE_DIR=cache, CUPY_CACHE_DIR=os.path.join(cache, "cupy"))
         env.pop("SRU_CUPY_PTX_DIR", None)
-        for run_index in range(1 + warm_runs):
+        for _ in range(1 + warm_runs):
             out = subprocess.run([sys.executable, "-c", _STARTUP_CHILD, device.type], env=env,
                                  capture_output=True, text=True)
             if out.returncode != 0:
-                results["error"] = out.stderr.strip().splitlines()[-1:]
+                error = out.stderr.strip().splitlines()[-1:]
                 break
             times = json.loads(out.stdout.strip().splitlines()[-1])
-            if run_index == 0:
-                results["cold cache"] = times["first call"]
+            if cold is None:
+                cold = times
             else:
                 warm.append(times)
-    if warm:
-        for key in warm[0]:
+    results = {}
+    runs = warm or ([cold] if cold else [])
+    if runs:
+        for key in runs[0]:
             if key not in ("first call", "second call"):
-                results[key] = statistics.median(t[key] for t in warm)
-        results["warm cache"] = statistics.median(t["first call"] for t in warm)
-        results["warm cache, over the second call"] = statistics.median(
+                results[key] = statistics.median(t[key] for t in runs)
+    if cold:
+        results["first call, cold cache"] = cold["first call"]
+    if warm:
+        results["first call, warm cache"] = statistics.median(t["first call"] for t in warm)
+        results["first call over the second, warm cache"] = statistics.median(
             t["first call"] - t["second call"] for t in warm)
+    if error:
+        results["error"] = error
     return results
 
 
@@ -576,7 +583,7 @@ def format_markdown(result):
     startup = result.get("startup_seconds", {})
     if startup:
         out += ["", "Start-up (fresh processes; first call: one SRU forward): "
-                + ", ".join(f"{k}: {_seconds(v)}" if isinstance(v, (int, float)) else f"{k}: {v}"
+                + "; ".join(f"{k}: {_seconds(v)}" if isinstance(v, (int, float)) else f"{k}: {v}"
                             for k, v in startup.items())]
     if result["skipped"]:
         out += ["", "Not measured: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items())]

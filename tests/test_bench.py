@@ -32,8 +32,8 @@ def tiny_configs(monkeypatch):
     monkeypatch.setattr(bench, "CONFIGS", TINY)
     # The real start-up measurement has its own test; here a marker value proves it is reported
     # as measured.
-    monkeypatch.setattr(bench, "startup_cost", lambda device: {"cold cache": 1.25,
-                                                                "warm cache": 0.0125})
+    monkeypatch.setattr(bench, "startup_cost", lambda device: {
+        "first call, cold cache": 1.25, "first call, warm cache": 0.0125})
 
 
 def test_run_times_every_model_and_writes_json_markdown_and_chart(tiny_configs, tmp_path):
@@ -70,7 +70,8 @@ def test_run_times_every_model_and_writes_json_markdown_and_chart(tiny_configs, 
                 r["ms"] * 1e6 * result["threads"] / (L * B * D))
     assert {r["config"] for r in result["layers"]} == set(configs)
     assert result["copy_bandwidth_GBps"] > 0
-    assert result["startup_seconds"] == {"cold cache": 1.25, "warm cache": 0.0125}
+    assert result["startup_seconds"] == {"first call, cold cache": 1.25,
+                                         "first call, warm cache": 0.0125}
     assert json.loads((out / "bench.json").read_text())["complete"] is True
     assert result["repeats"] == 2 and result["warmup"] == 1 and result["device"].startswith("CPU")
 
@@ -79,7 +80,7 @@ def test_run_times_every_model_and_writes_json_markdown_and_chart(tiny_configs, 
     assert markdown == bench.format_markdown(result) + "\n"
     assert "| tiny | float32 | sru_cupy SRU |" in markdown
     assert "1.00 (1.00-1.00) |" in markdown
-    assert "cold cache: 1.25 s, warm cache: 12.5 ms" in markdown
+    assert "first call, cold cache: 1.25 s; first call, warm cache: 12.5 ms" in markdown
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p.name for p in out.iterdir() if p.name not in ("bench.json", "bench.md",
                                                                  "bench.png")]
@@ -104,7 +105,7 @@ def test_markdown_shows_per_round_ratios_with_their_spread():
                               "floor_ms": 0.5, "percent_of_floor": 25.0,
                               "percent_of_floor_iqr": [24.0, 26.5],
                               "ns_per_element_per_core": 3.125}],
-              "startup_seconds": {"import sru_cupy": 0.0015, "cold cache": 4.5}}
+              "startup_seconds": {"import sru_cupy": 0.0015, "first call, cold cache": 4.5}}
     markdown = bench.format_markdown(result)
     # the ratio is the median of per-round ratios, not the ratio of the medians (2.5)
     assert "| c | float32 | torch LSTM | 5.000 | 2.40 (2.30-2.55) | 6.000 | 1.50 (1.25-1.75) |" \
@@ -115,7 +116,7 @@ def test_markdown_shows_per_round_ratios_with_their_spread():
     assert "| c | float32 | backward | 2.0000 | 0.5000 | 25.0 (24.0-26.5) | 3.12 | - | - |" \
         in markdown
     assert "20 interleaved rounds" in markdown and "after 5 warm-up rounds" in markdown
-    assert "import sru_cupy: 1.5 ms, cold cache: 4.50 s" in markdown
+    assert "import sru_cupy: 1.5 ms; first call, cold cache: 4.50 s" in markdown
     assert "Not measured: c float32 sru package (ImportError)" in markdown
     table = bench.format_layer_table(result["layers"])
     assert table.splitlines()[2].split()[-2:] == ["1.50", "(1.25-1.75)"]  # LSTM fwd+bwd ratio
@@ -170,13 +171,19 @@ def test_copy_bandwidth_counts_read_and_write():
 def test_startup_cost_measures_a_cold_then_warm_processes():
     result = bench.startup_cost(CPU, warm_runs=2)
     assert "error" not in result, result
-    assert result["cold cache"] > 0 and result["warm cache"] > 0
+    cold, warm = result["first call, cold cache"], result["first call, warm cache"]
     # the cold process compiles the kernels; the warm ones load them from the cache
-    assert result["cold cache"] > result["warm cache"], result
-    assert result["warm cache, over the second call"] < result["warm cache"], result
+    assert cold > warm > 0, result
+    assert result["first call over the second, warm cache"] < warm, result
     # the imports come before the timed call and are reported apart (no CUDA context on the CPU)
     assert result["import torch"] > 0 and result["import sru_cupy"] > 0
+    assert list(result)[:2] == ["import torch", "import sru_cupy"]
     assert "CUDA context" not in result
+
+
+def test_startup_cost_reports_a_failing_process(monkeypatch):
+    monkeypatch.setattr(bench, "_STARTUP_CHILD", "raise SystemExit('no kernels here')")
+    assert bench.startup_cost(CPU, warm_runs=1) == {"error": ["no kernels here"]}
 
 
 @pytest.mark.gpu
