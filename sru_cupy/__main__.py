@@ -139,8 +139,8 @@ def _add_bench_arguments(parser):
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--out", default=os.path.join("benchmarks", "out"),
                         help="folder for bench.json, bench.md and bench.png (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs per measurement")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed runs before timing")
+    parser.add_argument("--repeats", type=int, default=20, help="timed rounds (every model once per round)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed rounds before timing")
     from . import bench
     parser.add_argument("--dtype", action="append", dest="dtypes",
                         help=f"one of {', '.join(bench.DTYPES)} (repeatable; default float32, and "

@@ -1,22 +1,32 @@
 """Benchmarks: the SRU layer against torch.nn.LSTM (cuDNN on GPU), torch.nn.Conv1d (kernel 3) and
 the ``sru`` package, SRU++ against a Transformer encoder of the same width, the recurrence kernel
-against its memory floor, and the kernel compile cost.
+against its memory floor, and the start-up costs (imports, first call with a cold and a warm kernel
+cache).
 
 Run with ``python -m sru_cupy bench [--device auto|cpu|cuda] [--out DIR]``. Prints tables and
 writes ``bench.json``, ``bench.md`` and ``bench.png`` to the output folder.
 
-What is timed (medians of ``--repeats`` runs after ``--warmup`` runs; CUDA events on GPU):
+What is timed, in interleaved rounds: after ``--warmup`` rounds, each of ``--repeats`` rounds runs
+every model once in turn (A B C A B C ...), so load that drifts during the run falls on all of them
+alike. Reported: the median time per model with its interquartile range, and the median over the
+rounds of each model's time / the SRU's time in the same round, with its interquartile range
+(CUDA events on GPU, perf_counter on CPU):
 - forward: inference (``torch.no_grad``; the SRU runs its inference kernel, no per-step state);
 - forward+backward: training step on inputs that require grad, so the backward includes the
   input-gradient GEMM, with ``h.sum()`` as the loss.
 The recurrence alone is compared with its memory floor: the bytes it must move (U and x in, h and
 c out per element for training forward; 10 values per element for backward, REFERENCE figures)
-divided by the device-to-device copy bandwidth measured in the same run. On a GPU the kernel time is
-that of ``KERNEL_LAUNCHES`` calls captured in one CUDA graph and replayed back to back (timed with
-CUDA events, divided by the count: no Python between launches, nothing subtracted); the same calls
-run eagerly back to back, and the host time to issue one call (the launch overhead), are reported
-beside it. The compile cost is the first call in a fresh process with an empty kernel cache, then
-with a warm one, with the imports and the CUDA context creation timed apart before it.
+divided by the copy bandwidth. On the CPU a copy of ``COPY_BYTES`` runs in the same rounds as the
+kernels, each round's floor comes from that round's copy, and the % of floor is the median over
+the rounds; the time per element per core is the kernel time x threads / (L B D). On a GPU the
+kernel time is that of ``KERNEL_LAUNCHES`` calls captured in one CUDA graph and replayed back to
+back (timed with CUDA events, divided by the count: no Python between launches, nothing
+subtracted); the same calls run eagerly back to back, and the host time to issue one call (the
+launch overhead), are reported beside it; the floor uses the bandwidth measured at the start.
+The start-up costs come from fresh processes: import of torch and of sru_cupy, then the first SRU
+forward with an empty kernel cache (cold: the kernels are compiled) and with the cache it left
+(warm; medians of ``STARTUP_WARM_RUNS`` processes, also as the excess of the first forward over
+the second), with CUDA context creation timed apart before it.
 """
 
 import json
@@ -56,9 +66,15 @@ PAPER_MS = {  # (forward, forward+backward) in ms, GTX 1070, batch 32, one layer
 #: Recurrence calls per timed batch on a GPU (one CUDA graph, or one eager run back to back).
 KERNEL_LAUNCHES = 50
 
+#: Bytes of the copy that measures the bandwidth (beyond the CPU's caches).
+COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 28}
+
+#: Fresh processes with a warm kernel cache whose start-up times give the medians reported.
+STARTUP_WARM_RUNS = 3
+
 
 class Timer:
-    """Median wall time of a callable, in ms: CUDA events on GPU, perf_counter on CPU."""
+    """Wall times of callables, in ms: CUDA events on GPU, perf_counter on CPU."""
 
     def __init__(self, device, repeats, warmup):
         import torch
@@ -67,27 +83,50 @@ class Timer:
         self.repeats = repeats
         self.warmup = warmup
 
+    def once(self, fn):
+        """ms of one call of ``fn``."""
+        if self.device.type == "cuda":
+            torch = self.torch
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
     def __call__(self, fn):
-        torch = self.torch
+        """Median of ``repeats`` calls after ``warmup`` calls."""
         for _ in range(self.warmup):
             fn()
-        times = []
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            for _ in range(self.repeats):
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
+            self.torch.cuda.synchronize(self.device)
+        return statistics.median([self.once(fn) for _ in range(self.repeats)])
+
+    def rounds(self, fns):
+        """name -> the ``repeats`` per-call times of ``fns[name]``, the callables run in turn in
+        each round (A B C A B C ...) after ``warmup`` such rounds."""
+        for _ in range(self.warmup):
+            for fn in fns.values():
                 fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            for _ in range(self.repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+        times = {name: [] for name in fns}
+        for _ in range(self.repeats):
+            for name, fn in fns.items():
+                times[name].append(self.once(fn))
+        return times
+
+
+def spread(values):
+    """(median, [first quartile, third quartile]) of a non-empty list of numbers."""
+    if len(values) == 1:
+        return values[0], [values[0], values[0]]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return statistics.median(values), [q1, q3]
 
 
 class _ConvStack:
@@ -164,41 +203,62 @@ def _models(cfg, device, dtype):
 
 
 def _layer_rows(cfg, device, dtype, timer):
+    """One row per model: median forward and forward+backward times (ms) with their
+    interquartile ranges, and the medians of the per-round ratios to the SRU with theirs."""
     import torch
     x = torch.randn(cfg["L"], cfg["B"], cfg["d"], device=device, dtype=dtype)
+    x_grad = x.clone().requires_grad_(True)
     models, skipped = _models(cfg, device, dtype)
-    rows = []
+    steps = {}
     for name, model in models.items():
-        def forward():
+        def forward(model=model):
             with torch.no_grad():
                 model(x)
 
-        x_grad = x.clone().requires_grad_(True)
-
-        def train_step():
+        def train_step(model=model):
             out, _ = model(x_grad)
             out.float().sum().backward()
 
         try:
             with warnings.catch_warnings():
-                # the sru package warns on every CPU training call
                 warnings.filterwarnings("ignore", message="Running SRU on CPU")
-                fwd = timer(forward)
-                fwd_bwd = timer(train_step)
-            rows.append({"model": name, "forward_ms": fwd, "forward_backward_ms": fwd_bwd})
+                forward()
+                train_step()  # a model that fails is left out before the rounds start
+            steps[name] = (forward, train_step)
         except Exception as error:
             skipped[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+    fns = {(name, key): step[i] for name, step in steps.items()
+           for i, key in enumerate(("forward", "forward_backward"))}
+    with warnings.catch_warnings():
+        # the sru package warns on every CPU training call
+        warnings.filterwarnings("ignore", message="Running SRU on CPU")
+        times = timer.rounds(fns)
+    rows = []
+    for name in steps:
+        row = {"model": name}
+        for key in ("forward", "forward_backward"):
+            row[f"{key}_ms"], row[f"{key}_ms_iqr"] = spread(times[(name, key)])
+            base = times.get(("sru_cupy SRU", key))
+            if base:
+                row[f"{key}_ratio"], row[f"{key}_ratio_iqr"] = spread(
+                    [t / b for t, b in zip(times[(name, key)], base)])
+        rows.append(row)
     return rows, skipped
+
+
+def _copy_step(device, nbytes=None):
+    """(a callable that copies ``nbytes`` from one buffer to another, nbytes)."""
+    import torch
+    nbytes = nbytes or COPY_BYTES[device.type]
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), nbytes
 
 
 def copy_bandwidth(device, timer, nbytes=None):
     """Bytes per second of a device-to-device (or host memcpy) copy: read + write counted."""
-    import torch
-    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 28)
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    ms = timer(lambda: dst.copy_(src))
-    return 2 * nbytes / (ms / 1e3)
+    copy, nbytes = _copy_step(device, nbytes)
+    return 2 * nbytes / (timer(copy) / 1e3)
 
 
 def kernel_timing(fn, timer, launches=KERNEL_LAUNCHES):
@@ -278,60 +338,101 @@ def _recurrence_rows(cfg, device, dtype, timer, bandwidth):
     }
     rows = []
     with torch.no_grad():
-        for name, (fn, values) in kernels.items():
-            row = kernel_timing(fn, timer) if device.type == "cuda" else {"ms": timer(fn)}
-            floor_ms = values * size * elements / bandwidth * 1e3
-            row.update(kernel=name, floor_ms=floor_ms, percent_of_floor=100.0 * floor_ms / row["ms"])
+        if device.type == "cuda":
+            for name, (fn, values) in kernels.items():
+                row = kernel_timing(fn, timer)
+                floor_ms = values * size * elements / bandwidth * 1e3
+                row.update(kernel=name, floor_ms=floor_ms,
+                           percent_of_floor=100.0 * floor_ms / row["ms"])
+                rows.append(row)
+            return rows
+        copy, nbytes = _copy_step(device)
+        fns = dict({name: fn for name, (fn, _) in kernels.items()}, copy=copy)
+        times = timer.rounds(fns)
+        threads = torch.get_num_threads()
+        for name, (_, values) in kernels.items():
+            # each round's floor from the copy of the same round: bytes moved / (2 nbytes / copy)
+            floors = [values * size * elements * copy_ms / (2 * nbytes)
+                      for copy_ms in times["copy"]]
+            row = {"kernel": name}
+            row["ms"], row["ms_iqr"] = spread(times[name])
+            row["floor_ms"] = statistics.median(floors)
+            row["percent_of_floor"], row["percent_of_floor_iqr"] = spread(
+                [100.0 * f / t for f, t in zip(floors, times[name])])
+            row["ns_per_element_per_core"] = row["ms"] * 1e6 * threads / elements
             rows.append(row)
     return rows
 
 
-_COMPILE_COST_CHILD = """
+_STARTUP_CHILD = """
 import json, sys, time
 device = sys.argv[1]
 t0 = time.perf_counter()
-import torch, sru_cupy
+import torch
 t1 = time.perf_counter()
-times = {"import torch and sru_cupy": t1 - t0}
+import sru_cupy
+t2 = time.perf_counter()
+times = {"import torch": t1 - t0, "import sru_cupy": t2 - t1}
 if device == "cuda":
     import cupy
-    t2 = time.perf_counter()
+    t3 = time.perf_counter()
     torch.zeros(1, device="cuda")  # the primary context, shared by CuPy
     cupy.cuda.Device(torch.cuda.current_device()).use()
     torch.cuda.synchronize()
-    t1 = time.perf_counter()
-    times.update({"import cupy": t2 - t0 - times["import torch and sru_cupy"],
-                  "CUDA context": t1 - t2})
-U = torch.zeros(2, 1, 3, device=device)
-b = torch.zeros(2, device=device)
-sru_cupy.recurrence(U, torch.zeros(2, 1, 1, device=device), None, b, hidden_size=1)
-if device == "cuda":
-    torch.cuda.synchronize()
-times["first call"] = time.perf_counter() - t1
+    times.update({"import cupy": t3 - t2, "CUDA context": time.perf_counter() - t3})
+layer = sru_cupy.SRU(8, 8, num_layers=1).to(device)
+x = torch.randn(4, 2, 8, device=device)
+
+
+def forward():
+    t = time.perf_counter()
+    layer(x)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+times["first call"] = forward()
+times["second call"] = forward()
 print(json.dumps(times))
 """
 
 
-def compile_cost(device):
-    """Seconds of the first call in a fresh process, with an empty kernel cache ("cold cache": the
-    kernels are compiled) and then with the cache it left ("warm cache"). Imports (torch and
-    sru_cupy; CuPy) and the CUDA context creation come before the timed call and are reported
-    apart, from the cold process."""
-    results = {}
+def startup_cost(device, warm_runs=STARTUP_WARM_RUNS):
+    """Seconds of the start-up steps in fresh processes: the imports (torch, sru_cupy; CuPy and
+    the CUDA context on a GPU), then the first SRU forward with an empty kernel cache ("cold
+    cache": the kernels are compiled) and with the cache it left ("warm cache"), and the warm
+    first forward's excess over the second in the same process. The imports and the warm
+    figures are medians over ``warm_runs`` processes."""
+    cold, warm, error = None, [], None
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, SRU_CUPY_CACHE_DIR=cache, CUPY_CACHE_DIR=os.path.join(cache, "cupy"))
         env.pop("SRU_CUPY_PTX_DIR", None)
-        for label in ("cold cache", "warm cache"):
-            out = subprocess.run([sys.executable, "-c", _COMPILE_COST_CHILD, device.type], env=env,
+        for _ in range(1 + warm_runs):
+            out = subprocess.run([sys.executable, "-c", _STARTUP_CHILD, device.type], env=env,
                                  capture_output=True, text=True)
             if out.returncode != 0:
-                results[label] = None
-                results["error"] = out.stderr.strip().splitlines()[-1:]
+                error = out.stderr.strip().splitlines()[-1:]
                 break
             times = json.loads(out.stdout.strip().splitlines()[-1])
-            results[label] = times.pop("first call")
-            if label == "cold cache":
-                results.update(times)
+            if cold is None:
+                cold = times
+            else:
+                warm.append(times)
+    results = {}
+    runs = warm or ([cold] if cold else [])
+    if runs:
+        for key in runs[0]:
+            if key not in ("first call", "second call"):
+                results[key] = statistics.median(t[key] for t in runs)
+    if cold:
+        results["first call, cold cache"] = cold["first call"]
+    if warm:
+        results["first call, warm cache"] = statistics.median(t["first call"] for t in warm)
+        results["first call over the second, warm cache"] = statistics.median(
+            t["first call"] - t["second call"] for t in warm)
+    if error:
+        results["error"] = error
     return results
 
 
@@ -394,7 +495,7 @@ def run(device="auto", out_dir=None, repeats=20, warmup=5, dtypes=None, configs=
     bandwidth = copy_bandwidth(device, timer)
     result["copy_bandwidth_GBps"] = bandwidth / 1e9
     echo(f"device: {result['device']}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
-         f"median of {repeats} runs after {warmup} warm-up")
+         f"{repeats} interleaved rounds after {warmup} warm-up rounds")
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         for cfg in selected:
@@ -408,9 +509,9 @@ def run(device="auto", out_dir=None, repeats=20, warmup=5, dtypes=None, configs=
             for row in rec:
                 row.update(config=cfg["name"], dtype=dtype_name)
             result["recurrence"].extend(rec)
-            echo(format_layer_table([r for r in rows]) + "\n")
+            echo(format_layer_table(rows) + "\n")
             write_partial(result, out_dir)  # a run stopped later still leaves these
-    result["compile_seconds"] = compile_cost(device)
+    result["startup_seconds"] = startup_cost(device)
     result["complete"] = True
     markdown = format_markdown(result)
     echo(markdown)
@@ -420,58 +521,70 @@ def run(device="auto", out_dir=None, repeats=20, warmup=5, dtypes=None, configs=
     return result
 
 
-def _ratio_rows(rows):
-    """Adds ratios to the sru_cupy SRU row of the same config and dtype."""
-    out = []
-    base = {(r["config"], r["dtype"]): r for r in rows if r["model"] == "sru_cupy SRU"}
-    for r in rows:
-        ref = base.get((r["config"], r["dtype"]))
-        r = dict(r)
-        if ref:
-            r["forward_ratio"] = r["forward_ms"] / ref["forward_ms"]
-            r["forward_backward_ratio"] = r["forward_backward_ms"] / ref["forward_backward_ms"]
-        out.append(r)
-    return out
+def _ratio(row, key):
+    """``row``'s median per-round ratio to the SRU with its interquartile range, e.g.
+    "2.13 (2.05-2.20)"; "-" where the row has none."""
+    if f"{key}_ratio" not in row:
+        return "-"
+    low, high = row.get(f"{key}_ratio_iqr", [row[f"{key}_ratio"]] * 2)
+    return f"{row[f'{key}_ratio']:.2f} ({low:.2f}-{high:.2f})"
 
 
 def format_layer_table(rows):
-    lines = [f"{'config':26} {'dtype':9} {'model':14} {'fwd ms':>9} {'x SRU':>6} "
-             f"{'fwd+bwd ms':>11} {'x SRU':>6}"]
-    for r in _ratio_rows(rows):
+    lines = [f"{'config':26} {'dtype':9} {'model':14} {'fwd ms':>9} {'x SRU (IQR)':>17} "
+             f"{'fwd+bwd ms':>11} {'x SRU (IQR)':>17}"]
+    for r in rows:
         lines.append(f"{r['config']:26} {r['dtype']:9} {r['model']:14} {r['forward_ms']:9.3f} "
-                     f"{r.get('forward_ratio', float('nan')):6.2f} {r['forward_backward_ms']:11.3f} "
-                     f"{r.get('forward_backward_ratio', float('nan')):6.2f}")
+                     f"{_ratio(r, 'forward'):>17} {r['forward_backward_ms']:11.3f} "
+                     f"{_ratio(r, 'forward_backward'):>17}")
     return "\n".join(lines)
+
+
+def _seconds(value):
+    """A duration for the start-up line: ms below one second, else s."""
+    return f"{value * 1e3:.1f} ms" if abs(value) < 1 else f"{value:.2f} s"
 
 
 def format_markdown(result):
     out = [f"Device: {result['device']} (torch {result['torch']}, {result['threads']} threads); "
-           f"medians of {result['repeats']} runs. Ratios are time / sru_cupy SRU time.", "",
+           f"{result['repeats']} interleaved rounds (every model once per round) after "
+           f"{result.get('warmup', 0)} warm-up rounds. Times are medians per model; x SRU is the "
+           f"median over the rounds of time / sru_cupy SRU time in the same round, with its "
+           f"interquartile range.", "",
            "| config | dtype | model | forward ms | x SRU | fwd+bwd ms | x SRU |",
            "|---|---|---|---:|---:|---:|---:|"]
-    for r in _ratio_rows(result["layers"]):
+    for r in result["layers"]:
         out.append(f"| {r['config']} | {r['dtype']} | {r['model']} | {r['forward_ms']:.3f} | "
-                   f"{r.get('forward_ratio', float('nan')):.2f} | {r['forward_backward_ms']:.3f} | "
-                   f"{r.get('forward_backward_ratio', float('nan')):.2f} |")
+                   f"{_ratio(r, 'forward')} | {r['forward_backward_ms']:.3f} | "
+                   f"{_ratio(r, 'forward_backward')} |")
     out += ["", f"Recurrence kernel alone vs its memory floor (copy bandwidth "
                 f"{result['copy_bandwidth_GBps']:.1f} GB/s):", "",
-            "| config | dtype | kernel | ms | floor ms | % of floor | eager ms | launch overhead us |",
-            "|---|---|---|---:|---:|---:|---:|---:|"]
+            "| config | dtype | kernel | ms | floor ms | % of floor | ns/element/core | eager ms "
+            "| launch overhead us |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["recurrence"]:
         eager = f"{r['eager_ms']:.4f}" if "eager_ms" in r else "-"
         overhead = f"{r['launch_overhead_us']:.1f}" if "launch_overhead_us" in r else "-"
+        percent = f"{r['percent_of_floor']:.1f}"
+        if "percent_of_floor_iqr" in r:
+            percent += " ({:.1f}-{:.1f})".format(*r["percent_of_floor_iqr"])
+        per_core = (f"{r['ns_per_element_per_core']:.2f}" if "ns_per_element_per_core" in r
+                    else "-")
         out.append(f"| {r['config']} | {r['dtype']} | {r['kernel']} | {r['ms']:.4f} | "
-                   f"{r['floor_ms']:.4f} | {r['percent_of_floor']:.1f} | {eager} | {overhead} |")
+                   f"{r['floor_ms']:.4f} | {percent} | {per_core} | {eager} | {overhead} |")
     timings = sorted({r["timing"] for r in result["recurrence"] if "timing" in r})
     if timings:
         out += ["", "Kernel ms: " + "; ".join(timings) + ", per call (CUDA events); eager ms: the "
                 "same calls from Python back to back; launch overhead: host time per eager call."]
-    compile_s = result.get("compile_seconds", {})
-    if compile_s:
-        out += ["", "Kernel compile cost (first call in a new process; imports and CUDA context "
-                    "before it, timed apart): "
-                + ", ".join(f"{k}: {v:.2f} s" if isinstance(v, float) else f"{k}: {v}"
-                            for k, v in compile_s.items())]
+    elif result["recurrence"]:
+        out += ["", "Kernel ms: medians over rounds that also time the copy; % of floor: median "
+                "over the rounds of that round's floor / kernel time (interquartile range); "
+                "ns/element/core: kernel time x threads / (L B D)."]
+    startup = result.get("startup_seconds", {})
+    if startup:
+        out += ["", "Start-up (fresh processes; first call: one SRU forward): "
+                + "; ".join(f"{k}: {_seconds(v)}" if isinstance(v, (int, float)) else f"{k}: {v}"
+                            for k, v in startup.items())]
     if result["skipped"]:
         out += ["", "Not measured: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items())]
     return "\n".join(out)

@@ -41,12 +41,14 @@ def _shape(sizes: List[int]) -> str:
 
 
 def _time_major(input: Tensor, mask_pad: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
-    """Batch-first input (B, L, n) and mask_pad (B, L) as time-major views (L, B, n), (L, B)."""
+    """Batch-first input (B, L, n) and mask_pad (B, L) as time-major (L, B, n), (L, B): input as
+    one contiguous copy, which both the GEMM (a 2-D view) and the kernel's skip input read (each
+    would otherwise copy the transposed view itself); mask_pad as a view."""
     if mask_pad is not None:
         if mask_pad.dim() != 2:
             raise ValueError(f"mask_pad: expected shape (B, L), got {_shape(mask_pad.shape)}")
         mask_pad = mask_pad.transpose(0, 1)
-    return input.transpose(0, 1), mask_pad
+    return input.transpose(0, 1).contiguous(), mask_pad
 
 
 def _refresh_scale_x(module, incompatible_keys):

@@ -1,9 +1,12 @@
 """The SRU recurrence as a PyTorch custom op with autograd.
 
 ``recurrence(U, x, weight_c, bias, c0, ...)`` -> (h, c_last) is what the modules call. Underneath
-are two ``torch.library`` custom ops, ``sru_cupy::recurrence_forward`` and
+are two ``torch.library`` operators, ``sru_cupy::recurrence_forward`` and
 ``sru_cupy::recurrence_backward``, each with a fake (meta) implementation, and an autograd formula
-registered on the forward op, so ``torch.compile(fullgraph=True)`` traces through them.
+registered on the forward op, so ``torch.compile(fullgraph=True)`` traces through them. They are
+declared with ``torch.library.define`` and their CPU and CUDA kernels registered with
+``torch.library.impl``, not with ``torch.library.custom_op``: the latter wraps its kernels to
+disable dynamo, which imports ``torch._dynamo`` (about a second) on the first eager call.
 
 Tensors reach the kernels without copies: CUDA tensors as CuPy arrays through DLPack, launched on
 PyTorch's current stream of the tensor's device under a device guard; CPU tensors as NumPy views,
@@ -138,12 +141,32 @@ def _device_context(device):
     return _cuda_context(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-@torch.library.custom_op("sru_cupy::recurrence_forward", mutates_args=())
-def recurrence_forward_op(U: Tensor, x: Optional[Tensor], weight_c: Optional[Tensor], bias: Tensor,
-                          c0: Optional[Tensor], mask_h: Optional[Tensor],
-                          mask_pad: Optional[Tensor], hidden_size: int, bidirectional: bool,
-                          has_skip_term: bool, use_tanh: bool, scale_x: float, store_c: bool,
-                          V: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+#: pt2_compliant, as ``custom_op`` would tag them: fake implementations and an autograd formula
+#: make the operators safe to trace.
+_TAGS = (torch.Tag.pt2_compliant_tag,)
+_KERNEL_DEVICES = ("cpu", "cuda")
+
+torch.library.define(
+    "sru_cupy::recurrence_forward",
+    "(Tensor U, Tensor? x, Tensor? weight_c, Tensor bias, Tensor? c0, Tensor? mask_h, "
+    "Tensor? mask_pad, SymInt hidden_size, bool bidirectional, bool has_skip_term, "
+    "bool use_tanh, float scale_x, bool store_c, Tensor? V=None) -> (Tensor, Tensor, Tensor)",
+    tags=_TAGS)
+torch.library.define(
+    "sru_cupy::recurrence_backward",
+    "(Tensor grad_h, Tensor? grad_c_last, Tensor U, Tensor? x, Tensor? weight_c, Tensor bias, "
+    "Tensor? c0, Tensor c, Tensor? mask_h, Tensor? mask_pad, SymInt hidden_size, "
+    "bool bidirectional, bool has_skip_term, bool use_tanh, float scale_x, Tensor? V=None) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    tags=_TAGS)
+
+
+@torch.library.impl("sru_cupy::recurrence_forward", _KERNEL_DEVICES)
+def _recurrence_forward_kernel(U: Tensor, x: Optional[Tensor], weight_c: Optional[Tensor],
+                               bias: Tensor, c0: Optional[Tensor], mask_h: Optional[Tensor],
+                               mask_pad: Optional[Tensor], hidden_size: int, bidirectional: bool,
+                               has_skip_term: bool, use_tanh: bool, scale_x: float, store_c: bool,
+                               V: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(h (L, B, D), c (L, B, D), or (0,) when not store_c, c_last (B, D))."""
     if U.device.type == "cpu" and cpu_implementation() == "torch":
         from . import torch_fallback
@@ -168,7 +191,7 @@ def recurrence_forward_op(U: Tensor, x: Optional[Tensor], weight_c: Optional[Ten
     return h, c, c_last
 
 
-@recurrence_forward_op.register_fake
+@torch.library.register_fake("sru_cupy::recurrence_forward")
 def _(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional, has_skip_term,
       use_tanh, scale_x, store_c, V=None):
     L, B = U.shape[0], U.shape[1]
@@ -177,14 +200,14 @@ def _(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional, ha
             U.new_empty((B, D)))
 
 
-@torch.library.custom_op("sru_cupy::recurrence_backward", mutates_args=())
-def recurrence_backward_op(grad_h: Tensor, grad_c_last: Optional[Tensor], U: Tensor,
-                           x: Optional[Tensor], weight_c: Optional[Tensor], bias: Tensor,
-                           c0: Optional[Tensor], c: Tensor, mask_h: Optional[Tensor],
-                           mask_pad: Optional[Tensor], hidden_size: int, bidirectional: bool,
-                           has_skip_term: bool, use_tanh: bool, scale_x: float,
-                           V: Optional[Tensor] = None
-                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+@torch.library.impl("sru_cupy::recurrence_backward", _KERNEL_DEVICES)
+def _recurrence_backward_kernel(grad_h: Tensor, grad_c_last: Optional[Tensor], U: Tensor,
+                                x: Optional[Tensor], weight_c: Optional[Tensor], bias: Tensor,
+                                c0: Optional[Tensor], c: Tensor, mask_h: Optional[Tensor],
+                                mask_pad: Optional[Tensor], hidden_size: int, bidirectional: bool,
+                                has_skip_term: bool, use_tanh: bool, scale_x: float,
+                                V: Optional[Tensor] = None
+                                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(grad U, grad x ((0,) when x is not read), grad weight_c (2D,), grad bias (2D,),
     grad c0 (B, D), grad V ((L, B, 2D), or (0,) without V)); parameter gradients in float32
     (float64 for float64 data)."""
@@ -223,7 +246,7 @@ def recurrence_backward_op(grad_h: Tensor, grad_c_last: Optional[Tensor], U: Ten
             grad_bias_partial.sum(1).reshape(2 * D), grad_c0, grad_V)
 
 
-@recurrence_backward_op.register_fake
+@torch.library.register_fake("sru_cupy::recurrence_backward")
 def _(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, mask_h, mask_pad, hidden_size,
       bidirectional, has_skip_term, use_tanh, scale_x, V=None):
     L, B = U.shape[0], U.shape[1]
@@ -239,6 +262,9 @@ def _setup_context(ctx, inputs, output):
     (U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional, has_skip_term,
      use_tanh, scale_x, store_c, V) = inputs
     h, c, c_last = output
+    # Gradients of unused outputs stay None rather than zeros: the stored c (L, B, D) is never a
+    # loss input, and zero-filling its gradient would cost a full pass over memory per backward.
+    ctx.set_materialize_grads(False)
     ctx.options = (hidden_size, bidirectional, has_skip_term, use_tanh, scale_x)
     ctx.store_c = store_c
     ctx.has = [t is not None for t in (x, weight_c, c0, V)]
@@ -264,7 +290,12 @@ def _backward(ctx, grad_h, grad_c, grad_c_last):
             grad_V if has_V else None)
 
 
-recurrence_forward_op.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("sru_cupy::recurrence_forward", _backward,
+                                setup_context=_setup_context)
+
+#: The operators as callables (``OpOverload``), what the modules, tests and benchmarks call.
+recurrence_forward_op = torch.ops.sru_cupy.recurrence_forward.default
+recurrence_backward_op = torch.ops.sru_cupy.recurrence_backward.default
 
 
 def recurrence(U: Tensor, x: Optional[Tensor], weight_c: Optional[Tensor], bias: Tensor,

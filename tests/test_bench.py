@@ -1,5 +1,5 @@
 """The benchmark (sru_cupy.bench) on the CPU: what it times, the tables and files it writes, the
-compile-cost measurement and its argument checks. Tiny configurations keep it fast; the figures
+start-up measurement and its argument checks. Tiny configurations keep it fast; the figures
 themselves are not asserted (performance is shown by the benchmark, not tested)."""
 
 import json
@@ -30,10 +30,10 @@ def _sru_package_works():
 @pytest.fixture
 def tiny_configs(monkeypatch):
     monkeypatch.setattr(bench, "CONFIGS", TINY)
-    # The real compile-cost measurement has its own test; here a marker value proves it is
-    # reported as measured.
-    monkeypatch.setattr(bench, "compile_cost", lambda device: {"cold cache": 1.25,
-                                                                "warm cache": 0.5})
+    # The real start-up measurement has its own test; here a marker value proves it is reported
+    # as measured.
+    monkeypatch.setattr(bench, "startup_cost", lambda device: {
+        "first call, cold cache": 1.25, "first call, warm cache": 0.0125})
 
 
 def test_run_times_every_model_and_writes_json_markdown_and_chart(tiny_configs, tmp_path):
@@ -49,16 +49,29 @@ def test_run_times_every_model_and_writes_json_markdown_and_chart(tiny_configs, 
         assert {r["model"] for r in rows} == models, (config, rows, result["skipped"])
         for r in rows:
             assert r["dtype"] == "float32"
-            assert r["forward_ms"] > 0 and r["forward_backward_ms"] > 0, r
+            for key in ("forward", "forward_backward"):
+                low, high = r[f"{key}_ms_iqr"]
+                assert 0 < low <= r[f"{key}_ms"] <= high, r
+                low, high = r[f"{key}_ratio_iqr"]
+                assert 0 < low <= r[f"{key}_ratio"] <= high, r
+        sru = next(r for r in rows if r["model"] == "sru_cupy SRU")
+        # the SRU against itself, round by round: exactly 1 with no spread
+        assert sru["forward_ratio"] == sru["forward_backward_ratio"] == 1.0
+        assert sru["forward_ratio_iqr"] == [1.0, 1.0]
         kernels = [r for r in result["recurrence"] if r["config"] == config]
         assert [r["kernel"] for r in kernels] == ["forward (training)", "forward (inference)",
                                                   "backward"]
+        L, B, D = next((c["L"], c["B"], c["d"]) for c in TINY if c["name"] == config)
         for r in kernels:
             assert r["ms"] > 0 and r["floor_ms"] > 0
-            assert r["percent_of_floor"] == pytest.approx(100 * r["floor_ms"] / r["ms"])
+            low, high = r["percent_of_floor_iqr"]
+            assert 0 < low <= r["percent_of_floor"] <= high
+            assert r["ns_per_element_per_core"] == pytest.approx(
+                r["ms"] * 1e6 * result["threads"] / (L * B * D))
     assert {r["config"] for r in result["layers"]} == set(configs)
     assert result["copy_bandwidth_GBps"] > 0
-    assert result["compile_seconds"] == {"cold cache": 1.25, "warm cache": 0.5}
+    assert result["startup_seconds"] == {"first call, cold cache": 1.25,
+                                         "first call, warm cache": 0.0125}
     assert json.loads((out / "bench.json").read_text())["complete"] is True
     assert result["repeats"] == 2 and result["warmup"] == 1 and result["device"].startswith("CPU")
 
@@ -66,36 +79,80 @@ def test_run_times_every_model_and_writes_json_markdown_and_chart(tiny_configs, 
     markdown = (out / "bench.md").read_text()
     assert markdown == bench.format_markdown(result) + "\n"
     assert "| tiny | float32 | sru_cupy SRU |" in markdown
-    assert "cold cache: 1.25 s, warm cache: 0.50 s" in markdown
+    assert "1.00 (1.00-1.00) |" in markdown
+    assert "first call, cold cache: 1.25 s; first call, warm cache: 12.5 ms" in markdown
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p.name for p in out.iterdir() if p.name not in ("bench.json", "bench.md",
                                                                  "bench.png")]
     assert any("sru_cupy SRU" in line for line in printed) and markdown.strip() in printed
 
 
-def test_markdown_ratios_are_time_over_the_sru_time():
-    result = {"device": "test device", "torch": "x", "threads": 2, "repeats": 20,
+def test_markdown_shows_per_round_ratios_with_their_spread():
+    result = {"device": "test device", "torch": "x", "threads": 2, "repeats": 20, "warmup": 5,
               "copy_bandwidth_GBps": 10.0, "skipped": {"c float32 sru package": "ImportError"},
               "layers": [
                   {"config": "c", "dtype": "float32", "model": "sru_cupy SRU",
-                   "forward_ms": 2.0, "forward_backward_ms": 4.0},
+                   "forward_ms": 2.0, "forward_backward_ms": 4.0,
+                   "forward_ratio": 1.0, "forward_ratio_iqr": [1.0, 1.0],
+                   "forward_backward_ratio": 1.0, "forward_backward_ratio_iqr": [1.0, 1.0]},
                   {"config": "c", "dtype": "float32", "model": "torch LSTM",
-                   "forward_ms": 5.0, "forward_backward_ms": 6.0},
-                  {"config": "c", "dtype": "bfloat16", "model": "sru_cupy SRU",
-                   "forward_ms": 1.0, "forward_backward_ms": 3.0},
-                  {"config": "c", "dtype": "bfloat16", "model": "conv k=3",
+                   "forward_ms": 5.0, "forward_backward_ms": 6.0,
+                   "forward_ratio": 2.4, "forward_ratio_iqr": [2.3, 2.55],
+                   "forward_backward_ratio": 1.5, "forward_backward_ratio_iqr": [1.25, 1.75]},
+                  {"config": "c", "dtype": "bfloat16", "model": "conv k=3",  # no SRU: no ratio
                    "forward_ms": 0.5, "forward_backward_ms": 4.5}],
               "recurrence": [{"config": "c", "dtype": "float32", "kernel": "backward", "ms": 2.0,
-                              "floor_ms": 0.5, "percent_of_floor": 25.0}]}
+                              "floor_ms": 0.5, "percent_of_floor": 25.0,
+                              "percent_of_floor_iqr": [24.0, 26.5],
+                              "ns_per_element_per_core": 3.125}],
+              "startup_seconds": {"import sru_cupy": 0.0015, "first call, cold cache": 4.5}}
     markdown = bench.format_markdown(result)
-    assert "| c | float32 | torch LSTM | 5.000 | 2.50 | 6.000 | 1.50 |" in markdown
-    assert "| c | float32 | sru_cupy SRU | 2.000 | 1.00 | 4.000 | 1.00 |" in markdown
-    # each dtype is compared with the SRU of the same dtype
-    assert "| c | bfloat16 | conv k=3 | 0.500 | 0.50 | 4.500 | 1.50 |" in markdown
-    assert "| c | float32 | backward | 2.0000 | 0.5000 | 25.0 |" in markdown
+    # the ratio is the median of per-round ratios, not the ratio of the medians (2.5)
+    assert "| c | float32 | torch LSTM | 5.000 | 2.40 (2.30-2.55) | 6.000 | 1.50 (1.25-1.75) |" \
+        in markdown
+    assert "| c | float32 | sru_cupy SRU | 2.000 | 1.00 (1.00-1.00) | 4.000 | 1.00 (1.00-1.00) |" \
+        in markdown
+    assert "| c | bfloat16 | conv k=3 | 0.500 | - | 4.500 | - |" in markdown
+    assert "| c | float32 | backward | 2.0000 | 0.5000 | 25.0 (24.0-26.5) | 3.12 | - | - |" \
+        in markdown
+    assert "20 interleaved rounds" in markdown and "after 5 warm-up rounds" in markdown
+    assert "import sru_cupy: 1.5 ms; first call, cold cache: 4.50 s" in markdown
     assert "Not measured: c float32 sru package (ImportError)" in markdown
     table = bench.format_layer_table(result["layers"])
-    assert table.splitlines()[2].split()[-1] == "1.50"  # LSTM fwd+bwd ratio
+    assert table.splitlines()[2].split()[-2:] == ["1.50", "(1.25-1.75)"]  # LSTM fwd+bwd ratio
+
+
+def test_rounds_interleave_the_callables_and_spread_gives_median_and_quartiles():
+    order = []
+    timer = bench.Timer(CPU, repeats=3, warmup=1)
+    times = timer.rounds({"a": lambda: order.append("a"), "b": lambda: order.append("b")})
+    assert order == ["a", "b"] * 4  # one warm-up round, then three timed ones
+    assert set(times) == {"a", "b"} and all(len(t) == 3 and min(t) >= 0 for t in times.values())
+    assert bench.spread([4.0, 1.0, 3.0, 2.0, 5.0]) == (3.0, [2.0, 4.0])
+    assert bench.spread([7.0]) == (7.0, [7.0, 7.0])
+
+
+def test_layer_ratios_are_taken_round_by_round(monkeypatch):
+    """A load that doubles every time between rounds cancels out of the per-round ratios."""
+    cfg = {"name": "tiny", "L": 2, "B": 1, "d": 4, "layers": 1, "bidirectional": False}
+    monkeypatch.setattr(bench, "_models", lambda cfg, device, dtype: (
+        {"sru_cupy SRU": lambda x: (x, None), "other": lambda x: (x * 2, None)}, {}))
+
+    class DriftingTimer:
+        repeats = 5
+
+        def rounds(self, fns):
+            assert list(fns) == [("sru_cupy SRU", "forward"), ("sru_cupy SRU", "forward_backward"),
+                                 ("other", "forward"), ("other", "forward_backward")]
+            load = [2.0 ** i for i in range(self.repeats)]
+            base = {"sru_cupy SRU": 1.0, "other": 3.0}
+            return {key: [base[key[0]] * f for f in load] for key in fns}
+
+    rows, skipped = bench._layer_rows(cfg, CPU, torch.float32, DriftingTimer())
+    other = next(r for r in rows if r["model"] == "other")
+    assert not skipped and other["forward_ms"] == 12.0 and other["forward_ms_iqr"] == [6.0, 24.0]
+    assert other["forward_ratio"] == 3.0 and other["forward_ratio_iqr"] == [3.0, 3.0]
+    assert other["forward_backward_ratio"] == 3.0
 
 
 def test_timer_runs_warmup_then_repeats_and_returns_the_median():
@@ -111,20 +168,28 @@ def test_copy_bandwidth_counts_read_and_write():
     assert bench.copy_bandwidth(CPU, timer, nbytes=1 << 20) > 1e6  # over 1 MB/s on any machine
 
 
-def test_compile_cost_measures_a_cold_then_a_warm_process():
-    result = bench.compile_cost(CPU)
+def test_startup_cost_measures_a_cold_then_warm_processes():
+    result = bench.startup_cost(CPU, warm_runs=2)
     assert "error" not in result, result
-    assert result["cold cache"] > 0 and result["warm cache"] > 0
-    # the cold process compiles the kernels; the warm one loads them from the cache
-    assert result["cold cache"] > result["warm cache"], result
+    cold, warm = result["first call, cold cache"], result["first call, warm cache"]
+    # the cold process compiles the kernels; the warm ones load them from the cache
+    assert cold > warm > 0, result
+    assert result["first call over the second, warm cache"] < warm, result
     # the imports come before the timed call and are reported apart (no CUDA context on the CPU)
-    assert result["import torch and sru_cupy"] > 0 and "CUDA context" not in result
+    assert result["import torch"] > 0 and result["import sru_cupy"] > 0
+    assert list(result)[:2] == ["import torch", "import sru_cupy"]
+    assert "CUDA context" not in result
+
+
+def test_startup_cost_reports_a_failing_process(monkeypatch):
+    monkeypatch.setattr(bench, "_STARTUP_CHILD", "raise SystemExit('no kernels here')")
+    assert bench.startup_cost(CPU, warm_runs=1) == {"error": ["no kernels here"]}
 
 
 @pytest.mark.gpu
 def test_gpu_kernel_timing_separates_kernel_and_launch_overhead():
     """On a GPU: the graph figure is per call and not above the eager one by more than noise, and
-    the launch overhead is a host time per call. (The compile cost's CUDA fields come from the
+    the launch overhead is a host time per call. (The start-up cost's CUDA fields come from the
     benchmark stage of the GPU check.)"""
     import torch
     if not torch.cuda.is_available():
@@ -171,7 +236,7 @@ def test_default_configs_hold_the_srupp_sizes():
 def test_srupp_configs_time_srupp_transformer_and_sru(monkeypatch):
     monkeypatch.setattr(bench, "CONFIGS", [{"name": "tiny-srupp", "L": 6, "B": 2, "d": 16,
                                             "layers": 4, "bidirectional": False, "srupp": True}])
-    monkeypatch.setattr(bench, "compile_cost", lambda device: {})
+    monkeypatch.setattr(bench, "startup_cost", lambda device: {})
     result = bench.run("cpu", repeats=1, warmup=0, echo=lambda line: None)
     assert {r["model"] for r in result["layers"]} == {
         "sru_cupy SRU", "SRU++ (all)", "SRU++ (1 of 4)", "Transformer"}, result["skipped"]
@@ -222,7 +287,7 @@ def test_a_stopped_run_leaves_the_configurations_measured_so_far(tiny_configs, t
         assert seen["complete"] is False
         assert {r["config"] for r in seen["layers"]} == {"tiny", "tiny-2layer-bi"}
         raise KeyboardInterrupt
-    monkeypatch.setattr(bench, "compile_cost", stopped)
+    monkeypatch.setattr(bench, "startup_cost", stopped)
     with pytest.raises(KeyboardInterrupt):
         bench.run("cpu", out_dir=str(out), repeats=1, warmup=0, echo=lambda *a: None)
     assert json.loads((out / "bench.json").read_text())["complete"] is False

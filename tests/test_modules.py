@@ -919,3 +919,41 @@ def test_torchscript_matches_eager_on_gpu(name):
     module = _make(cls, *args, **kwargs).cuda()
     x, c0, mask_pad = (None if t is None else t.cuda() for t in _script_inputs(module))
     _assert_scripted_equals_eager(module, x, c0, mask_pad, train=True)
+
+
+
+def _aten_calls(fn, names, min_numel):
+    """How many times each aten op of ``names`` runs inside ``fn()`` on a first argument of at
+    least ``min_numel`` elements (torch.profiler, CPU)."""
+    import math
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return {name: sum(e.name == f"aten::{name}" and bool(e.input_shapes) and
+                      math.prod(e.input_shapes[0]) >= min_numel for e in prof.events())
+            for name in names}
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time-major", "batch-first"])
+@pytest.mark.parametrize("cls,n_in", [(SRUCell, 4), (SRU, 4), (SRU, 6)],
+                         ids=["cell-k3", "sru-k3", "sru-k4"])
+def test_gemm_path_makes_no_extra_copies(cls, n_in, batch_first):
+    """Forward: one 2-D GEMM (x W over all steps), and one copy of the input only where it is
+    batch-first (the transpose, shared by the GEMM and the skip input). Backward: one GEMM for
+    the weight's gradient and one for the input's (2-D, not batched), no zero fill, and no copy
+    beyond the batch-first layout's two transposes (of h's gradient, of the input's)."""
+    L, B, d = 5, 3, 4
+    module = cls(n_in, d, batch_first=batch_first) if cls is SRUCell else cls(
+        n_in, d, num_layers=1, batch_first=batch_first)
+    x = torch.randn((B, L, n_in) if batch_first else (L, B, n_in), requires_grad=True)
+    module(x)[0].sum().backward()  # first calls (kernel load) outside the counts
+    x.grad = None
+    module.zero_grad(set_to_none=True)
+    names = ("mm", "bmm", "copy_", "zero_", "fill_")
+    out = {}
+    forward = _aten_calls(lambda: out.update(h=module(x)[0]), names, L * B)
+    assert forward == {"mm": 1, "bmm": 0, "copy_": int(batch_first), "zero_": 0, "fill_": 0}
+    grad = torch.randn(out["h"].shape)  # contiguous in the caller's layout
+    backward = _aten_calls(lambda: out["h"].backward(grad), names, L * B)
+    assert backward == {"mm": 2, "bmm": 0, "copy_": 2 * int(batch_first), "zero_": 0,
+                        "fill_": 0}, backward

@@ -650,6 +650,72 @@ def test_compile_fullgraph_sru_module(cpu_impl, dynamo, backend):
         _assert_same(a, b, exact=False)
 
 
+# -- 4b. eager start-up and backward without waste ----------------------------------------------
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_eager_calls_do_not_import_dynamo(impl):
+    """The ops are reached in eager mode without torch._dynamo (about a second to import): a
+    fresh process runs an SRU forward and backward on the CPU, and the ops directly."""
+    import subprocess
+    import sys
+    import textwrap
+    from child_env import child_env
+    script = textwrap.dedent(f"""
+        import sys, warnings
+        import torch
+        from sru_cupy import SRU, ops
+        ops.cpu_implementation = lambda: {impl!r}
+        warnings.simplefilter("ignore")
+        model = SRU(4, 4, num_layers=2)
+        x = torch.randn(3, 2, 4, requires_grad=True)
+        h, c = model(x)
+        (h.sum() + c.sum()).backward()
+        assert x.grad is not None and model.rnn_lst[0].weight_c.grad is not None
+        U, xs, bias = torch.randn(3, 2, 12), torch.randn(3, 2, 4), torch.zeros(8)
+        _, cs, _ = ops.recurrence_forward_op(U, xs, None, bias, None, None, None, 4, False, True,
+                                             False, 1.0, True)
+        ops.recurrence_backward_op(torch.ones(3, 2, 4), None, U, xs, None, bias, None, cs, None,
+                                   None, 4, False, True, False, 1.0)
+        print("DYNAMO-IMPORTED" if "torch._dynamo" in sys.modules else "NO-DYNAMO")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300, env=child_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == "NO-DYNAMO", out.stdout
+
+
+def test_ops_are_declared_for_tracing():
+    """Tagged pt2_compliant (as torch.library.custom_op would), with CPU and CUDA kernels, a fake
+    (Meta) implementation and an autograd formula registered with the dispatcher."""
+    for op in (torch.ops.sru_cupy.recurrence_forward.default,
+               torch.ops.sru_cupy.recurrence_backward.default):
+        assert torch.Tag.pt2_compliant_tag in op.tags
+        for key in ("CPU", "CUDA", "Meta"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key), (op, key)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(
+        "sru_cupy::recurrence_forward", "Autograd")
+    assert ops.recurrence_forward_op is torch.ops.sru_cupy.recurrence_forward.default
+
+
+@pytest.mark.parametrize("loss_of", ["h", "c_last", "both"])
+def test_backward_fills_no_zero_gradient_for_unused_outputs(cpu_impl, loss_of):
+    """The stored c (L, B, D) is never part of a loss: its gradient is not materialized as zeros
+    (a full pass over memory); h's is made only when the loss reads c_last alone."""
+    from torch.profiler import ProfilerActivity, profile
+    L, B, d = 5, 3, 4
+    opts = Opts()
+    p = make_problem(opts, L, B, d, torch.float32)
+    h, c_last = call(p, opts, d)
+    loss = {"h": h.sum(), "c_last": c_last.sum(), "both": h.sum() + c_last.sum()}[loss_of]
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss.backward()
+    filled = [e.input_shapes[0] for e in prof.events()
+              if e.name in ("aten::zero_", "aten::fill_") and e.input_shapes
+              and e.input_shapes[0] == [L, B, d]]
+    assert bool(filled) == (loss_of == "c_last"), filled
+    assert p["U"].grad is not None
+
+
 # -- 5. inference variant ----------------------------------------------------------------------
 
 @pytest.fixture
