@@ -50,9 +50,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import pack_padded_sequence
 
-from .modules import SRUCell, _time_major
+from . import export
+from .modules import SRUCell, _stack_final_c, _stack_input, _time_major
 
 __all__ = ["SRUppProjectedLinear", "SRUppAttention", "SRUppCell", "SRUpp"]
 
@@ -183,8 +184,17 @@ class SRUppAttention(nn.Module):
         k = k.reshape(M + L, B, heads, head_dim).permute(1, 2, 0, 3)
         v = v.reshape(M + L, B, heads, head_dim).permute(1, 2, 0, 3)
         mask = self._mask(attn_mask, mask_pad, memory_mask_pad, L, M, B, q.dtype)
+        blocked: Optional[Tensor] = None
+        if mask is not None and mask.dtype != torch.bool and export.onnx_exporting():
+            # A query whose keys are all blocked gets attention 0 from
+            # scaled_dot_product_attention, but NaN from the ONNX softmax over a row of -inf:
+            # unblock such rows and zero their attention instead.
+            blocked = (mask == float("-inf")).all(dim=-1, keepdim=True)
+            mask = mask.masked_fill(blocked, 0.0)
         attention = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0)
+        if blocked is not None:
+            attention = attention.masked_fill(blocked, 0.0)
         attention = attention.permute(2, 0, 1, 3).reshape(L, B, self.proj_features)
         out = attention * self.alpha + residual
         if self.layer_norm is not None and self.normalize_after:
@@ -234,27 +244,6 @@ class SRUppAttention(nn.Module):
         return (f"{self.in_features}, {self.out_features}, proj_features={self.proj_features}, "
                 f"num_heads={self.num_heads}, attn_dropout={self.attn_dropout}, "
                 f"normalize_after={self.normalize_after}")
-
-
-def _time_major_input(input, mask_pad: Optional[Tensor], batch_first: bool):
-    """(input (L, B, n), mask_pad (L, B) or None, lengths or None) from a tensor in the module's
-    layout or a PackedSequence (whose lengths give mask_pad)."""
-    if isinstance(input, PackedSequence):
-        if mask_pad is not None:
-            raise ValueError("mask_pad: must be None for PackedSequence input (the lengths give "
-                             "the padding)")
-        input, lengths = pad_packed_sequence(input)  # (L, B, n), batch in original order
-        steps = torch.arange(input.shape[0], device=input.device).unsqueeze(1)
-        return input, steps >= lengths.to(input.device).unsqueeze(0), lengths
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input: expected a torch.Tensor or PackedSequence, got "
-                        f"{type(input).__name__}")
-    if input.dim() != 3:
-        layout = "(B, L, n_in)" if batch_first else "(L, B, n_in)"
-        raise ValueError(f"input: expected rank 3 {layout}, got shape {tuple(input.shape)}")
-    if batch_first:
-        input, mask_pad = _time_major(input, mask_pad)
-    return input, mask_pad, None
 
 
 def _time_major_context(memory: Optional[Tensor], memory_mask_pad: Optional[Tensor]):
@@ -448,25 +437,13 @@ class SRUpp(nn.Module):
                 memory: Optional[List[Optional[Tensor]]] = None,
                 memory_mask_pad: Optional[Tensor] = None
                 ) -> Tuple[Tensor, Tensor, Dict[str, List[Tensor]]]:
-        input, mask_pad, lengths = _time_major_input(input, mask_pad, self.batch_first)
+        first = self.rnn_lst[0]
+        input, mask_pad, lengths = _stack_input(input, c0, mask_pad, self.batch_first,
+                                                self.input_size, self.num_layers,
+                                                self.output_size, first.bias.device)
         batch_first = self.batch_first
         if batch_first and memory_mask_pad is not None:
             memory_mask_pad = memory_mask_pad.transpose(0, 1)
-        first = self.rnn_lst[0]
-        if input.shape[-1] != self.input_size:
-            raise ValueError(f"input: expected last axis input_size = {self.input_size}, got "
-                             f"{input.shape[-1]}")
-        if not input.is_floating_point():
-            raise TypeError(f"input: expected a floating dtype, got {input.dtype}")
-        if input.device != first.bias.device:
-            raise ValueError(f"input: expected a tensor on the module's device "
-                             f"{first.bias.device}, got {input.device}")
-        B = input.shape[1]
-        if c0 is not None:
-            expected = (self.num_layers, B, self.output_size)
-            if not isinstance(c0, Tensor) or tuple(c0.shape) != expected:
-                raise ValueError(f"c0: expected shape (num_layers, B, output_size) = {expected}, "
-                                 f"got {tuple(c0.shape) if isinstance(c0, Tensor) else type(c0)}")
         if memory is not None:
             if not isinstance(memory, (list, tuple)) or len(memory) != self.num_layers:
                 got = (f"{len(memory)} items" if isinstance(memory, (list, tuple))
@@ -484,11 +461,7 @@ class SRUpp(nn.Module):
             x, c = layer._forward_time_major(x, None if c0 is None else c0[i], mask_pad,
                                              attn_mask, memory_i, memory_mask_pad)
             finals.append(c)
-        c_all = torch.stack(finals)
-        if self.nn_rnn_compatible_return:
-            c_all = (c_all.view(self.num_layers, B, self.num_directions, self.hidden_size)
-                     .transpose(1, 2).reshape(self.num_layers * self.num_directions, B,
-                                              self.hidden_size))
+        c_all = _stack_final_c(finals, self.nn_rnn_compatible_return, self.hidden_size)
         if lengths is not None:
             return pack_padded_sequence(x, lengths, enforce_sorted=False), c_all, \
                 {"saved_inputs": saved_inputs}
