@@ -305,6 +305,7 @@ def _srupp_inputs(model, L, B, M, seed, given):
     key masked; "memory" gives M steps per layer (a list for SRUpp, a tensor for SRUppCell)."""
     g = torch.Generator().manual_seed(seed)
     first = model.batch_first
+    given = set(given.split("-"))
 
     def steps(n, width):
         return torch.randn((B, n, width) if first else (n, B, width), generator=g)
@@ -367,6 +368,10 @@ def _srupp_outputs(out):
     return list(out)
 
 
+#: forward argument -> the parts of ``given`` (see _srupp_inputs) that make it
+_SRUPP_GIVEN = {"c0": {"c0"}, "mask_pad": {"pad", "leftpad"}, "attn_mask": {"causal"},
+                "memory": {"memory"}, "memory_mask_pad": {"mempad"}}
+
 #: name -> (class, args, kwargs, inputs given, memory length M at export)
 SRUPP_ONNX_CASES = {
     "srupp-2layers-heads2": (SRUpp, (5, 4, 6), dict(num_layers=2, num_heads=2), "x", 0),
@@ -380,6 +385,9 @@ SRUPP_ONNX_CASES = {
         "pad-memory", 3),
     "sruppcell-causal-pad": (SRUppCell, (5, 4), dict(transform_module=SRUppAttention(5, 16, 6, 2)),
                              "pad-causal", 0),
+    "sruppcell-bi-c0-causal-memory-mempad": (SRUppCell, (6, 3), dict(
+        bidirectional=True, transform_module=SRUppAttention(6, 18, 4)),
+        "c0-causal-memory-mempad", 2),
 }
 
 
@@ -395,6 +403,12 @@ def test_onnx_srupp_matches_eager(tmp_path, name):
     path = str(tmp_path / f"{name}.onnx")
     export.export_onnx(model, _srupp_call(_srupp_inputs(model, 6, 3, M, 0, given)), path)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    inputs = [part for part in ["input", "c0", "mask_pad", "attn_mask", "memory", "memory_mask_pad"]
+              if part == "input" or _SRUPP_GIVEN[part] & set(given.split("-"))]
+    if cls is SRUpp and "memory" in inputs:
+        at = inputs.index("memory")
+        inputs[at:at + 1] = [f"memory_{i}" for i in range(model.num_layers)]
+    assert [i.name for i in session.get_inputs()] == inputs
     outputs = ["h", "c"] + ([f"saved_input_{i}" for i in range(model.num_layers)]
                             if cls is SRUpp else [])
     assert [o.name for o in session.get_outputs()] == outputs
