@@ -159,10 +159,15 @@ def test_onnx_graph_is_a_scan_in_standard_operations(exported):
     assert "recurrence_forward" not in str(ops_seen)
 
 
-def test_onnx_one_step_cell(tmp_path):
-    """SRUCell with rank-2 input (B, n_in), one step, batch size dynamic."""
+@pytest.mark.parametrize("cls", [SRUCell, SRUppCell], ids=["SRUCell", "SRUppCell"])
+def test_onnx_one_step_cell(tmp_path, cls):
+    """SRUCell and SRUppCell with rank-2 input (B, n_in), one step, batch size dynamic."""
     ort = _onnx_runtime()
-    model = _model(SRUCell, 5, 4, bidirectional=True)
+    if cls is SRUCell:
+        model = _model(SRUCell, 5, 4, bidirectional=True)
+    else:
+        model = _srupp_model(SRUppCell, 5, 4, bidirectional=True,
+                             transform_module=SRUppAttention(5, 32, 6))
     path = str(tmp_path / "step.onnx")
     export.export_onnx(model, (torch.randn(3, 5), torch.randn(3, 8)), path)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
