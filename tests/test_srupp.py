@@ -398,10 +398,14 @@ SCRIPT_CASES = {
 }
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated
+@pytest.mark.filterwarnings("ignore:The TorchScript type system")
 @pytest.mark.parametrize("name", list(SCRIPT_CASES))
 def test_torchscript_matches_eager(name):
-    """torch.jit.script(SRUpp): h, c, saved inputs and gradients equal eager mode's (the same
-    dropout draws from the same seed), and again after torch.jit.save / load."""
+    """torch.jit.script(SRUpp): h, c, saved inputs and gradients equal eager mode's, and again
+    after torch.jit.save / load; in eval mode on a second call too (TorchScript's optimised graph).
+    In training the first call makes the same dropout draws from the same seed; from the second
+    call on, the optimised graph draws nn.Dropout's masks (in the transform modules) its own way."""
     import io
     kwargs, given, train = SCRIPT_CASES[name]
     model = _model(7, 4, 4, train=train, **kwargs)
@@ -427,8 +431,9 @@ def test_torchscript_matches_eager(name):
     loaded = torch.jit.load(buffer)
     results = []
     for module in (model, scripted, loaded):
-        torch.manual_seed(3)
-        results.append(_forward_backward(module, x, **dict(call)))
+        for _ in range(1 if train else 2):
+            torch.manual_seed(3)
+            results.append(_forward_backward(module, x, **dict(call)))
     for result in results[1:]:
         _assert_results_close(results[0], result, rtol=1e-10, atol=1e-12)
 
