@@ -504,10 +504,16 @@ def test_plain_torch_onnx_export_of_srupp(tmp_path):
         np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_export_onnx_rejects_too_many_arguments(tmp_path):
+def test_export_onnx_rejects_bad_arguments(tmp_path):
+    """Too many arguments for the module; an SRUpp memory list with a None entry (an ONNX input
+    per layer needs a tensor per layer)."""
     with pytest.raises(ValueError, match="args"):
         export.export_onnx(_model(SRU, 5, 4), (torch.randn(3, 2, 5), None, None, None),
                            str(tmp_path / "x.onnx"))
+    model = _srupp_model(SRUpp, 5, 4, 6, num_layers=2)
+    with pytest.raises(ValueError, match="memory"):
+        export.export_onnx(model, (torch.randn(3, 2, 5), None, None, None,
+                                   [None, torch.randn(2, 2, 4)]), str(tmp_path / "x.onnx"))
 
 
 SRUPP_EXPORT_CASES = {
