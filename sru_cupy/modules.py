@@ -51,6 +51,57 @@ def _time_major(input: Tensor, mask_pad: Optional[Tensor]) -> Tuple[Tensor, Opti
     return input.transpose(0, 1).contiguous(), mask_pad
 
 
+def _stack_input(input: Tensor, c0: Optional[Tensor], mask_pad: Optional[Tensor],
+                 batch_first: bool, input_size: int, num_layers: int, output_size: int,
+                 device: torch.device) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """A stack's (SRU, SRUpp) input, checked: (input (L, B, n) time-major, mask_pad (L, B) or
+    None, the lengths of a PackedSequence input (whose lengths give mask_pad) or None)."""
+    lengths: Optional[Tensor] = None
+    if not torch.jit.is_scripting():  # TorchScript takes tensors only
+        if isinstance(input, PackedSequence):
+            if mask_pad is not None:
+                raise ValueError("mask_pad: must be None for PackedSequence input (the lengths "
+                                 "give the padding)")
+            input, lengths = pad_packed_sequence(input)  # (L, B, n), batch in original order
+            steps = torch.arange(input.shape[0], device=input.device).unsqueeze(1)
+            mask_pad = steps >= lengths.to(input.device).unsqueeze(0)
+        elif not isinstance(input, Tensor):
+            raise TypeError(f"input: expected a torch.Tensor or PackedSequence, got "
+                            f"{type(input).__name__}")
+    if lengths is None:
+        if input.dim() != 3:
+            layout = "(B, L, n_in)" if batch_first else "(L, B, n_in)"
+            raise ValueError(f"input: expected rank 3 {layout}, got shape {_shape(input.shape)}")
+        if batch_first:
+            input, mask_pad = _time_major(input, mask_pad)
+    if input.shape[-1] != input_size:
+        raise ValueError(f"input: expected last axis input_size = {input_size}, got "
+                         f"{input.shape[-1]}")
+    if not input.is_floating_point():
+        raise TypeError(f"input: expected a floating dtype, got {input.dtype}")
+    if input.device != device:
+        raise ValueError(f"input: expected a tensor on the module's device {device}, got "
+                         f"{input.device}")
+    if c0 is not None:
+        expected = [num_layers, input.shape[1], output_size]
+        if list(c0.shape) != expected:
+            raise ValueError(f"c0: expected shape (num_layers, B, output_size) = "
+                             f"{_shape(expected)}, got {_shape(c0.shape)}")
+    return input, mask_pad, lengths
+
+
+def _stack_final_c(finals: List[Tensor], nn_rnn_compatible_return: bool,
+                   hidden_size: int) -> Tensor:
+    """The layers' last c (B, output_size) each as (num_layers, B, output_size), or as
+    (num_layers * directions, B, hidden_size) like nn.LSTM's with nn_rnn_compatible_return."""
+    c_all = torch.stack(finals)
+    if nn_rnn_compatible_return:
+        layers, B, dirs = c_all.shape[0], c_all.shape[1], c_all.shape[2] // hidden_size
+        c_all = (c_all.view(layers, B, dirs, hidden_size).transpose(1, 2)
+                 .reshape(layers * dirs, B, hidden_size))
+    return c_all
+
+
 def _refresh_scale_x(module, incompatible_keys):
     module._scale_x_value = float(module.scale_x.reshape(-1)[0])
 
@@ -430,51 +481,20 @@ class SRU(nn.Module):
 
     def forward(self, input: Tensor, c0: Optional[Tensor] = None,
                 mask_pad: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        if not torch.jit.is_scripting():  # TorchScript takes tensors only
-            if isinstance(input, PackedSequence):
-                return self._forward_packed(input, c0, mask_pad)
-            if not isinstance(input, Tensor):
-                raise TypeError(f"input: expected a torch.Tensor or PackedSequence, got "
-                                f"{type(input).__name__}")
-        if input.dim() != 3:
-            layout = "(B, L, n_in)" if self.batch_first else "(L, B, n_in)"
-            raise ValueError(f"input: expected rank 3 {layout}, got shape {_shape(input.shape)}")
-        if self.batch_first:
-            input, mask_pad = _time_major(input, mask_pad)
+        input, mask_pad, lengths = _stack_input(
+            input, c0, mask_pad, self.batch_first, self.input_size, self.num_layers,
+            self.output_size, self.rnn_lst[0].bias.device)
         h, c = self._forward_time_major(input, c0, mask_pad)
+        if not torch.jit.is_scripting():  # TorchScript takes tensors only
+            if lengths is not None:
+                return pack_padded_sequence(h, lengths, enforce_sorted=False), c
         if self.batch_first:
             h = h.transpose(0, 1)
         return h, c
 
-    @torch.jit.unused
-    def _forward_packed(self, input: PackedSequence, c0: Optional[Tensor],
-                        mask_pad: Optional[Tensor]) -> Tuple[PackedSequence, Tensor]:
-        if mask_pad is not None:
-            raise ValueError("mask_pad: must be None for PackedSequence input (the lengths "
-                             "give the padding)")
-        padded, lengths = pad_packed_sequence(input)  # (L, B, n), batch in original order
-        steps = torch.arange(padded.shape[0], device=padded.device).unsqueeze(1)
-        mask_pad = steps >= lengths.to(padded.device).unsqueeze(0)
-        h, c = self._forward_time_major(padded, c0, mask_pad)
-        return pack_padded_sequence(h, lengths, enforce_sorted=False), c
-
     def _forward_time_major(self, input: Tensor, c0: Optional[Tensor],
                             mask_pad: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        B = input.shape[1]
-        if input.shape[-1] != self.input_size:
-            raise ValueError(f"input: expected last axis input_size = {self.input_size}, got "
-                             f"{input.shape[-1]}")
-        if not input.is_floating_point():
-            raise TypeError(f"input: expected a floating dtype, got {input.dtype}")
-        device = self.rnn_lst[0].bias.device
-        if input.device != device:
-            raise ValueError(f"input: expected a tensor on the module's device {device}, got "
-                             f"{input.device}")
-        if c0 is not None:
-            expected = [self.num_layers, B, self.output_size]
-            if list(c0.shape) != expected:
-                raise ValueError(f"c0: expected shape (num_layers, B, output_size) = "
-                                 f"{_shape(expected)}, got {_shape(c0.shape)}")
+        """The layers over time-major input already checked by ``_stack_input``."""
         prev = input
         if self.input_to_hidden is not None:
             prev = self.input_to_hidden(input)
@@ -483,12 +503,7 @@ class SRU(nn.Module):
             prev, c = layer._forward_time_major_checked(prev, None if c0 is None else c0[i],
                                                         mask_pad)
             finals.append(c)
-        c_all = torch.stack(finals)
-        if self.nn_rnn_compatible_return:
-            c_all = (c_all.view(self.num_layers, B, self.num_directions, self.hidden_size)
-                     .transpose(1, 2).reshape(self.num_layers * self.num_directions, B,
-                                              self.hidden_size))
-        return prev, c_all
+        return prev, _stack_final_c(finals, self.nn_rnn_compatible_return, self.hidden_size)
 
     def extra_repr(self):
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"

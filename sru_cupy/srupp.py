@@ -18,7 +18,8 @@ the layer, Transformer-XL style) placed before the input for the keys and values
 
 Names, defaults and ``state_dict`` keys are those of ``sru`` 3.0.0.dev6: a checkpoint of its
 ``SRUpp`` loads with ``load_state_dict`` (tests/test_srupp_parity.py). Beyond it: ``batch_first``,
-PackedSequence input without a Python loop, autocast, ``torch.compile(fullgraph=True)``, and
+PackedSequence input without a Python loop, autocast, ``torch.compile(fullgraph=True)``,
+``torch.jit.script``, ONNX export and ``torch.export`` (README, Deployment), and
 attention through ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels on a GPU).
 
 One difference: where every key of a query is masked, ``sru`` 3.0 takes a softmax over -inf and
@@ -50,11 +51,19 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import pack_padded_sequence
 
-from .modules import SRUCell, _time_major
+from . import export
+from .modules import SRUCell, _shape, _stack_final_c, _stack_input, _time_major
 
 __all__ = ["SRUppProjectedLinear", "SRUppAttention", "SRUppCell", "SRUpp"]
+
+
+def _onnx_exporting() -> bool:
+    """export.onnx_exporting(), False under TorchScript (which cannot compile it)."""
+    if torch.jit.is_scripting():
+        return False
+    return export.onnx_exporting()
 
 
 def _check_positive_int(**values):
@@ -162,14 +171,14 @@ class SRUppAttention(nn.Module):
                 memory_mask_pad: Optional[Tensor] = None) -> Tensor:
         if input.dim() != 3:
             raise ValueError(f"input: expected rank 3 (L, B, in_features), got shape "
-                             f"{tuple(input.shape)}")
+                             f"{_shape(input.shape)}")
         L, B = input.shape[0], input.shape[1]
         M = 0
         source = input
         if memory is not None:
-            if memory.dim() != 3 or tuple(memory.shape[1:]) != (B, self.in_features):
+            if memory.dim() != 3 or list(memory.shape[1:]) != [B, self.in_features]:
                 raise ValueError(f"memory: expected shape (M, B, in_features) = "
-                                 f"(M, {B}, {self.in_features}), got {tuple(memory.shape)}")
+                                 f"(M, {B}, {self.in_features}), got {_shape(memory.shape)}")
             M = memory.shape[0]
             source = torch.cat([memory, input], dim=0)
         z = self.linear1(source)  # (M + L, B, proj)
@@ -182,9 +191,18 @@ class SRUppAttention(nn.Module):
         q = z[M:].reshape(L, B, heads, head_dim).permute(1, 2, 0, 3)
         k = k.reshape(M + L, B, heads, head_dim).permute(1, 2, 0, 3)
         v = v.reshape(M + L, B, heads, head_dim).permute(1, 2, 0, 3)
-        mask = self._mask(attn_mask, mask_pad, memory_mask_pad, L, M, B, q.dtype)
+        mask = self._mask(attn_mask, mask_pad, memory_mask_pad, L, M, B, q.dtype, q.device)
+        blocked: Optional[Tensor] = None
+        if mask is not None and mask.dtype != torch.bool and _onnx_exporting():
+            # A query whose keys are all blocked gets attention 0 from
+            # scaled_dot_product_attention, but NaN from the ONNX softmax over a row of -inf:
+            # unblock such rows and zero their attention instead.
+            blocked = (mask == float("-inf")).all(dim=-1, keepdim=True)
+            mask = mask.masked_fill(blocked, 0.0)
         attention = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0)
+        if blocked is not None:
+            attention = attention.masked_fill(blocked, 0.0)
         attention = attention.permute(2, 0, 1, 3).reshape(L, B, self.proj_features)
         out = attention * self.alpha + residual
         if self.layer_norm is not None and self.normalize_after:
@@ -194,7 +212,7 @@ class SRUppAttention(nn.Module):
     @staticmethod
     def _mask(attn_mask: Optional[Tensor], mask_pad: Optional[Tensor],
               memory_mask_pad: Optional[Tensor], L: int, M: int, B: int,
-              dtype: torch.dtype) -> Optional[Tensor]:
+              dtype: torch.dtype, device: torch.device) -> Optional[Tensor]:
         """The mask for scaled_dot_product_attention: attn_mask (L, M + L) as it is (additive),
         padded keys as False in a bool (B, 1, 1, M + L) mask, or both merged into an additive
         (B, 1, L, M + L) mask. memory_mask_pad is ignored without memory (as in ``sru`` 3.0)."""
@@ -202,25 +220,26 @@ class SRUppAttention(nn.Module):
             if attn_mask.dtype == torch.bool or not attn_mask.is_floating_point():
                 raise TypeError(f"attn_mask: expected an additive float mask (0 to attend, -inf "
                                 f"to block), got {attn_mask.dtype}")
-            if tuple(attn_mask.shape) != (L, M + L):
-                raise ValueError(f"attn_mask: expected shape (L, M + L) = {(L, M + L)} (M memory "
-                                 f"steps), got {tuple(attn_mask.shape)}")
+            if list(attn_mask.shape) != [L, M + L]:
+                raise ValueError(f"attn_mask: expected shape (L, M + L) = "
+                                 f"{_shape([L, M + L])} (M memory steps), got "
+                                 f"{_shape(attn_mask.shape)}")
             attn_mask = attn_mask.to(dtype)
         if mask_pad is None and (M == 0 or memory_mask_pad is None):
             return attn_mask
-        pads = []
+        pads: List[Tensor] = []
         if M > 0:
             if memory_mask_pad is None:
-                pads.append(torch.zeros(M, B, dtype=torch.bool, device=mask_pad.device))
-            elif tuple(memory_mask_pad.shape) != (M, B):
-                raise ValueError(f"memory_mask_pad: expected shape (M, B) = {(M, B)}, got "
-                                 f"{tuple(memory_mask_pad.shape)}")
+                pads.append(torch.zeros(M, B, dtype=torch.bool, device=device))
             else:
-                pads.append(memory_mask_pad.bool())
+                if list(memory_mask_pad.shape) != [M, B]:
+                    raise ValueError(f"memory_mask_pad: expected shape (M, B) = "
+                                     f"{_shape([M, B])}, got {_shape(memory_mask_pad.shape)}")
+                pads.append(memory_mask_pad.to(torch.bool))
         if mask_pad is None:
-            pads.append(torch.zeros(L, B, dtype=torch.bool, device=memory_mask_pad.device))
+            pads.append(torch.zeros(L, B, dtype=torch.bool, device=device))
         else:
-            pads.append(mask_pad.bool())
+            pads.append(mask_pad.to(torch.bool))
         padded = torch.cat(pads, dim=0).t()[:, None, None, :]  # (B, 1, 1, M + L), True at pads
         # A sequence that is all padding would mask every key of its queries; every one of its
         # steps is skipped by the recurrence (U unused, no gradient), so unmask its keys: finite
@@ -234,27 +253,6 @@ class SRUppAttention(nn.Module):
         return (f"{self.in_features}, {self.out_features}, proj_features={self.proj_features}, "
                 f"num_heads={self.num_heads}, attn_dropout={self.attn_dropout}, "
                 f"normalize_after={self.normalize_after}")
-
-
-def _time_major_input(input, mask_pad: Optional[Tensor], batch_first: bool):
-    """(input (L, B, n), mask_pad (L, B) or None, lengths or None) from a tensor in the module's
-    layout or a PackedSequence (whose lengths give mask_pad)."""
-    if isinstance(input, PackedSequence):
-        if mask_pad is not None:
-            raise ValueError("mask_pad: must be None for PackedSequence input (the lengths give "
-                             "the padding)")
-        input, lengths = pad_packed_sequence(input)  # (L, B, n), batch in original order
-        steps = torch.arange(input.shape[0], device=input.device).unsqueeze(1)
-        return input, steps >= lengths.to(input.device).unsqueeze(0), lengths
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input: expected a torch.Tensor or PackedSequence, got "
-                        f"{type(input).__name__}")
-    if input.dim() != 3:
-        layout = "(B, L, n_in)" if batch_first else "(L, B, n_in)"
-        raise ValueError(f"input: expected rank 3 {layout}, got shape {tuple(input.shape)}")
-    if batch_first:
-        input, mask_pad = _time_major(input, mask_pad)
-    return input, mask_pad, None
 
 
 def _time_major_context(memory: Optional[Tensor], memory_mask_pad: Optional[Tensor]):
@@ -301,7 +299,7 @@ class SRUppCell(SRUCell):
         expected = self.output_size * self.num_matrices
         if U.shape[-1] != expected:
             raise ValueError(f"transform_module: expected U with last axis {expected}, got "
-                             f"{tuple(U.shape)}")
+                             f"{_shape(U.shape)}")
         return U, None
 
     def forward(self, input: Tensor, c0: Optional[Tensor] = None,
@@ -448,25 +446,13 @@ class SRUpp(nn.Module):
                 memory: Optional[List[Optional[Tensor]]] = None,
                 memory_mask_pad: Optional[Tensor] = None
                 ) -> Tuple[Tensor, Tensor, Dict[str, List[Tensor]]]:
-        input, mask_pad, lengths = _time_major_input(input, mask_pad, self.batch_first)
+        first = self.rnn_lst[0]
+        input, mask_pad, lengths = _stack_input(input, c0, mask_pad, self.batch_first,
+                                                self.input_size, self.num_layers,
+                                                self.output_size, first.bias.device)
         batch_first = self.batch_first
         if batch_first and memory_mask_pad is not None:
             memory_mask_pad = memory_mask_pad.transpose(0, 1)
-        first = self.rnn_lst[0]
-        if input.shape[-1] != self.input_size:
-            raise ValueError(f"input: expected last axis input_size = {self.input_size}, got "
-                             f"{input.shape[-1]}")
-        if not input.is_floating_point():
-            raise TypeError(f"input: expected a floating dtype, got {input.dtype}")
-        if input.device != first.bias.device:
-            raise ValueError(f"input: expected a tensor on the module's device "
-                             f"{first.bias.device}, got {input.device}")
-        B = input.shape[1]
-        if c0 is not None:
-            expected = (self.num_layers, B, self.output_size)
-            if not isinstance(c0, Tensor) or tuple(c0.shape) != expected:
-                raise ValueError(f"c0: expected shape (num_layers, B, output_size) = {expected}, "
-                                 f"got {tuple(c0.shape) if isinstance(c0, Tensor) else type(c0)}")
         if memory is not None:
             if not isinstance(memory, (list, tuple)) or len(memory) != self.num_layers:
                 got = (f"{len(memory)} items" if isinstance(memory, (list, tuple))
@@ -484,14 +470,11 @@ class SRUpp(nn.Module):
             x, c = layer._forward_time_major(x, None if c0 is None else c0[i], mask_pad,
                                              attn_mask, memory_i, memory_mask_pad)
             finals.append(c)
-        c_all = torch.stack(finals)
-        if self.nn_rnn_compatible_return:
-            c_all = (c_all.view(self.num_layers, B, self.num_directions, self.hidden_size)
-                     .transpose(1, 2).reshape(self.num_layers * self.num_directions, B,
-                                              self.hidden_size))
-        if lengths is not None:
-            return pack_padded_sequence(x, lengths, enforce_sorted=False), c_all, \
-                {"saved_inputs": saved_inputs}
+        c_all = _stack_final_c(finals, self.nn_rnn_compatible_return, self.hidden_size)
+        if not torch.jit.is_scripting():  # TorchScript takes tensors only
+            if lengths is not None:
+                return pack_padded_sequence(x, lengths, enforce_sorted=False), c_all, \
+                    {"saved_inputs": saved_inputs}
         if batch_first:
             x = x.transpose(0, 1)
         return x, c_all, {"saved_inputs": saved_inputs}

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from sru_cupy import SRU, SRUCell, export, ops
+from sru_cupy.srupp import SRUpp, SRUppAttention, SRUppCell
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -158,10 +159,15 @@ def test_onnx_graph_is_a_scan_in_standard_operations(exported):
     assert "recurrence_forward" not in str(ops_seen)
 
 
-def test_onnx_one_step_cell(tmp_path):
-    """SRUCell with rank-2 input (B, n_in), one step, batch size dynamic."""
+@pytest.mark.parametrize("cls", [SRUCell, SRUppCell], ids=["SRUCell", "SRUppCell"])
+def test_onnx_one_step_cell(tmp_path, cls):
+    """SRUCell and SRUppCell with rank-2 input (B, n_in), one step, batch size dynamic."""
     ort = _onnx_runtime()
-    model = _model(SRUCell, 5, 4, bidirectional=True)
+    if cls is SRUCell:
+        model = _model(SRUCell, 5, 4, bidirectional=True)
+    else:
+        model = _srupp_model(SRUppCell, 5, 4, bidirectional=True,
+                             transform_module=SRUppAttention(5, 32, 6))
     path = str(tmp_path / "step.onnx")
     export.export_onnx(model, (torch.randn(3, 5), torch.randn(3, 8)), path)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -281,5 +287,266 @@ def test_torch_export_save_load_matches_eager(name):
         with torch.no_grad():
             expected = model(*call)
             got = loaded(*call)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+# -- SRU++ -------------------------------------------------------------------------------------
+
+def _srupp_model(cls, *args, **kwargs):
+    """A random SRU++ model whose attention counts (alpha 1, not the rezero 0)."""
+    model = _model(cls, *args, **kwargs)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, SRUppAttention):
+                module.alpha.fill_(1.0)
+    return model
+
+
+def _srupp_inputs(model, L, B, M, seed, given):
+    """The forward's arguments (input, c0, mask_pad, attn_mask, memory, memory_mask_pad) for the
+    parts named in ``given`` ("c0", "pad", "leftpad", "causal", "memory", "mempad"), None for the
+    others. "leftpad" pads the first steps, so that with the causal mask early queries have every
+    key masked; "memory" gives M steps per layer (a list for SRUpp, a tensor for SRUppCell)."""
+    g = torch.Generator().manual_seed(seed)
+    first = model.batch_first
+    given = set(given.split("-"))
+
+    def steps(n, width):
+        return torch.randn((B, n, width) if first else (n, B, width), generator=g)
+
+    x = steps(L, model.input_size)
+    stack = isinstance(model, SRUpp)
+    c_shape = (model.num_layers, B, model.output_size) if stack else (B, model.output_size)
+    c0 = torch.randn(c_shape, generator=g) if "c0" in given else None
+    mask_pad = None
+    if "pad" in given or "leftpad" in given:
+        lengths = torch.randint(0, L + 1, (B,), generator=g)
+        lengths[0] = L
+        if B > 2:
+            lengths[-1] = 0
+        time = torch.arange(L).unsqueeze(1)
+        mask_pad = (time < L - lengths if "leftpad" in given else time >= lengths)
+        if first:
+            mask_pad = mask_pad.t().contiguous()
+    memory = memory_mask_pad = None
+    if "memory" in given:
+        if stack:
+            widths = [model.rnn_lst[i].input_size for i in range(model.num_layers)]
+            memory = [steps(M, w) for w in widths]
+        else:
+            memory = steps(M, model.input_size)
+        if "mempad" in given:
+            memory_mask_pad = torch.rand((B, M) if first else (M, B), generator=g) < 0.4
+    attn_mask = None
+    if "causal" in given:
+        attn_mask = torch.full((L, M + L), float("-inf")).triu(M + 1) if "memory" in given \
+            else torch.full((L, L), float("-inf")).triu(1)
+    return x, c0, mask_pad, attn_mask, memory, memory_mask_pad
+
+
+def _srupp_call(args):
+    """The positional arguments up to the last one given."""
+    args = list(args)
+    while args and args[-1] is None:
+        args.pop()
+    return tuple(args)
+
+
+def _srupp_feeds(session, args):
+    """ONNX Runtime feeds from the forward's arguments, in the order of the file's inputs."""
+    values = []
+    for value in args:
+        if isinstance(value, list):
+            values += value
+        elif value is not None:
+            values.append(value)
+    names = [i.name for i in session.get_inputs()]
+    assert len(names) == len(values), names
+    return {name: value.numpy() for name, value in zip(names, values)}
+
+
+def _srupp_outputs(out):
+    """Eager outputs as a flat list: h, c (and for SRUpp the saved inputs)."""
+    if len(out) == 3:
+        return [out[0], out[1]] + list(out[2]["saved_inputs"])
+    return list(out)
+
+
+#: forward argument -> the parts of ``given`` (see _srupp_inputs) that make it
+_SRUPP_GIVEN = {"c0": {"c0"}, "mask_pad": {"pad", "leftpad"}, "attn_mask": {"causal"},
+                "memory": {"memory"}, "memory_mask_pad": {"mempad"}}
+
+#: name -> (class, args, kwargs, inputs given, memory length M at export)
+SRUPP_ONNX_CASES = {
+    "srupp-2layers-heads2": (SRUpp, (5, 4, 6), dict(num_layers=2, num_heads=2), "x", 0),
+    "srupp-bi-3layers-every2-c0-pad": (SRUpp, (5, 4, 6), dict(
+        num_layers=3, bidirectional=True, attention_every_n_layers=2), "c0-pad", 0),
+    "srupp-causal-memory-mempad-c0-leftpad": (SRUpp, (5, 4, 6), dict(num_layers=2, num_heads=3),
+                                              "c0-leftpad-causal-memory-mempad", 4),
+    "srupp-batch-first-compat-proj-first-prenorm-pad-memory": (SRUpp, (5, 3, 4), dict(
+        batch_first=True, bidirectional=True, nn_rnn_compatible_return=True,
+        proj_input_to_hidden_first=True, layer_norm=True, normalize_after=False),
+        "pad-memory", 3),
+    "sruppcell-causal-pad": (SRUppCell, (5, 4), dict(transform_module=SRUppAttention(5, 16, 6, 2)),
+                             "pad-causal", 0),
+    "sruppcell-bi-c0-causal-memory-mempad": (SRUppCell, (6, 3), dict(
+        bidirectional=True, transform_module=SRUppAttention(6, 18, 4)),
+        "c0-causal-memory-mempad", 2),
+}
+
+
+@pytest.mark.parametrize("name", list(SRUPP_ONNX_CASES))
+def test_onnx_srupp_matches_eager(tmp_path, name):
+    """SRUpp and SRUppCell: ONNX Runtime within 1e-5 of eager (h, c and the saved inputs) at other
+    lengths, batch sizes and memory lengths (L = 1, B = 1, M = 1 included), padded batches (an
+    all-padding sequence; left padding under a causal mask, where padded queries have every key
+    masked: their NaN attention in ONNX must not reach the outputs)."""
+    ort = _onnx_runtime()
+    cls, args, kwargs, given, M = SRUPP_ONNX_CASES[name]
+    model = _srupp_model(cls, *args, **kwargs)
+    path = str(tmp_path / f"{name}.onnx")
+    export.export_onnx(model, _srupp_call(_srupp_inputs(model, 6, 3, M, 0, given)), path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    inputs = [part for part in ["input", "c0", "mask_pad", "attn_mask", "memory", "memory_mask_pad"]
+              if part == "input" or _SRUPP_GIVEN[part] & set(given.split("-"))]
+    if cls is SRUpp and "memory" in inputs:
+        at = inputs.index("memory")
+        inputs[at:at + 1] = [f"memory_{i}" for i in range(model.num_layers)]
+    assert [i.name for i in session.get_inputs()] == inputs
+    outputs = ["h", "c"] + ([f"saved_input_{i}" for i in range(model.num_layers)]
+                            if cls is SRUpp else [])
+    assert [o.name for o in session.get_outputs()] == outputs
+    sizes = [(6, 3, M), (1, 1, min(M, 1)), (11, 5, min(M, 2)), (1, 4, M), (3, 1, M + 2 * (M > 0))]
+    for seed, (L, B, M_run) in enumerate(sizes):
+        args_run = _srupp_inputs(model, L, B, M_run, seed + 1, given)
+        got = session.run(None, _srupp_feeds(session, args_run))
+        with torch.no_grad():
+            expected = _srupp_outputs(model(*_srupp_call(args_run)))
+        assert len(got) == len(expected)
+        for out_name, a, b in zip(outputs, got, expected):
+            assert np.isfinite(a).all(), f"{out_name}, L={L} B={B} M={M_run}"
+            np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{out_name}, L={L} B={B} M={M_run}")
+
+
+def test_onnx_srupp_query_with_every_key_blocked(tmp_path):
+    """An attn_mask row of -inf: attention 0 in eager PyTorch (scaled_dot_product_attention), and
+    the same in the ONNX file (whose softmax alone would give NaN)."""
+    ort = _onnx_runtime()
+    model = _srupp_model(SRUpp, 5, 4, 6, num_layers=2, num_heads=2)
+    path = str(tmp_path / "blocked.onnx")
+
+    def mask_for(L, row):
+        mask = torch.full((L, L), float("-inf")).triu(1)
+        mask[row] = float("-inf")
+        return mask
+
+    export.export_onnx(model, (torch.randn(4, 2, 5), None, None, mask_for(4, 1)), path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for L, B, row in [(4, 2, 1), (7, 3, 0), (1, 2, 0)]:
+        x, mask = torch.randn(L, B, 5), mask_for(L, row)
+        h, c, *_ = session.run(None, {"input": x.numpy(), "attn_mask": mask.numpy()})
+        with torch.no_grad():
+            h_eager, c_eager, _ = model(x, attn_mask=mask)
+        assert torch.isfinite(h_eager).all()
+        np.testing.assert_allclose(h, h_eager.numpy(), rtol=1e-5, atol=1e-5, err_msg=f"L={L}")
+        np.testing.assert_allclose(c, c_eager.numpy(), rtol=1e-5, atol=1e-5, err_msg=f"L={L}")
+
+
+def test_onnx_srupp_graph_is_standard(tmp_path):
+    """Attention and recurrence in default-domain ONNX operations; one Scan per layer and
+    direction."""
+    import onnx
+    _onnx_runtime()
+    model = _srupp_model(SRUpp, 5, 4, 6, num_layers=2, bidirectional=True)
+    path = str(tmp_path / "graph.onnx")
+    export.export_onnx(model, (torch.randn(4, 2, 5),), path)
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto)
+    assert _domains_and_ops(proto)[0] <= {"", "ai.onnx"}
+    assert {"Softmax", "MatMul", "Scan"} <= _domains_and_ops(proto)[1]
+    assert sum(n.op_type == "Scan" for n in proto.graph.node) == 2 * 2
+
+
+def _domains_and_ops(proto):
+    import onnx
+    domains, ops_seen = set(), set()
+
+    def visit(graph):
+        for node in graph.node:
+            domains.add(node.domain)
+            ops_seen.add(node.op_type)
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    visit(attribute.g)
+    visit(proto.graph)
+    for function in proto.functions:
+        domains.add(function.domain)
+        visit(function)
+    return domains, ops_seen
+
+
+def test_plain_torch_onnx_export_of_srupp(tmp_path):
+    """torch.onnx.export(model, (x,), path, dynamo=True) on an SRUpp: outputs h, c and the saved
+    input of each layer, flattened."""
+    ort = _onnx_runtime()
+    model = _srupp_model(SRUpp, 5, 4, 6, num_layers=2, bidirectional=True)
+    x = torch.randn(4, 2, 5)
+    path = str(tmp_path / "plain.onnx")
+    torch.onnx.export(model, (x,), path, dynamo=True)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = _srupp_outputs(model(x))
+    assert len(got) == 2 + 2
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_export_onnx_rejects_bad_arguments(tmp_path):
+    """Too many arguments for the module; an SRUpp memory list with a None entry (an ONNX input
+    per layer needs a tensor per layer)."""
+    with pytest.raises(ValueError, match="args"):
+        export.export_onnx(_model(SRU, 5, 4), (torch.randn(3, 2, 5), None, None, None),
+                           str(tmp_path / "x.onnx"))
+    model = _srupp_model(SRUpp, 5, 4, 6, num_layers=2)
+    with pytest.raises(ValueError, match="memory"):
+        export.export_onnx(model, (torch.randn(3, 2, 5), None, None, None,
+                                   [None, torch.randn(2, 2, 4)]), str(tmp_path / "x.onnx"))
+
+
+SRUPP_EXPORT_CASES = {
+    "srupp-x": (dict(num_layers=2, num_heads=2), ""),
+    "srupp-bi-c0-pad-causal-memory-mempad": (dict(num_layers=2, bidirectional=True),
+                                             "c0-pad-causal-memory-mempad"),
+    "srupp-batch-first-pad-memory": (dict(num_layers=3, batch_first=True,
+                                          attention_last_n_layers=2), "pad-memory"),
+}
+
+
+@pytest.mark.parametrize("name", list(SRUPP_EXPORT_CASES))
+def test_torch_export_srupp_save_load_matches_eager(name):
+    """torch.export.export on an SRUpp with dynamic length, batch and memory length (M left to
+    Dim.AUTO, attn_mask's key axis named: see export._dynamic_shapes); saved and loaded, the
+    program gives eager's h, c and saved inputs, L = 1 and M = 1 included."""
+    kwargs, given = SRUPP_EXPORT_CASES[name]
+    model = _srupp_model(SRUpp, 5, 4, 6, **kwargs)
+    M = 4 if "memory" in given else 0
+    args = _srupp_call(_srupp_inputs(model, 6, 3, M, 0, given))
+    given_names = dict(zip(["input", "c0", "mask_pad", "attn_mask", "memory",
+                            "memory_mask_pad"], args))
+    program = torch.export.export(model, args,
+                                  dynamic_shapes=export._dynamic_shapes(model, given_names))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer).module()
+    for seed, (L, B, M_run) in enumerate([(6, 3, M), (1, 1, min(M, 1)), (9, 4, min(M, 2))]):
+        args_run = _srupp_call(_srupp_inputs(model, L, B, M_run, seed + 1, given))
+        with torch.no_grad():
+            expected = _srupp_outputs(model(*args_run))
+            got = _srupp_outputs(loaded(*args_run))
+        assert len(got) == len(expected)
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -1,8 +1,9 @@
 """SRU++ (``sru_cupy.srupp``): SRUpp, SRUppCell, SRUppAttention, SRUppProjectedLinear.
 
 Shapes, attention placement, layouts (batch_first, PackedSequence), masks, incremental decoding,
-autocast, torch.compile, gradcheck, argument errors, and the CUDA path (GPU-marked). Parity with
-``sru`` 3.0.0.dev6 itself is in test_srupp_parity.py.
+autocast, torch.compile, TorchScript, gradcheck, argument errors, and the CUDA path (GPU-marked).
+Parity with ``sru`` 3.0.0.dev6 itself is in test_srupp_parity.py; ONNX and torch.export in
+test_export.py.
 """
 
 import pytest
@@ -379,6 +380,62 @@ def test_compile_fullgraph_matches_eager(dynamo, backend):
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     result = _forward_backward(compiled, x, **dict(kwargs))
     _assert_results_close(eager, result, rtol=1e-5, atol=1e-6)
+
+
+
+#: name -> (SRUpp kwargs, forward arguments given, train)
+SCRIPT_CASES = {
+    "bi-3layers-every2-c0-pad": (dict(num_layers=3, bidirectional=True,
+                                      attention_every_n_layers=2), "c0 pad", False),
+    "causal-memory-mempad-heads2-prenorm": (dict(num_layers=2, num_heads=2, layer_norm=True,
+                                                 normalize_after=False),
+                                            "causal memory mempad", False),
+    "batch-first-compat-proj-first-pad-memory": (dict(
+        num_layers=2, batch_first=True, nn_rnn_compatible_return=True, bidirectional=True,
+        proj_input_to_hidden_first=True), "pad memory", False),
+    "train-dropout-attn-dropout-causal": (dict(num_layers=2, dropout=0.2, attn_dropout=0.3),
+                                          "causal pad", True),
+}
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated
+@pytest.mark.filterwarnings("ignore:The TorchScript type system")
+@pytest.mark.parametrize("name", list(SCRIPT_CASES))
+def test_torchscript_matches_eager(name):
+    """torch.jit.script(SRUpp): h, c, saved inputs and gradients equal eager mode's, and again
+    after torch.jit.save / load; in eval mode on a second call too (TorchScript's optimised graph).
+    In training the first call makes the same dropout draws from the same seed; from the second
+    call on, the optimised graph draws nn.Dropout's masks (in the transform modules) its own way."""
+    import io
+    kwargs, given, train = SCRIPT_CASES[name]
+    model = _model(7, 4, 4, train=train, **kwargs)
+    first = model.batch_first
+    L, B, M = 5, 3, 2
+    x = torch.randn((B, L, 7) if first else (L, B, 7), dtype=F64)
+    call = {}
+    if "c0" in given:
+        call["c0"] = torch.randn(kwargs["num_layers"], B, model.output_size, dtype=F64)
+    if "pad" in given:
+        mask = padding_mask([5, 3, 0], L)
+        call["mask_pad"] = mask.t() if first else mask
+    if "causal" in given:
+        call["attn_mask"] = _causal(L, M if "memory" in given else 0)
+    if "memory" in given:
+        call["memory"] = _memory(model, M, B, batch_first=first)
+    if "mempad" in given:
+        call["memory_mask_pad"] = torch.tensor([[True, False, False], [False, False, True]])
+    scripted = torch.jit.script(model)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    results = []
+    for module in (model, scripted, loaded):
+        for _ in range(1 if train else 2):
+            torch.manual_seed(3)
+            results.append(_forward_backward(module, x, **dict(call)))
+    for result in results[1:]:
+        _assert_results_close(results[0], result, rtol=1e-10, atol=1e-12)
 
 
 def test_gradcheck_small():
