@@ -27,7 +27,6 @@ import contextlib
 import ctypes
 import functools
 import hashlib
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -247,6 +246,7 @@ def _compiler_facts(command):
     if facts is not None:
         return facts
     if _is_ziglang(command):
+        import importlib.metadata  # here: importing it costs about 20 ms
         try:
             version = "zig " + importlib.metadata.version("ziglang")
         except importlib.metadata.PackageNotFoundError:
