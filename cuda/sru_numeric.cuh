@@ -114,12 +114,9 @@ template <typename A> struct sru_lanes<A, 1> {
     typedef A scalar;
     typedef A type;
     static __device__ __forceinline__ A splat(A a) { return a; }
-    // Values at p (one lane: stride unused); load_slots/store_slots: the K values at p.
+    // The value at p (one lane: stride unused); store_slots: the K values at p.
     template <int STRIDE, typename T> static __device__ __forceinline__ A load(const T* p) { return sru_load(p); }
     template <int STRIDE, typename T> static __device__ __forceinline__ void store(T* p, A v) { sru_store(p, v); }
-    template <int K, typename T> static __device__ __forceinline__ void load_slots(const T* p, A (&out)[K]) {
-        for (int s = 0; s < K; ++s) out[s] = sru_load(p + s);
-    }
     template <int K, typename T> static __device__ __forceinline__ void store_slots(T* p, const A (&in)[K]) {
         for (int s = 0; s < K; ++s) sru_store(p + s, in[s]);
     }

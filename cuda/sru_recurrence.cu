@@ -107,7 +107,7 @@ __device__ __forceinline__ long long sru_locate_column(
     const long long t0 = time_down ? length - 1 : 0;
     column.skip = (flags & SRU_FLAG_SKIP) != 0;
     column.use_tanh = (flags & SRU_FLAG_TANH) != 0;
-    if constexpr (Lanes::width == 1) {
+    if constexpr (Lanes::width == 1) {  // written as before: the GPU's PTX keeps its register count
         column.v_f = weight_c ? weight_c[unit] : A(0);
         column.v_r = weight_c ? weight_c[unit + D] : A(0);
         column.b_f = bias[unit];
@@ -150,7 +150,7 @@ __device__ __forceinline__ sru_step_inputs<typename Lanes::type> sru_load_step(
     const T* xp = at.xp ? at.xp + i * at.step : 0;
     const unsigned char* padp = at.padp ? at.padp + i * at.pad_step : 0;
     sru_step_inputs<typename Lanes::type> in;
-    if constexpr (Lanes::width == 1) {
+    if constexpr (Lanes::width == 1) {  // as before, for the GPU's register count
         in.u0 = sru_load(up);
         in.u1 = sru_load(up + 1);
         in.u2 = sru_load(up + 2);
@@ -179,7 +179,7 @@ __device__ __forceinline__ void sru_step_weights(const sru_column<typename Lanes
     v_f = col.v_f;
     v_r = col.v_r;
     if (vp) {
-        if constexpr (Lanes::width == 1) {
+        if constexpr (Lanes::width == 1) {  // as before, for the GPU's register count
             v_f += sru_load(vp);
             v_r += sru_load(vp + 1);
         } else {
