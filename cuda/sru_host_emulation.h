@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstring>
 #include <cstddef>
+#include <type_traits>
 #include <utility>
 #ifdef _OPENMP
 #include <omp.h>
@@ -30,7 +31,7 @@
 #define __global__
 #define __device__
 #define __host__
-#define __forceinline__ inline
+#define __forceinline__ inline __attribute__((always_inline))
 #define __launch_bounds__(...)
 
 struct uint3 { unsigned int x, y, z; };
@@ -48,6 +49,24 @@ static thread_local dim3 gridDim;
 using std::exp;
 using std::tanh;
 using std::nearbyint;
+
+// Vector variants of exp and tanh: glibc's libmvec has them (within 4 ulp, inf, nan and subnormal
+// results as the scalar functions) but declares them only under -ffast-math, which would also give
+// up IEEE semantics. Declared here, GCC calls them from the lane loops (sru_lanes, compiled with
+// -fopenmp-simd) for the instruction set being compiled for. Other compilers call the scalar ones.
+// (exp since glibc 2.22, tanh since 2.35.) SRU_HOST_SCALAR_MATH keeps the scalar functions: every
+// lane then gives bit for bit what one column per thread gives.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && \
+    !defined(SRU_HOST_SCALAR_MATH)
+#if __GLIBC_PREREQ(2, 22)
+extern "C" __attribute__((simd("notinbranch"))) float expf(float) noexcept;
+extern "C" __attribute__((simd("notinbranch"))) double exp(double) noexcept;
+#endif
+#if __GLIBC_PREREQ(2, 35)
+extern "C" __attribute__((simd("notinbranch"))) float tanhf(float) noexcept;
+extern "C" __attribute__((simd("notinbranch"))) double tanh(double) noexcept;
+#endif
+#endif
 
 template <typename... Args, std::size_t... I>
 static inline void sru_host_call(void (*kernel)(Args...), void** args, std::index_sequence<I...>) {

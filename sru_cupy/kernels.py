@@ -37,9 +37,9 @@ K_VALUES = (3, 4)
 KERNELS = ("sru_recurrence_forward", "sru_recurrence_backward")
 
 #: Columns one thread runs (template parameter N): 1 on the GPU, where neighbouring threads reading
-#: neighbouring columns coalesce; more on the host, where one core interleaves several columns.
+#: neighbouring columns coalesce. The host runs more, as the lanes of SIMD vectors (its backend
+#: chooses how many for the CPU's instruction set).
 GPU_COLUMNS_PER_THREAD = 1
-HOST_COLUMNS_PER_THREAD = 8
 
 #: Bits of the kernels' ``flags`` argument (SRU_FLAG_* in the source).
 FLAG_SKIP = 1

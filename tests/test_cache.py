@@ -69,9 +69,14 @@ def _files(folder):
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
+def _is_compiler_record(name):
+    return Path(name).name.startswith("compiler_") and name.endswith(".json")
+
+
 def _artifacts(folder):
-    """Cache files other than the (empty) lock files that build_lock leaves beside a library."""
-    return [f for f in _files(folder) if not f.endswith(".lock")]
+    """Cache files other than the (empty) lock files that build_lock leaves beside a library and
+    the records of compiler facts (host/compiler_*.json, one per compiler)."""
+    return [f for f in _files(folder) if not f.endswith(".lock") and not _is_compiler_record(f)]
 
 
 def _compiles(log):
@@ -199,6 +204,7 @@ def test_cache_folders_are_private_and_hold_only_the_library_and_its_record(tmp_
     for path in root.rglob("*"):
         assert stat.S_IMODE(path.stat().st_mode) & 0o022 == 0, f"{path} is writable by others"
     assert _artifacts(root) == sorted([f"host/{library.name}", f"host/{library.stem}.json"])
+    assert len([f for f in _files(root) if _is_compiler_record(f)]) == 1, _files(root)
     record = json.loads(library.with_suffix(".json").read_text())
     assert record["sha256"] == hashlib.sha256(library.read_bytes()).hexdigest()
     assert len(record["key"]) == 64 and library.stem.endswith(record["key"][:24])

@@ -269,13 +269,19 @@ def test_ziglang_is_the_last_resort(tmp_path, monkeypatch, ziglang):
     assert host.compiler_command() == [str(gxx)]
 
 
-def test_ziglang_builds_baseline_code_with_threads_and_a_venv_independent_key():
-    """ziglang has no OpenMP (not probed: std::thread workers, -pthread), targets the baseline CPU
-    (zig would target the build machine's), and is named in the cache key by its version, not by
-    the interpreter that runs it."""
+def test_ziglang_builds_for_the_chosen_isa_with_threads_and_a_venv_independent_key(monkeypatch):
+    """ziglang has no OpenMP (not probed: std::thread workers, -pthread), is told the instruction
+    set (zig would target the build machine's CPU, past what the cache key names): the CPU's, or
+    the baseline one when $SRU_CUPY_HOST_ISA says so; and is named in the cache key by its
+    version, not by the interpreter that runs it."""
     zig = [sys.executable, "-m", "ziglang", "c++"]
     flags = host.compiler_flags(zig)
-    assert "-fopenmp" not in flags and "-pthread" in flags and "-mcpu=baseline" in flags, flags
+    assert "-fopenmp" not in flags and "-pthread" in flags, flags
+    mcpu = [flag for flag in flags if flag.startswith("-mcpu=")]
+    assert mcpu == [host._ISA_ZIGLANG_FLAGS[host.cpu_isa()][0]], flags
+    monkeypatch.setenv(host.ISA_ENV_VAR, "baseline")
+    flags = host.compiler_flags(zig)
+    assert [flag for flag in flags if flag.startswith("-m")] == ["-mcpu=baseline"], flags
     for flag in ("-O3", "-std=c++17", "-shared", "-fPIC"):
         assert flag in flags, flags
     assert host._compiler_identity(zig) == host._compiler_identity(["/other/venv/python", *zig[1:]])
@@ -509,21 +515,206 @@ def test_block_size_does_not_change_results(monkeypatch, block):
         assert np.array_equal(got[key], expected[key]), key
 
 
+#: Shapes whose threads' columns (N = 3, 8, 16) straddle the direction and batch boundaries, leave
+#: the last thread partly filled, or (L6B3d32) all lie in one direction of one batch element (lanes
+#: only); L13B5d100 has both kinds of thread.
+_LANE_SHAPES = [(13, 5, 100), (9, 3, 7), (1, 3, 1), (17, 4, 3), (6, 3, 32)]
+_LANE_IDS = ["L13B5d100", "L9B3d7", "L1B3d1", "L17B4d3", "L6B3d32"]
+
+
 @needs_compiler
-@pytest.mark.parametrize("L,B,d", [(13, 5, 100), (9, 3, 7), (1, 3, 1), (17, 4, 3)],
-                         ids=["L13B5d100", "L9B3d7", "L1B3d1", "L17B4d3"])
-def test_columns_per_thread_do_not_change_results(monkeypatch, L, B, d):
-    """A thread's N columns may straddle the direction and batch boundaries, and the last thread
-    may hold fewer than N: every column still gives exactly what one thread per column (the GPU's
-    N = 1) gives, bit for bit, as each column does the same operations in the same order."""
-    p = _problem(np.random.default_rng(L * 1000 + B * 10 + d), L=L, B=B, d=d)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("L,B,d", _LANE_SHAPES, ids=_LANE_IDS)
+def test_lanes_give_what_one_column_per_thread_gives(monkeypatch, L, B, d, dtype):
+    """A thread's N columns are the lanes of SIMD vectors where they lie in one direction of one
+    batch element; a thread straddling a direction or batch boundary, the last (partly filled) one
+    and N = 3 run scalar columns. With the scalar exp and tanh (VECTOR_MATH False) every column
+    gives exactly what one thread per column (the GPU's N = 1) gives, bit for bit, either way: each
+    lane does the same IEEE operations in the same order (no FMA contraction)."""
+    p = _problem(np.random.default_rng(L * 1000 + B * 10 + d), L=L, B=B, d=d, dtype=dtype)
+    monkeypatch.setattr(host, "VECTOR_MATH", False)
     monkeypatch.setattr(host, "COLUMNS_PER_THREAD", 1)
     expected = _run(p)
-    for columns in (3, kernels.HOST_COLUMNS_PER_THREAD):
+    for columns in (3, 8, 16):
         monkeypatch.setattr(host, "COLUMNS_PER_THREAD", columns)
         got = _run(p)
         for key in expected:
             assert np.array_equal(got[key], expected[key]), f"N = {columns}: {key}"
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("L,B,d", _LANE_SHAPES, ids=_LANE_IDS)
+def test_vector_exp_lanes_agree_with_one_column_per_thread(monkeypatch, L, B, d, dtype):
+    """The default build, whose lanes take exp and tanh from the C library's vector variants
+    (libmvec with g++: within 4 ulp), agrees with one column per thread (scalar expf) within the
+    float32 tolerance of the suite (1e-5 of each output's scale; float64 1e-12), and keeps padding
+    exact: h and the input gradients are 0 at padded steps."""
+    p = _problem(np.random.default_rng(L * 1000 + B * 10 + d + 1), L=L, B=B, d=d, dtype=dtype)
+    monkeypatch.setattr(host, "COLUMNS_PER_THREAD", 1)
+    expected = _run(p)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    pad = p["mask_pad"]
+    for columns in (8, 16):
+        monkeypatch.setattr(host, "COLUMNS_PER_THREAD", columns)
+        got = _run(p)
+        for key in expected:
+            scale = max(1.0, float(np.abs(expected[key]).max()))
+            np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=tol * scale,
+                                       err_msg=f"N = {columns}: {key}")
+        assert not got["h"][pad].any() and not got["gU"][pad].any(), f"N = {columns}"
+        assert pad.any() and got["h"][~pad].all()
+
+
+# -- instruction set, compiler facts, start-up ----------------------------------------------------
+
+
+def test_cpu_isa_is_the_best_the_cpu_has_or_the_one_asked_for(monkeypatch):
+    """The build targets the best instruction set of the CPU, or the one $SRU_CUPY_HOST_ISA names
+    if the CPU has it (an error naming the variable otherwise); each has its columns per thread."""
+    monkeypatch.delenv(host.ISA_ENV_VAR, raising=False)
+    have = host._cpu_isas()
+    assert have[-1] == "baseline" and host.cpu_isa() == have[0]
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if " avx512f " in flags and " avx512bw " in flags and os.uname().machine == "x86_64":
+        assert have[0] == "avx512"
+    monkeypatch.setenv(host.ISA_ENV_VAR, "baseline")
+    assert host.cpu_isa() == "baseline"
+    monkeypatch.setattr(host, "_cpu_isas", lambda: ("avx2", "baseline"))
+    monkeypatch.setenv(host.ISA_ENV_VAR, "avx512")
+    with pytest.raises(ValueError, match=r"\$SRU_CUPY_HOST_ISA: expected one of .*'avx2'.*got 'avx512'"):
+        host.cpu_isa()
+    assert host._ISA_COLUMNS == {"avx512": 16, "avx2": 8, "baseline": 8}
+
+
+@needs_compiler
+def test_instruction_set_is_in_the_flags_and_the_cache_key(monkeypatch):
+    """Libraries built for different instruction sets have different cache keys (a cache folder
+    shared between CPUs never loads one built for another), and the flags name the set."""
+    monkeypatch.delenv(host.ISA_ENV_VAR, raising=False)
+    keys = {}
+    for isa in host._cpu_isas():
+        monkeypatch.setenv(host.ISA_ENV_VAR, isa)
+        key, _, flags = host.library_key([COMPILER], 8)
+        assert host.build_isa([COMPILER]) == isa  # g++ and clang++ take every set's flags
+        assert all(flag in flags for flag in host._ISA_FLAGS[isa]), (isa, flags)
+        keys[isa] = key
+    assert len(set(keys.values())) == len(keys), keys
+    monkeypatch.setattr(host, "VECTOR_MATH", False)
+    assert host.library_key([COMPILER], 8)[0] not in keys.values()
+
+
+def _gnu_x86_64_glibc():
+    return (COMPILER is not None and "g++" in os.path.basename(os.path.realpath(COMPILER))
+            and os.uname().machine == "x86_64" and os.confstr("CS_GNU_LIBC_VERSION") >= "glibc 2.35")
+
+
+@needs_compiler
+def test_lanes_call_the_vector_exp_of_the_instruction_set():
+    """With g++ on x86-64 glibc the library calls libmvec's exp (and tanh) variants of the
+    instruction set it was built for (AVX-512: _ZGVeN16v_expf, AVX2: _ZGVdN8v_expf, baseline:
+    _ZGVbN4v_expf), not the scalar expf alone."""
+    if not _gnu_x86_64_glibc():
+        pytest.skip("libmvec's variants are reached with g++ on x86-64 glibc >= 2.35 only")
+    lib = host.library(host.COLUMNS_PER_THREAD)
+    symbols = subprocess.run(["nm", "-D", "--undefined-only", lib.path], capture_output=True,
+                             text=True, check=True).stdout
+    isa = host.build_isa([COMPILER])
+    wanted = {"avx512": ("_ZGVeN16v_expf", "_ZGVeN8v_exp", "_ZGVeN16v_tanhf"),
+              "avx2": ("_ZGVdN8v_expf", "_ZGVdN4v_exp", "_ZGVdN8v_tanhf"),
+              "baseline": ("_ZGVbN4v_expf", "_ZGVbN2v_exp", "_ZGVbN4v_tanhf")}[isa]
+    for name in wanted:
+        assert re.search(rf"\b{name}\b", symbols), (isa, name, symbols)
+
+
+@needs_compiler
+@pytest.mark.slow
+def test_baseline_build_works_on_any_cpu_of_the_architecture(tmp_path):
+    """$SRU_CUPY_HOST_ISA=baseline builds code without AVX (as on a CPU without AVX2), in a
+    library of its own, that computes the same results within the float32 tolerance."""
+    code = """
+        import json, numpy as np
+        from sru_cupy.backends import host
+        from sru_cupy.launch import recurrence_forward
+        from sru_cupy.reference import recurrence_forward_reference
+        rng = np.random.default_rng(0)
+        L, B, d = 7, 3, 40
+        U = rng.standard_normal((L, B, 3 * d)).astype(np.float32)
+        x = rng.standard_normal((L, B, d)).astype(np.float32)
+        w, b = rng.standard_normal(2 * d).astype(np.float32), rng.standard_normal(2 * d).astype(np.float32)
+        h, _, _ = recurrence_forward(U, x, w, b, hidden_size=d)
+        ref = recurrence_forward_reference(U.astype(np.float64), x.astype(np.float64), w, b, hidden_size=d)[0]
+        flags = json.load(open(host.library().path[:-3] + ".json"))["flags"]
+        print(json.dumps({"error": float(np.abs(h - ref).max()), "flags": flags,
+                          "columns": host.COLUMNS_PER_THREAD}))
+    """
+    got = _python(code, _env(str(tmp_path), **{host.ISA_ENV_VAR: "baseline"}))
+    assert got["error"] < 1e-5 and got["columns"] == 8, got
+    assert not any(flag.startswith(("-mavx", "-mfma", "-march", "-mcpu=baseline+")) for flag in got["flags"])
+
+
+def _wrapper_compiler(path):
+    """A compiler that is the system one under another path (its own facts in the cache)."""
+    return _script(path, f'exec {COMPILER} "$@"\n')
+
+
+@needs_compiler
+def test_compiler_facts_are_probed_once_and_kept_in_the_cache(tmp_path, monkeypatch):
+    """The version, OpenMP support and instruction-set flags of a compiler are probed once and kept
+    in the cache keyed by the compiler's path, size and modification time: a process with the same
+    cache starts no compiler to learn them; a changed compiler is probed again."""
+    monkeypatch.setenv("SRU_CUPY_CACHE_DIR", str(tmp_path / "cache"))
+    compiler = _wrapper_compiler(tmp_path / "cxx")
+    compiler.chmod(0o755)
+    monkeypatch.setattr(host, "_compiler_info", {})
+    facts = host._compiler_facts([str(compiler)])
+    assert facts["openmp"] == (host._openmp_flags([COMPILER]) == ["-fopenmp"])
+    assert facts["version"] == host._compiler_version([COMPILER]) and facts["isa"]["baseline"]
+    records = {json.loads(path.read_text())["identity"]["command"][0]: json.loads(path.read_text())
+               for path in (tmp_path / "cache" / "host").glob("compiler_*.json")}
+    assert records[str(compiler)]["facts"] == facts
+    assert records[str(compiler)]["identity"]["file"][0] == str(compiler.resolve())
+
+    def no_process(*args, **kwargs):
+        raise AssertionError(f"a compiler was started: {args}")
+
+    monkeypatch.setattr(host, "_compiler_info", {})  # a new process: facts from the cache
+    monkeypatch.setattr(host.subprocess, "run", no_process)
+    assert host._compiler_facts([str(compiler)]) == facts
+    monkeypatch.undo()
+    monkeypatch.setenv("SRU_CUPY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(host, "_compiler_info", {})
+    info = compiler.stat()
+    os.utime(compiler, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))  # a changed compiler
+    probes = []
+    real_run = subprocess.run
+    monkeypatch.setattr(host.subprocess, "run", lambda *a, **k: probes.append(a) or real_run(*a, **k))
+    assert host._compiler_facts([str(compiler)]) == facts and probes
+
+
+@needs_compiler
+def test_a_warm_process_starts_no_compiler(tmp_path):
+    """With the kernel cache warm, a new process reaches its first launch without starting any
+    process (no compiler version query, no OpenMP or instruction-set probe, no build)."""
+    code = """
+        import json, subprocess
+        import numpy as np
+        from sru_cupy.launch import recurrence_forward
+        rng = np.random.default_rng(0)
+        U = rng.standard_normal((3, 2, 12)).astype(np.float32)
+        x = rng.standard_normal((3, 2, 4)).astype(np.float32)
+        w = np.zeros(8, np.float32)
+        if {forbid}:
+            def no_process(*args, **kwargs):
+                raise AssertionError(f"process started: {{args}}")
+            subprocess.run = subprocess.Popen = no_process
+        h, _, _ = recurrence_forward(U, x, w, w, hidden_size=4)
+        print(json.dumps({{"h": h.ravel().tolist()}}))
+    """
+    env = _env(str(tmp_path))
+    cold = _python(code.format(forbid=False), env)
+    warm = _python(code.format(forbid=True), env)
+    assert warm == cold
 
 
 @pytest.mark.parametrize("threads", [1, 7, 64, 100, 1000, 10**6])

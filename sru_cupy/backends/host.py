@@ -11,14 +11,22 @@ it, else on std::thread workers). The shared library is built at first use into 
 (see ``sru_cupy.cache``), named by a hash of the assembled source, the compiler, its version and
 the flags, written atomically beside a record of that hash and of the library's SHA-256, and loaded
 with ctypes only when the record matches (otherwise it is rebuilt, with a warning). A build prints
-one line to stderr while it runs. Launches pass parameters the way cuLaunchKernel does: an array of
+one line to stderr while it runs.
+
+The build targets this CPU's instruction set (``cpu_isa``: AVX-512, AVX2 or the baseline of the
+architecture), named in the flags and so in the cache key: a cache folder shared between different
+CPUs never loads a library built for another. A thread's columns are the lanes of SIMD vectors, 16
+with AVX-512, else 8 (``COLUMNS_PER_THREAD``). What a build needs to know about the compiler (its
+version, whether it has OpenMP, which instruction-set flags it takes) is probed once and kept in the
+cache, keyed by the compiler's path, size and modification time, so that a process whose cache is
+warm starts no compiler. Launches pass parameters the way cuLaunchKernel does: an array of
 pointers to the values, so the launch layer is the same as for the GPU.
 """
 
 import contextlib
 import ctypes
+import functools
 import hashlib
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -43,20 +51,96 @@ name = "host"
 BLOCK_SIZE = 64
 BLOCKS_PER_CORE = 4
 
-#: Columns each emulated thread runs, interleaved step by step (the kernels' template parameter N).
-#: Each value has a library of its own, built at its first use: set 1 to run the GPU's
-#: instantiations here (the tests do).
-COLUMNS_PER_THREAD = kernels.HOST_COLUMNS_PER_THREAD
+#: Environment variable that sets the instruction set of the host build to one the CPU has (one of
+#: ISAS; e.g. ``baseline`` for code that runs on any CPU of the architecture).
+ISA_ENV_VAR = "SRU_CUPY_HOST_ISA"
 
-_BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-Wno-unknown-pragmas")
-#: Extra flags of the ziglang compiler. zig targets the build machine's CPU by default; baseline
-#: code, as g++ and clang++ emit without -march, keeps a cache folder shared between machines safe.
-_ZIGLANG_FLAGS = ("-mcpu=baseline",)
+#: Instruction sets the host build targets, best first: the /proc/cpuinfo flags a CPU needs for each,
+#: the flags of g++/clang++, and those of the ziglang wheel's clang (zig targets the build machine's
+#: CPU by default, so it is always told which). 512-bit vectors are asked for explicitly: compilers
+#: otherwise prefer 256 bits on AVX-512 CPUs.
+ISAS = ("avx512", "avx2", "baseline")
+_ISA_CPU_FLAGS = {
+    "avx512": ("avx512f", "avx512dq", "avx512vl", "avx512bw", "avx2", "fma", "f16c"),
+    "avx2": ("avx2", "fma", "f16c"),
+    "baseline": (),
+}
+_ISA_FLAGS = {
+    "avx512": ("-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mavx2", "-mfma", "-mf16c",
+               "-mprefer-vector-width=512"),
+    "avx2": ("-mavx2", "-mfma", "-mf16c"),
+    "baseline": (),
+}
+_ISA_ZIGLANG_FLAGS = {
+    "avx512": ("-mcpu=baseline+avx512f+avx512dq+avx512vl+avx512bw+avx2+fma+f16c",
+               "-mprefer-vector-width=512"),
+    "avx2": ("-mcpu=baseline+avx2+fma+f16c",),
+    "baseline": ("-mcpu=baseline",),
+}
+#: Columns per emulated thread for each instruction set: one 512-bit vector of float32 (two of
+#: float64) with AVX-512, else 8 (one 256-bit vector of float32).
+_ISA_COLUMNS = {"avx512": 16, "avx2": 8, "baseline": 8}
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_isas():
+    """ISAS this CPU has, best first ("baseline" always)."""
+    flags = set()
+    if sys.platform.startswith("linux") and os.uname().machine in ("x86_64", "amd64"):
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+                for line in f:
+                    if line.startswith("flags"):
+                        flags = set(line.partition(":")[2].split())
+                        break
+        except OSError:
+            pass
+    return tuple(isa for isa in ISAS if all(flag in flags for flag in _ISA_CPU_FLAGS[isa]))
+
+
+def cpu_isa():
+    """The best of ISAS this CPU has (x86-64 Linux reads /proc/cpuinfo; elsewhere "baseline"), or
+    the one $SRU_CUPY_HOST_ISA names, which must be among them."""
+    have = _cpu_isas()
+    wanted = os.environ.get(ISA_ENV_VAR)
+    if wanted:
+        if wanted not in have:
+            raise ValueError(f"${ISA_ENV_VAR}: expected one of the instruction sets this CPU has "
+                             f"{tuple(have)}, got {wanted!r}")
+        return wanted
+    return have[0]
+
+
+def _default_columns():
+    try:
+        return _ISA_COLUMNS[cpu_isa()]
+    except ValueError:  # a wrong $SRU_CUPY_HOST_ISA: the build says so
+        return _ISA_COLUMNS["baseline"]
+
+
+#: Columns each emulated thread runs (the kernels' template parameter N), chosen by the CPU's
+#: instruction set: where a thread's columns lie in one direction of one batch element they are the
+#: lanes of SIMD vectors, else they run as scalar columns interleaved step by step. Each value has a
+#: library of its own, built at its first use: set 1 to run the GPU's instantiations here (the
+#: tests do).
+COLUMNS_PER_THREAD = _default_columns()
+
+#: exp and tanh of the lanes through the C library's vector variants where the compiler reaches
+#: them (glibc's libmvec with g++: within 4 ulp, IEEE special values). False builds a library
+#: whose lanes call the scalar functions, bit for bit what one column per thread gives (tests).
+VECTOR_MATH = True
+
+#: -fopenmp-simd: the lane loops of the kernels (exp, tanh) are `omp simd` loops; it enables no
+#: threads and no OpenMP runtime. -ffp-contract=off: no fused multiply-adds the source does not
+#: write, so a lane computes bit for bit what a scalar column does. -Wno-psabi: lane values are
+#: passed between inlined functions only (GCC notes the ABI of vector arguments).
+_BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-Wno-unknown-pragmas", "-Wno-psabi",
+               "-fopenmp-simd", "-ffp-contract=off")
 #: The compiler identity of the ziglang wheel in the cache key (not the interpreter's path, so every
 #: virtual environment with the same ziglang version shares one library).
 ZIGLANG = "ziglang c++"
 _lock = threading.Lock()
-_libraries = {}  # columns per thread -> loaded library
+_libraries = {}  # (columns per thread, VECTOR_MATH, $SRU_CUPY_HOST_ISA) -> loaded library
 _compiler_info = {}
 
 
@@ -113,50 +197,113 @@ def _compiler_identity(command):
     return ZIGLANG if _is_ziglang(command) else command[0]
 
 
+def _compiler_file(command):
+    """(real path, size, mtime in ns) of the compiler's executable, or None where it cannot be read."""
+    try:
+        path = os.path.realpath(shutil.which(command[0]) or command[0])
+        info = os.stat(path)
+        return path, info.st_size, info.st_mtime_ns
+    except (OSError, TypeError):
+        return None
+
+
+#: Bump when what the facts record (or how it is probed) changes.
+_FACTS_VERSION = 1
+
+
+def _probe_compiler(command):
+    """What a build needs to know about a system compiler: its version line, whether -fopenmp works,
+    and which instruction sets' flags it accepts. Starts the compiler once per question."""
+    out = subprocess.run([*command, "--version"], capture_output=True, text=True, errors="replace")
+    text = (out.stdout or out.stderr).strip()
+    facts = {"version": text.splitlines()[0] if out.returncode == 0 and text else "?"}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cpp")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nextern \"C\" int probe() { return omp_get_max_threads(); }\n")
+        result = subprocess.run([*command, "-fopenmp", "-shared", "-fPIC", src, "-o",
+                                 os.path.join(tmp, "probe.so")], capture_output=True)
+        facts["openmp"] = result.returncode == 0
+        plain = os.path.join(tmp, "isa.cpp")
+        with open(plain, "w") as f:
+            f.write("extern \"C\" float probe(float x) { return x * x; }\n")
+        facts["isa"] = {}
+        for isa in ISAS:
+            result = subprocess.run([*command, *_ISA_FLAGS[isa], "-c", plain, "-o",
+                                     os.path.join(tmp, "isa.o")], capture_output=True)
+            facts["isa"][isa] = result.returncode == 0
+    return facts
+
+
+def _compiler_facts(command):
+    """The facts of _probe_compiler for a compiler command, from memory, else from the cache file
+    of that compiler (valid while its path, size and modification time are the same), else probed
+    and written there. The ziglang wheel's are known without a probe: its version from the wheel's
+    metadata, no OpenMP, and every instruction set."""
+    command = [command] if isinstance(command, str) else list(command)
+    key = tuple(command)
+    facts = _compiler_info.get(key)
+    if facts is not None:
+        return facts
+    if _is_ziglang(command):
+        import importlib.metadata  # here: importing it costs about 20 ms
+        try:
+            version = "zig " + importlib.metadata.version("ziglang")
+        except importlib.metadata.PackageNotFoundError:
+            version = "?"
+        facts = {"version": version, "openmp": False, "isa": {isa: True for isa in ISAS}}
+    else:
+        stamp = _compiler_file(command)
+        identity = {"facts": _FACTS_VERSION, "command": command,
+                    "file": list(stamp) if stamp else None}
+        name = hashlib.sha256(json.dumps(command).encode()).hexdigest()[:24]
+        path = os.path.join(cache_dir("host"), f"compiler_{name}.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                record = json.load(f)
+            if stamp is not None and record.get("identity") == identity:
+                facts = record["facts"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+        if facts is None:
+            facts = _probe_compiler(command)
+            if stamp is not None:
+                try:
+                    write_atomic(path, json.dumps({"identity": identity, "facts": facts},
+                                                  indent=1).encode())
+                except OSError:  # a full or read-only cache: the next process probes again
+                    pass
+    _compiler_info[key] = facts
+    return facts
+
+
 def _compiler_version(command):
-    """The first line of ``--version``; for ziglang the wheel's version (which fixes its clang),
-    read from its metadata without starting a process."""
-    if isinstance(command, str):
-        command = [command]
-    key = ("version", *command)
-    if key not in _compiler_info:
-        version = None
-        if _is_ziglang(command):
-            try:
-                version = "zig " + importlib.metadata.version("ziglang")
-            except importlib.metadata.PackageNotFoundError:
-                pass
-        if version is None:
-            out = subprocess.run([*command, "--version"], capture_output=True, text=True)
-            text = (out.stdout or out.stderr).strip()
-            version = text.splitlines()[0] if out.returncode == 0 and text else "?"
-        _compiler_info[key] = version
-    return _compiler_info[key]
+    """The first line of ``--version``; for ziglang the wheel's version (which fixes its clang)."""
+    return _compiler_facts(command)["version"]
 
 
 def _openmp_flags(compiler):
     """["-fopenmp"] when the compiler accepts it, else [] (then the blocks run on std::thread
-    workers). Probed once per compiler; the ziglang wheel has no OpenMP, so it is not probed."""
-    command = [compiler] if isinstance(compiler, str) else list(compiler)
-    key = ("openmp", *command)
-    if key not in _compiler_info:
-        if _is_ziglang(command):
-            _compiler_info[key] = []
-            return []
-        with tempfile.TemporaryDirectory() as tmp:
-            src = os.path.join(tmp, "probe.cpp")
-            with open(src, "w") as f:
-                f.write("#include <omp.h>\nextern \"C\" int probe() { return omp_get_max_threads(); }\n")
-            result = subprocess.run([*command, "-fopenmp", "-shared", "-fPIC", src, "-o",
-                                     os.path.join(tmp, "probe.so")], capture_output=True)
-        _compiler_info[key] = ["-fopenmp"] if result.returncode == 0 else []
-    return _compiler_info[key]
+    workers). The ziglang wheel has no OpenMP."""
+    return ["-fopenmp"] if _compiler_facts(compiler)["openmp"] else []
+
+
+def build_isa(command):
+    """The instruction set a build with ``command`` targets: cpu_isa(), or the best one below it
+    whose flags the compiler takes."""
+    accepted = _compiler_facts(command)["isa"]
+    best = cpu_isa()
+    return next(isa for isa in ISAS[ISAS.index(best):] if accepted.get(isa) or isa == "baseline")
 
 
 def compiler_flags(command):
     """The flags a build of the kernels passes to ``command`` (before the source and output)."""
+    command = [command] if isinstance(command, str) else list(command)
     threads = _openmp_flags(command) or ["-pthread"]  # std::thread workers without OpenMP
-    return list(_BASE_FLAGS) + threads + (list(_ZIGLANG_FLAGS) if _is_ziglang(command) else [])
+    isa = build_isa(command)
+    isa_flags = _ISA_ZIGLANG_FLAGS[isa] if _is_ziglang(command) else _ISA_FLAGS[isa]
+    math = [] if VECTOR_MATH else ["-DSRU_HOST_SCALAR_MATH"]
+    return list(_BASE_FLAGS) + threads + list(isa_flags) + math
 
 
 def translation_unit(columns):
@@ -180,15 +327,24 @@ def _record_matches(library_path, record_path, key):
         return False
 
 
-def _build(command, columns=None):
-    """Path of the cached library for this source, columns per thread (default
-    COLUMNS_PER_THREAD), compiler command and flags, built if needed."""
+def library_key(command, columns=None):
+    """(key, source, flags) of the library for a compiler command and columns per thread (default
+    COLUMNS_PER_THREAD): the key hashes the source, the compiler, its version and the flags (which
+    name the instruction set), the platform and the machine."""
     command = [command] if isinstance(command, str) else list(command)
     flags = compiler_flags(command)
     source = translation_unit(COLUMNS_PER_THREAD if columns is None else columns)
     key = kernels.source_hash(source, _compiler_identity(command), _compiler_version(command),
                               " ".join(flags), sys.platform,
                               os.uname().machine if hasattr(os, "uname") else "")
+    return key, source, flags
+
+
+def _build(command, columns=None):
+    """Path of the cached library for this source, columns per thread (default
+    COLUMNS_PER_THREAD), compiler command and flags, built if needed."""
+    command = [command] if isinstance(command, str) else list(command)
+    key, source, flags = library_key(command, columns)
     folder = cache_dir("host")
     library_path = os.path.join(folder, f"sru_host_{key[:24]}.so")
     record_path = os.path.join(folder, f"sru_host_{key[:24]}.json")
@@ -210,7 +366,8 @@ def _build(command, columns=None):
             with open(src, "w") as f:
                 f.write(source)
             command_line = [*command, *flags, src, "-o", out]
-            result = subprocess.run(command_line, capture_output=True, text=True)
+            result = subprocess.run(command_line, capture_output=True, text=True,
+                                    errors="replace")
             if result.returncode != 0:
                 raise KernelCompileError("host compilation of the SRU kernels",
                                          result.stdout + result.stderr, command_line)
@@ -218,7 +375,8 @@ def _build(command, columns=None):
                 data = f.read()
         write_atomic(library_path, data)
         record = {"key": key, "sha256": hashlib.sha256(data).hexdigest(), "compiler": command,
-                  "compiler_version": _compiler_version(command), "flags": flags}
+                  "compiler_version": _compiler_version(command), "flags": flags,
+                  "isa": build_isa(command)}
         write_atomic(record_path, json.dumps(record, indent=1).encode())
     return library_path
 
@@ -227,11 +385,12 @@ def library(columns=None):
     """The loaded host library for ``columns`` columns per thread (default COLUMNS_PER_THREAD),
     built on first use. Raises RuntimeError without a compiler."""
     columns = COLUMNS_PER_THREAD if columns is None else columns
-    lib = _libraries.get(columns)
+    key = (columns, VECTOR_MATH, os.environ.get(ISA_ENV_VAR))
+    lib = _libraries.get(key)
     if lib is not None:
         return lib
     with _lock:
-        lib = _libraries.get(columns)
+        lib = _libraries.get(key)
         if lib is None:
             command = compiler_command()
             if command is None:
@@ -246,7 +405,7 @@ def library(columns=None):
             lib.sru_host_kernel_name.argtypes = [ctypes.c_int]
             lib.sru_host_kernel_name.restype = ctypes.c_char_p
             lib.path = path
-            _libraries[columns] = lib
+            _libraries[key] = lib
     return lib
 
 
