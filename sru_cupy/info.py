@@ -114,7 +114,12 @@ def _cpu_path():
     from .backends import host
     compiler = host.compiler_description()
     if compiler:
-        return f"host kernels ({host.COLUMNS_PER_THREAD} columns per thread), compiled with {compiler}"
+        try:
+            isa = host.build_isa(host.compiler_command())
+        except (ValueError, OSError) as exc:  # a wrong $SRU_CUPY_HOST_ISA, an unusable compiler
+            isa = f"unknown: {exc}"
+        return (f"host kernels ({host.COLUMNS_PER_THREAD} columns per thread, instruction set "
+                f"{isa}), compiled with {compiler}")
     cxx = os.environ.get("CXX")
     why = f"$CXX={cxx} not found" if cxx else "none on PATH, ziglang not installed"
     return (f"no C++ compiler ({why}): NumPy arrays use the vectorized NumPy path, CPU tensors the "
