@@ -34,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,23 @@ BENCH_ARGS = {
 _GPU_MARK = re.compile(r"pytest\.mark\.gpu|pytest\.param\([^)]*marks=pytest\.mark\.gpu")
 
 
+def _stop_group(process, grace=5.0):
+    """SIGTERM to the process group of ``process`` (pytest then still writes its junit file), and
+    SIGKILL to what is left after ``grace`` seconds."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _run(label, command, out_dir, log_name, timeout, env):
     """Runs a command, teeing its output line by line to out_dir/log_name; returns (returncode,
     output). A command still running after ``timeout`` seconds is killed (whether or not it is
@@ -69,13 +87,17 @@ def _run(label, command, out_dir, log_name, timeout, env):
     started = time.time()
     log_path = os.path.join(out_dir, log_name)
     with open(log_path, "w") as log:
+        # A session of its own, so that a stage past its limit is stopped with everything it
+        # started (subprocess tests, the benchmark's start-up probes), which would otherwise hold
+        # the GPU into the next stage.
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, bufsize=1)
+                                   stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                   start_new_session=True)
         timed_out = threading.Event()
 
         def stop():
             timed_out.set()
-            process.kill()
+            _stop_group(process)
 
         timer = threading.Timer(timeout, stop)
         timer.start()

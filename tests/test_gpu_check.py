@@ -48,6 +48,35 @@ def test_a_silent_stage_is_stopped_at_its_time_limit_and_keeps_its_log(gpu_check
     assert log.startswith("start\n") and "stopped after 1 s" in log
 
 
+def test_a_stage_past_its_limit_is_stopped_with_the_processes_it_started(gpu_check, tmp_path):
+    """A grandchild (a subprocess test, a start-up probe) must not outlive its stage: it would hold
+    the GPU into the next stage, and its end of the output pipe would keep the stage reading."""
+    pid_file = tmp_path / "grandchild.pid"
+    script = ("import subprocess, sys, time; "
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+              f"open({str(pid_file)!r}, 'w').write(str(child.pid)); "
+              "print('started', flush=True); time.sleep(120)")
+    started = time.time()
+    code, output = gpu_check._run("parent", [sys.executable, "-c", script], str(tmp_path),
+                                  "parent.log", 2, None)
+    assert time.time() - started < 30
+    assert code != 0 and "stopped after 2 s" in output
+    grandchild = int(pid_file.read_text())
+    deadline = time.time() + 10
+    while time.time() < deadline and _alive(grandchild):
+        time.sleep(0.1)
+    assert not _alive(grandchild), "the stage's grandchild outlived the stage"
+
+
+def _alive(pid):
+    """True while ``pid`` runs (a zombie, dead but not yet reaped by init, counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_gpu_test_files_are_those_with_gpu_marks(gpu_check):
     files = gpu_check.gpu_test_files()
     for name in ("tests/test_launch_gpu.py", "tests/test_cupy_backend.py", "tests/test_ops.py",
