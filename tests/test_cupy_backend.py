@@ -228,6 +228,12 @@ def test_function_objects_are_kept_per_device_and_kernel(fake_cupy):
     assert cupy_backend.loaded_from[0][0] == "nvrtc"
 
 
+def test_an_unknown_kernel_name_is_a_clear_error(fake_cupy):
+    _launch(fake_cupy, 0)
+    with pytest.raises(RuntimeError, match=r"kernel 'no_such_kernel<float, 3, 1>' is not among"):
+        cupy_backend.function(0, "no_such_kernel<float, 3, 1>")
+
+
 def test_compiled_kernels_are_cached_on_disk_and_a_corrupt_file_is_rebuilt(fake_cupy, monkeypatch):
     _launch(fake_cupy, 0)
     path = cupy_backend.loaded_from[0][1]

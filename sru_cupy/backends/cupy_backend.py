@@ -261,7 +261,10 @@ def function(device_id, kernel_name, stream=None):
     found = _functions.get((device_id, kernel_name))
     if found is None:
         ensure_loaded(device_id, stream)
-        found = _functions[(device_id, kernel_name)]
+        found = _functions.get((device_id, kernel_name))
+        if found is None:
+            raise RuntimeError(f"sru_cupy CuPy backend: kernel {kernel_name!r} is not among the "
+                               f"kernels built for device {device_id}")
     return found
 
 
