@@ -71,7 +71,8 @@ def driver_version():
             return None
     except AttributeError:
         return None
-    return version.value // 1000, (version.value % 1000) // 10
+    from .ptx import parse_cuda_version
+    return parse_cuda_version(version.value)
 
 
 def _driver_line():
@@ -159,7 +160,8 @@ def report():
         lines.append("  CuPy arrays and CUDA tensors: unavailable (CuPy is not installed: "
                      "pip install sru_cupy[cuda12] or [cuda13])")
     else:
-        ptx_dir = os.environ.get("SRU_CUPY_PTX_DIR")
+        from .ptx import ptx_dir_from_env
+        ptx_dir = ptx_dir_from_env()
         lines.append("  CuPy arrays and CUDA tensors: CuPy backend, "
                      + (f"PTX loaded from $SRU_CUPY_PTX_DIR={ptx_dir} ({_ptx_drivers(ptx_dir)}; "
                         "compiled by NVRTC on an older driver)" if ptx_dir
