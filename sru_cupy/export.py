@@ -115,7 +115,10 @@ def recurrence_scan(U: Tensor, x: Optional[Tensor], weight_c: Optional[Tensor], 
 
 
 def onnx_exporting() -> bool:
-    """True inside ``torch.onnx.export`` (torch.onnx is not imported for the check)."""
+    """True inside ``torch.onnx.export`` (torch.onnx is not imported for the check); False under
+    TorchScript, which cannot compile the check, so scripted code may call it too."""
+    if torch.jit.is_scripting():
+        return False
     onnx = sys.modules.get("torch.onnx")
     return onnx is not None and onnx.is_in_onnx_export()
 

@@ -35,6 +35,20 @@ def _resolve_transform_module(transform_module, custom_m):
     return custom_m
 
 
+def _check_positive_int(**values):
+    """Constructor arguments that must be positive ints (bool is not one), by name."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+
+def _check_probability(**values):
+    """Constructor arguments that must be dropout probabilities, in [0, 1), by name."""
+    for name, value in values.items():
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
+
+
 def _shape(sizes: List[int]) -> str:
     """Sizes as the error messages write shapes, e.g. (3, 2) (TorchScript has no tuple(shape))."""
     return "(" + ", ".join([str(n) for n in sizes]) + ")"
@@ -136,12 +150,8 @@ class SRUCell(nn.Module):
                  batch_first: bool = False, projection_size: Optional[int] = None,
                  custom_m: Optional[nn.Module] = None):
         super().__init__()
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        for name, value in (("dropout", dropout), ("rnn_dropout", rnn_dropout)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
+        _check_positive_int(input_size=input_size, hidden_size=hidden_size)
+        _check_probability(dropout=dropout, rnn_dropout=rnn_dropout)
         transform_module = _resolve_transform_module(transform_module, custom_m)
         if projection_size is not None:
             n_proj = projection_size
@@ -250,16 +260,20 @@ class SRUCell(nn.Module):
             U, V = out[0], out[1]
         else:
             U = out
-        expected = self.output_size * self.num_matrices
-        if U.shape[-1] != expected:
-            raise ValueError(f"transform_module: expected U with last axis {expected}, got "
-                             f"shape {_shape(U.shape)}")
+        self._check_U(U)
         if V is not None:
             expected_V = list(U.shape[:-1]) + [2 * self.output_size]
             if list(V.shape) != expected_V:
                 raise ValueError(f"transform_module: expected V of shape (L, B, 2 * output_size) "
                                  f"= {_shape(expected_V)}, got {_shape(V.shape)}")
         return U, V
+
+    def _check_U(self, U: Tensor):
+        """The transform module's U must have output_size * num_matrices columns."""
+        expected = self.output_size * self.num_matrices
+        if U.shape[-1] != expected:
+            raise ValueError(f"transform_module: expected U with last axis {expected}, got "
+                             f"shape {_shape(U.shape)}")
 
     def _transform(self, input: Tensor, mask_pad: Optional[Tensor], attn_mask: Optional[Tensor],
                    memory: Optional[Tensor], memory_mask_pad: Optional[Tensor]
@@ -286,6 +300,14 @@ class SRUCell(nn.Module):
 
     def forward(self, input: Tensor, c0: Optional[Tensor] = None,
                 mask_pad: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        return self._forward(input, c0, mask_pad)
+
+    def _forward(self, input: Tensor, c0: Optional[Tensor], mask_pad: Optional[Tensor],
+                 attn_mask: Optional[Tensor] = None, memory: Optional[Tensor] = None,
+                 memory_mask_pad: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """forward of SRUCell and SRUppCell (which adds the attention arguments): one step or
+        batch-first input (memory and memory_mask_pad batch-first too) made time-major, checked,
+        and run through ``_forward_time_major``."""
         one_step = isinstance(input, Tensor) and input.dim() == 2
         if one_step:
             input = input.unsqueeze(1 if self.batch_first else 0)
@@ -294,17 +316,16 @@ class SRUCell(nn.Module):
         self._check_input(input)
         if self.batch_first:
             input, mask_pad = _time_major(input, mask_pad)
-        h, c = self._forward_time_major(input, c0, mask_pad)
+            if memory is not None:
+                memory = memory.transpose(0, 1)
+            if memory_mask_pad is not None:
+                memory_mask_pad = memory_mask_pad.transpose(0, 1)
+        h, c = self._forward_time_major(input, c0, mask_pad, attn_mask, memory, memory_mask_pad)
         if self.batch_first:
             h = h.transpose(0, 1)
         if one_step:
             h = h.squeeze(1 if self.batch_first else 0)
         return h, c
-
-    def _forward_time_major_checked(self, input: Tensor, c0: Optional[Tensor],
-                                    mask_pad: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        self._check_input(input)
-        return self._forward_time_major(input, c0, mask_pad)
 
     def _forward_time_major(self, input: Tensor, c0: Optional[Tensor],
                             mask_pad: Optional[Tensor], attn_mask: Optional[Tensor] = None,
@@ -432,8 +453,7 @@ class SRU(nn.Module):
                  weight_c_init: Optional[float] = None, batch_first: bool = False,
                  custom_m=None):
         super().__init__()
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers: expected a positive int, got {num_layers!r}")
+        _check_positive_int(num_layers=num_layers)
         transform_module = _resolve_transform_module(transform_module, custom_m)
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -500,8 +520,7 @@ class SRU(nn.Module):
             prev = self.input_to_hidden(input)
         finals: List[Tensor] = []
         for i, layer in enumerate(self.rnn_lst):
-            prev, c = layer._forward_time_major_checked(prev, None if c0 is None else c0[i],
-                                                        mask_pad)
+            prev, c = layer._forward_time_major(prev, None if c0 is None else c0[i], mask_pad)
             finals.append(c)
         return prev, _stack_final_c(finals, self.nn_rnn_compatible_return, self.hidden_size)
 

@@ -53,29 +53,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from . import export
-from .modules import SRUCell, _shape, _stack_final_c, _stack_input, _time_major
+from .modules import (SRUCell, _check_positive_int, _check_probability, _shape, _stack_final_c,
+                      _stack_input)
 
 __all__ = ["SRUppProjectedLinear", "SRUppAttention", "SRUppCell", "SRUpp"]
-
-
-def _onnx_exporting() -> bool:
-    """export.onnx_exporting(), False under TorchScript (which cannot compile it)."""
-    if torch.jit.is_scripting():
-        return False
-    return export.onnx_exporting()
-
-
-def _check_positive_int(**values):
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
-
-
-def _check_probability(**values):
-    for name, value in values.items():
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
 
 
 class SRUppProjectedLinear(nn.Module):
@@ -193,10 +174,13 @@ class SRUppAttention(nn.Module):
         v = v.reshape(M + L, B, heads, head_dim).permute(1, 2, 0, 3)
         mask = self._mask(attn_mask, mask_pad, memory_mask_pad, L, M, B, q.dtype, q.device)
         blocked: Optional[Tensor] = None
-        if mask is not None and mask.dtype != torch.bool and _onnx_exporting():
-            # A query whose keys are all blocked gets attention 0 from
-            # scaled_dot_product_attention, but NaN from the ONNX softmax over a row of -inf:
-            # unblock such rows and zero their attention instead.
+        if mask is not None and mask.dtype != torch.bool:
+            # A query whose keys are all blocked (e.g. a left-padded step under a causal mask)
+            # takes a softmax over a row of -inf: NaN in the ONNX softmax and in some CUDA
+            # attention kernels, and in backward 0 * NaN reaches the gradients of k and v. Such
+            # rows are unblocked for the kernel and their attention zeroed after it (attention
+            # 0, scaled_dot_product_attention's convention, with no gradient through them);
+            # the other rows are unchanged.
             blocked = (mask == float("-inf")).all(dim=-1, keepdim=True)
             mask = mask.masked_fill(blocked, 0.0)
         attention = F.scaled_dot_product_attention(
@@ -255,12 +239,6 @@ class SRUppAttention(nn.Module):
                 f"normalize_after={self.normalize_after}")
 
 
-def _time_major_context(memory: Optional[Tensor], memory_mask_pad: Optional[Tensor]):
-    """Batch-first memory (B, M, n) and memory_mask_pad (B, M) as time-major views."""
-    return (None if memory is None else memory.transpose(0, 1),
-            None if memory_mask_pad is None else memory_mask_pad.transpose(0, 1))
-
-
 class SRUppCell(SRUCell):
     """One SRU++ layer: an SRUCell whose U comes from ``transform_module`` (an SRUppAttention or
     SRUppProjectedLinear, or a module with the same forward), given the attention arguments.
@@ -293,34 +271,17 @@ class SRUppCell(SRUCell):
     def _transform(self, input: Tensor, mask_pad: Optional[Tensor], attn_mask: Optional[Tensor],
                    memory: Optional[Tensor], memory_mask_pad: Optional[Tensor]
                    ) -> Tuple[Tensor, Optional[Tensor]]:
-        """(U, None): U from the attention (or projected linear) transform module; SRU++ has no V."""
+        """(U, None): U from the attention or projected-linear transform module; SRU++ has no V."""
         U = self.transform_module(input, mask_pad=mask_pad, attn_mask=attn_mask, memory=memory,
                                   memory_mask_pad=memory_mask_pad)
-        expected = self.output_size * self.num_matrices
-        if U.shape[-1] != expected:
-            raise ValueError(f"transform_module: expected U with last axis {expected}, got "
-                             f"{_shape(U.shape)}")
+        self._check_U(U)
         return U, None
 
     def forward(self, input: Tensor, c0: Optional[Tensor] = None,
                 mask_pad: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
                 memory: Optional[Tensor] = None,
                 memory_mask_pad: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        one_step = isinstance(input, Tensor) and input.dim() == 2
-        if one_step:
-            input = input.unsqueeze(1 if self.batch_first else 0)
-            if mask_pad is not None and mask_pad.dim() == 1:
-                mask_pad = mask_pad.unsqueeze(1 if self.batch_first else 0)
-        self._check_input(input)
-        if self.batch_first:
-            input, mask_pad = _time_major(input, mask_pad)
-            memory, memory_mask_pad = _time_major_context(memory, memory_mask_pad)
-        h, c = self._forward_time_major(input, c0, mask_pad, attn_mask, memory, memory_mask_pad)
-        if self.batch_first:
-            h = h.transpose(0, 1)
-        if one_step:
-            h = h.squeeze(1 if self.batch_first else 0)
-        return h, c
+        return self._forward(input, c0, mask_pad, attn_mask, memory, memory_mask_pad)
 
 
 class SRUpp(nn.Module):

@@ -6,6 +6,8 @@ Parity with ``sru`` 3.0.0.dev6 itself is in test_srupp_parity.py; ONNX and torch
 test_export.py.
 """
 
+import math
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -231,6 +233,68 @@ def test_fully_masked_query_rows_give_zero_attention():
     u.sum().backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(att.alpha.grad).all()
     assert torch.autograd.gradcheck(lambda t: att(t, attn_mask=mask), (x,))
+
+
+def _softmax_attention(q, k, v, attn_mask=None, dropout_p=0.0, **kwargs):
+    """softmax(q k^T / sqrt(head_dim) + mask) v written out: NaN where every key of a query is
+    blocked, as some CUDA attention kernels (and ONNX's softmax) give, NaN gradients behind it."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if attn_mask is not None:
+        scores = (scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
+                  else scores + attn_mask)
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _check_left_padding_with_causal_mask(model, device, dtype, **tol):
+    """Left padding under a causal attn_mask: a padded query sees only padded keys, so its
+    attention row is fully blocked. h, c and every gradient (x, c0, parameters) must be finite
+    and equal those of each sequence run alone without its padding (h = 0 at padded steps, no
+    gradient to them); gradients as the sum over the alone runs of the same loss."""
+    model = model.to(device=device, dtype=dtype)
+    L, B, pads = 5, 3, [0, 2, 4]
+    g = torch.Generator().manual_seed(3)
+    randn = lambda *shape: torch.randn(shape, generator=g, dtype=dtype).to(device)  # noqa: E731
+    x = randn(L, B, model.input_size).requires_grad_(True)
+    c0 = randn(model.num_layers, B, model.output_size).requires_grad_(True)
+    weight_h, weight_c = randn(L, B, model.output_size), randn(model.num_layers, B,
+                                                               model.output_size)
+    mask_pad = (torch.arange(L).unsqueeze(1) < torch.tensor(pads).unsqueeze(0)).to(device)
+    model.zero_grad(set_to_none=True)
+    h, c, _ = model(x, c0, mask_pad=mask_pad, attn_mask=model.causal_attn_mask(L, dtype=dtype))
+    ((h * weight_h).sum() + (c * weight_c).sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert torch.isfinite(h).all() and torch.isfinite(c).all()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(c0.grad).all()
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all(), f"grad of {name} is not finite"
+
+    model.zero_grad(set_to_none=True)  # the alone runs accumulate their gradients
+    for b, p in enumerate(pads):
+        x_b = x.detach()[p:, b:b + 1].clone().requires_grad_(True)
+        c0_b = c0.detach()[:, b:b + 1].clone().requires_grad_(True)
+        h_b, c_b, _ = model(x_b, c0_b, attn_mask=model.causal_attn_mask(L - p, dtype=dtype))
+        ((h_b * weight_h[p:, b:b + 1]).sum() + (c_b * weight_c[:, b:b + 1]).sum()).backward()
+        assert (h[:p, b] == 0).all() and (x.grad[:p, b] == 0).all()
+        torch.testing.assert_close(h[p:, b], h_b[:, 0], **tol)
+        torch.testing.assert_close(c[:, b], c_b[:, 0], **tol)
+        torch.testing.assert_close(x.grad[p:, b], x_b.grad[:, 0], **tol)
+        torch.testing.assert_close(c0.grad[:, b], c0_b.grad[:, 0], **tol)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, **tol,
+                                   msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "nan_for_blocked_rows"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_left_padding_with_causal_mask_matches_unpadded(attention, bidirectional, monkeypatch):
+    """See _check_left_padding_with_causal_mask; with ``nan_for_blocked_rows`` the attention
+    kernel gives NaN for fully blocked rows (as CUDA's efficient and cuDNN kernels may), which
+    must reach neither the results nor the gradients."""
+    if attention == "nan_for_blocked_rows":
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                            _softmax_attention)
+    model = _model(5, 4, 4, num_layers=2, num_heads=2, bidirectional=bidirectional)
+    _check_left_padding_with_causal_mask(model, "cpu", F64)
 
 
 def test_all_padding_sequence_gives_h_zero_c0_and_finite_gradients():
@@ -557,6 +621,16 @@ def test_gpu_matches_cpu(bidirectional):
                {n: g.double().cpu() for n, g in v.items()} if isinstance(v, dict) else v)
            for k, v in gpu.items()}
     _assert_results_close(cpu, gpu, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_gpu_left_padding_with_causal_mask_matches_unpadded(bidirectional):
+    """_check_left_padding_with_causal_mask in float32 on CUDA, where the fused attention
+    kernels run (and may give NaN for fully blocked rows)."""
+    _need_cuda()
+    model = _model(5, 4, 4, num_layers=2, num_heads=2, bidirectional=bidirectional)
+    _check_left_padding_with_causal_mask(model, "cuda", torch.float32, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.gpu
