@@ -115,9 +115,11 @@ def _cpu_path():
     from .backends import host
     compiler = host.compiler_description()
     if compiler:
+        # The CPU's instruction set, as COLUMNS_PER_THREAD is: build_isa would probe the compiler
+        # and write its facts into the cache, and the report creates nothing.
         try:
-            isa = host.build_isa(host.compiler_command())
-        except (ValueError, OSError) as exc:  # a wrong $SRU_CUPY_HOST_ISA, an unusable compiler
+            isa = host.cpu_isa()
+        except ValueError as exc:  # a $SRU_CUPY_HOST_ISA this CPU lacks
             isa = f"unknown: {exc}"
         return (f"host kernels ({host.COLUMNS_PER_THREAD} columns per thread, instruction set "
                 f"{isa}), compiled with {compiler}")
