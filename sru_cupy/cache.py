@@ -32,10 +32,11 @@ class CacheWarning(UserWarning):
     """The cache folder was refused or unusable, or a cached file was corrupt and rebuilt."""
 
 
-def warn_once(key, message):
+def warn_once(key, message, category=CacheWarning, stacklevel=3):
+    """Warns once per process for each ``key`` (the stack level is counted from the caller)."""
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, CacheWarning, stacklevel=3)
+        warnings.warn(message, category, stacklevel=stacklevel)
 
 
 def cache_root():

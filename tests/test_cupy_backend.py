@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 import pytest
 
-from sru_cupy import kernels, ptx
+from sru_cupy import cache, kernels, ptx
 from sru_cupy.backends import cupy_backend
 from sru_cupy.errors import CaptureNotReadyError, KernelCompileError, PTXDriverWarning
 
@@ -130,7 +130,7 @@ def fake_cupy(monkeypatch, tmp_path):
     monkeypatch.setattr(cupy_backend, "_functions", {})
     monkeypatch.setattr(cupy_backend, "_device_locks", {})
     monkeypatch.setattr(cupy_backend, "loaded_from", {})
-    monkeypatch.setattr(cupy_backend, "_warned", set())
+    monkeypatch.setattr(cache, "_warned", set())
     return cuda
 
 

@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import threading
-import warnings
 
 import numpy as np
 
@@ -47,7 +46,6 @@ _modules = {}  # device id -> cupy.cuda.function.Module (holds the code of the f
 _functions = {}  # (device id, name expression) -> cupy.cuda.function.Function
 #: device id -> where its kernels came from: ("ptx", PTX file) or ("nvrtc", cached binary)
 loaded_from = {}
-_warned = set()
 
 
 def _cupy():
@@ -66,9 +64,7 @@ def compile_options():
 
 
 def _warn_once(key, message):
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, PTXDriverWarning, stacklevel=4)
+    cache.warn_once(key, message, PTXDriverWarning, stacklevel=5)
 
 
 def _device_lock(device_id):
