@@ -10,6 +10,7 @@ Tests that need fresh module state (an empty cache, another compiler) run in a s
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -252,6 +253,28 @@ def test_find_compiler_prefers_cxx(tmp_path, monkeypatch):
     assert host.find_compiler() is None
     assert host.compiler_command() is None  # an explicit $CXX is not silently replaced, not even
     assert host.available() is False        # by ziglang
+
+
+def test_found_compiler_is_kept_while_it_exists(tmp_path, monkeypatch):
+    """Every CPU call asks for the compiler: the PATH is searched once per $CXX and $PATH, again
+    when the compiler found has gone, and a missing compiler is looked for again each time."""
+    monkeypatch.delenv("CXX", raising=False)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    searches = []
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name: searches.append(name) or real_which(name))
+    assert host.find_compiler() is None
+    assert host.find_compiler() is None
+    assert searches.count("c++") == 2  # not finding one is not kept
+    gxx = _script(bin_dir / "g++", "exit 0\n")
+    searches.clear()
+    assert [host.find_compiler() for _ in range(3)] == [str(gxx)] * 3
+    assert searches == ["c++", "g++"]  # one search, then the kept path
+    gxx.unlink()
+    clang = _script(bin_dir / "clang++", "exit 0\n")
+    assert host.find_compiler() == str(clang)  # the kept one has gone: searched again
 
 
 @pytest.mark.parametrize("ziglang", [True, False], ids=["ziglang", "no-ziglang"])

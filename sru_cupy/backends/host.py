@@ -144,12 +144,24 @@ _libraries = {}  # (columns per thread, VECTOR_MATH, $SRU_CUPY_HOST_ISA) -> load
 _compiler_info = {}
 
 
+_found_compilers = {}  # ($CXX, $PATH) -> the compiler found with them
+
+
 def find_compiler():
-    """Path of the system C++ compiler: $CXX, else c++, g++ or clang++ on PATH; None if there is none."""
-    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
-    for candidate in candidates:
+    """Path of the system C++ compiler: $CXX, else c++, g++ or clang++ on PATH; None if there is none.
+
+    Every CPU call asks (through available()), and a PATH search takes tens of microseconds: a
+    compiler once found is kept for the same $CXX and $PATH while it is still there. Not finding
+    one is not kept, so a compiler installed later is seen."""
+    cxx = os.environ.get("CXX")
+    key = (cxx, os.environ.get("PATH"))
+    path = _found_compilers.get(key)
+    if path is not None and os.access(path, os.X_OK):
+        return path
+    for candidate in [cxx] if cxx else ["c++", "g++", "clang++"]:
         path = shutil.which(candidate)
         if path:
+            _found_compilers[key] = path
             return path
     return None
 
