@@ -225,6 +225,18 @@ struct sru_forward_column {
     T* cp;                       // null for inference
 };
 
+// Host lanes: asks for the rows of the step `ahead` processed steps past the column's cursor.
+template <typename T, int K, typename Lanes>
+__device__ __forceinline__ void sru_forward_prefetch(const sru_forward_column<T, Lanes>& q,
+                                                     long long ahead)
+{
+    const long long at = ahead * q.in.step;
+    sru_prefetch<false>(q.in.up + at * K, Lanes::width * K);
+    if (q.in.xp) sru_prefetch<false>(q.in.xp + at, Lanes::width);
+    sru_prefetch<true>(q.hp + at, Lanes::width);
+    if (q.cp) sru_prefetch<true>(q.cp + at, Lanes::width);
+}
+
 // Runs P steps of each of the n (<= G) columns (lane groups when Lanes has several lanes): the P
 // steps' inputs of every column are loaded, then each step is computed for every column in turn, so
 // the G dependency chains interleave. `more`: steps remain after these, so the pointers move on
@@ -237,15 +249,10 @@ __device__ __forceinline__ void sru_forward_steps(sru_forward_column<T, Lanes> (
 {
     typedef typename Lanes::type L;
     if constexpr (Lanes::width > 1) {
-        const sru_forward_column<T, Lanes>& q = cols[0];
         for (int i = 0; i < P; ++i) {
             const long long ahead = i + SRU_HOST_PREFETCH_DISTANCE;
             if (ahead >= P + left) break;
-            const long long at = ahead * q.in.step;
-            sru_prefetch<false>(q.in.up + at * K, Lanes::width * K);
-            if (q.in.xp) sru_prefetch<false>(q.in.xp + at, Lanes::width);
-            sru_prefetch<true>(q.hp + at, Lanes::width);
-            if (q.cp) sru_prefetch<true>(q.cp + at, Lanes::width);
+            sru_forward_prefetch<T, K>(cols[0], ahead);
         }
     }
     sru_step_inputs<L> in[G][P];
@@ -288,6 +295,10 @@ __device__ __forceinline__ void sru_forward_run(sru_forward_column<T, Lanes> (&c
                                                 long long length)
 {
     const int P = Lanes::width >= 16 ? 1 : SRU_FORWARD_PREFETCH;
+    if constexpr (Lanes::width > 1) {  // the first steps' rows, which no earlier step asked for
+        for (long long ahead = 0; ahead < SRU_HOST_PREFETCH_DISTANCE && ahead < length; ++ahead)
+            sru_forward_prefetch<T, K>(cols[0], ahead);
+    }
     long long s = 0;
     if (with_v) {
         for (; s < length; ++s)
@@ -460,6 +471,20 @@ struct sru_backward_column {
     T* gvp;                      // grad_V; null without V
 };
 
+// Host lanes: asks for the rows of the step `ahead` processed steps past the column's cursor.
+template <typename T, int K, typename Lanes>
+__device__ __forceinline__ void sru_backward_prefetch(const sru_backward_column<T, Lanes>& q,
+                                                      long long ahead)
+{
+    const long long at = ahead * q.in.step;
+    sru_prefetch<false>(q.in.up + at * K, Lanes::width * K);
+    if (q.in.xp) sru_prefetch<false>(q.in.xp + at, Lanes::width);
+    sru_prefetch<false>(q.cp + at, Lanes::width);
+    sru_prefetch<false>(q.ghp + at, Lanes::width);
+    sru_prefetch<true>(q.gup + at * K, Lanes::width * K);
+    if (q.gxp) sru_prefetch<true>(q.gxp + at, Lanes::width);
+}
+
 // Runs P steps of each of the n (<= G) columns, `remaining` being the steps not yet processed (the
 // current one is forward step number remaining - 1, whose c_{t-1} is c0 when it is the first).
 // The pointers move on only while steps remain after these.
@@ -470,17 +495,10 @@ __device__ __forceinline__ void sru_backward_steps(sru_backward_column<T, Lanes>
 {
     typedef typename Lanes::type L;
     if constexpr (Lanes::width > 1) {
-        const sru_backward_column<T, Lanes>& q = cols[0];
         for (int i = 0; i < P; ++i) {
             const long long ahead = i + SRU_HOST_PREFETCH_DISTANCE;
             if (ahead >= remaining) break;
-            const long long at = ahead * q.in.step;
-            sru_prefetch<false>(q.in.up + at * K, Lanes::width * K);
-            if (q.in.xp) sru_prefetch<false>(q.in.xp + at, Lanes::width);
-            sru_prefetch<false>(q.cp + at, Lanes::width);
-            sru_prefetch<false>(q.ghp + at, Lanes::width);
-            sru_prefetch<true>(q.gup + at * K, Lanes::width * K);
-            if (q.gxp) sru_prefetch<true>(q.gxp + at, Lanes::width);
+            sru_backward_prefetch<T, K>(cols[0], ahead);
         }
     }
     sru_step_inputs<L> in[G][P];
@@ -534,6 +552,10 @@ __device__ __forceinline__ void sru_backward_run(sru_backward_column<T, Lanes> (
                                                  long long length)
 {
     const int P = Lanes::width >= 16 ? 1 : SRU_BACKWARD_PREFETCH;
+    if constexpr (Lanes::width > 1) {  // the first steps' rows, which no earlier step asked for
+        for (long long ahead = 0; ahead < SRU_HOST_PREFETCH_DISTANCE && ahead < length; ++ahead)
+            sru_backward_prefetch<T, K>(cols[0], ahead);
+    }
     long long remaining = length;  // steps not yet processed
     if (with_v) {
         for (; remaining > 0; --remaining)

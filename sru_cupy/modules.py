@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import export, ops
+from . import cpu_gemm, export, ops
 
 
 def _dropout_mask(reference: Tensor, shape: List[int], p: float) -> Tensor:
@@ -243,9 +243,9 @@ class SRUCell(nn.Module):
             return self.compute_UV(input)[0]
         weight_proj, weight = self.weight_proj, self.weight  # locals: TorchScript refines them
         if weight_proj is not None:
-            input = torch.matmul(input, weight_proj)
+            input = cpu_gemm.matmul(input, weight_proj)
         assert weight is not None  # present whenever there is no transform module
-        return torch.matmul(input, weight)
+        return cpu_gemm.matmul(input, weight)
 
     def compute_UV(self, input: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """(U, V): U as ``compute_U``; V (L, B, 2 * output_size) the per-step offsets of weight_c

@@ -34,6 +34,16 @@ def _private_kernel_cache(tmp_path_factory):
         yield
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def torch_threads(request):
+    """PyTorch's thread count for the test (sru_cupy.cpu_gemm's oneDNN route depends on it)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 def pytest_configure(config):
     # Also declared in setup.cfg [tool:pytest]; repeated here so the markers are
     # known when pytest runs with another config file (or -c /dev/null).

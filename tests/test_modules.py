@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from sru_cupy import ops
+from sru_cupy import cpu_gemm, ops
 from sru_cupy.modules import SRU, SRUCell
 
 pytestmark = [pytest.mark.filterwarnings("ignore:rnn_dropout > 0 is deprecated:UserWarning"),
@@ -922,38 +922,66 @@ def test_torchscript_matches_eager_on_gpu(name):
 
 
 
-def _aten_calls(fn, names, min_numel):
+def _aten_calls(fn, names, min_numel, shapes_of=None):
     """How many times each aten op of ``names`` runs inside ``fn()`` on a first argument of at
-    least ``min_numel`` elements (torch.profiler, CPU)."""
+    least ``min_numel`` elements (torch.profiler, CPU); with ``shapes_of``, also the list of
+    first-argument shapes of that op's counted calls (under the key "<name> shapes")."""
     import math
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
-    return {name: sum(e.name == f"aten::{name}" and bool(e.input_shapes) and
-                      math.prod(e.input_shapes[0]) >= min_numel for e in prof.events())
-            for name in names}
+    counted = [e for e in prof.events() if e.input_shapes and e.input_shapes[0]
+               and math.prod(e.input_shapes[0]) >= min_numel]
+    calls = {name: sum(e.name == f"aten::{name}" for e in counted) for name in names}
+    if shapes_of is not None:
+        calls[f"{shapes_of} shapes"] = sorted(list(e.input_shapes[0]) for e in counted
+                                              if e.name == f"aten::{shapes_of}")
+    return calls
 
 
+@pytest.mark.parametrize("route", ["matmul", "onednn"])
 @pytest.mark.parametrize("batch_first", [False, True], ids=["time-major", "batch-first"])
-@pytest.mark.parametrize("cls,n_in", [(SRUCell, 4), (SRU, 4), (SRU, 6)],
+@pytest.mark.parametrize("cls,n_in", [(SRUCell, 176), (SRU, 176), (SRU, 180)],
                          ids=["cell-k3", "sru-k3", "sru-k4"])
-def test_gemm_path_makes_no_extra_copies(cls, n_in, batch_first):
+def test_gemm_path_makes_no_extra_copies(cls, n_in, batch_first, route, torch_threads,
+                                         monkeypatch):
     """Forward: one 2-D GEMM (x W over all steps), and one copy of the input only where it is
     batch-first (the transpose, shared by the GEMM and the skip input). Backward: one GEMM for
     the weight's gradient and one for the input's (2-D, not batched), no zero fill, and no copy
-    beyond the batch-first layout's two transposes (of h's gradient, of the input's)."""
-    L, B, d = 5, 3, 4
+    beyond the batch-first layout's two transposes (of h's gradient, of the input's). Through
+    oneDNN (cpu_gemm), the GEMM is one 1x1 transposed convolution in oneDNN (not PyTorch's own
+    slow_conv_transpose2d) and its backward one call, with the same copies: none of the input,
+    the weight or U, and one of the weight's gradient (n_in x k d values, 1 / (L B) of the
+    product's work) which PyTorch makes inside the convolution's backward. Tensors of fewer than
+    4 L B values (the sums of the parameter gradients) are not counted."""
+    monkeypatch.setenv(cpu_gemm.ROUTE_ENV_VAR, route)
+    # 128 rows of 176 values: oneDNN runs the convolution with one thread (16 images or more)
+    # and with two (more than 20480 values)
+    L, B, d = 16, 8, 176
     module = cls(n_in, d, batch_first=batch_first) if cls is SRUCell else cls(
         n_in, d, num_layers=1, batch_first=batch_first)
     x = torch.randn((B, L, n_in) if batch_first else (L, B, n_in), requires_grad=True)
     module(x)[0].sum().backward()  # first calls (kernel load) outside the counts
     x.grad = None
     module.zero_grad(set_to_none=True)
-    names = ("mm", "bmm", "copy_", "zero_", "fill_")
+    names = ("mm", "bmm", "convolution", "slow_conv_transpose2d", "convolution_backward",
+             "slow_conv_transpose2d_backward", "copy_", "zero_", "fill_")
+    onednn = int(route == "onednn")
+    copied = [[L, B, n_in]] * int(batch_first)
     out = {}
-    forward = _aten_calls(lambda: out.update(h=module(x)[0]), names, L * B)
-    assert forward == {"mm": 1, "bmm": 0, "copy_": int(batch_first), "zero_": 0, "fill_": 0}
+    forward = _aten_calls(lambda: out.update(h=module(x)[0]), names, 4 * L * B,
+                          shapes_of="copy_")
+    assert forward == {"mm": 1 - onednn, "bmm": 0, "convolution": onednn,
+                       "slow_conv_transpose2d": 0, "convolution_backward": 0,
+                       "slow_conv_transpose2d_backward": 0, "copy_": len(copied), "zero_": 0,
+                       "fill_": 0, "copy_ shapes": copied}, forward
     grad = torch.randn(out["h"].shape)  # contiguous in the caller's layout
-    backward = _aten_calls(lambda: out["h"].backward(grad), names, L * B)
-    assert backward == {"mm": 2, "bmm": 0, "copy_": 2 * int(batch_first), "zero_": 0,
-                        "fill_": 0}, backward
+    backward = _aten_calls(lambda: out["h"].backward(grad), names, 4 * L * B,
+                           shapes_of="copy_")
+    weight = module.weight if cls is SRUCell else module.rnn_lst[0].weight
+    copied = sorted([[L, B, d]] * int(batch_first) + [[B, L, n_in]] * int(batch_first)
+                    + [list(weight.shape) + [1, 1]] * onednn)
+    assert backward == {"mm": 2 * (1 - onednn), "bmm": 0, "convolution": 0,
+                        "slow_conv_transpose2d": 0, "convolution_backward": onednn,
+                        "slow_conv_transpose2d_backward": 0, "copy_": len(copied),
+                        "zero_": 0, "fill_": 0, "copy_ shapes": copied}, backward

@@ -83,18 +83,32 @@ _ISA_COLUMNS = {"avx512": 16, "avx2": 8, "baseline": 8}
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_isas():
-    """ISAS this CPU has, best first ("baseline" always)."""
-    flags = set()
+def _cpu_info():
+    """The fields of the first processor in /proc/cpuinfo on x86-64 Linux ({} elsewhere)."""
+    fields = {}
     if sys.platform.startswith("linux") and os.uname().machine in ("x86_64", "amd64"):
         try:
             with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
                 for line in f:
-                    if line.startswith("flags"):
-                        flags = set(line.partition(":")[2].split())
+                    if not line.strip():
                         break
+                    name, _, value = line.partition(":")
+                    fields.setdefault(name.strip(), value.strip())
         except OSError:
             pass
+    return fields
+
+
+def cpu_vendor():
+    """The x86-64 CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...), or None where
+    /proc/cpuinfo does not say (other systems and architectures)."""
+    return _cpu_info().get("vendor_id")
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_isas():
+    """ISAS this CPU has, best first ("baseline" always)."""
+    flags = set(_cpu_info().get("flags", "").split())
     return tuple(isa for isa in ISAS if all(flag in flags for flag in _ISA_CPU_FLAGS[isa]))
 
 

@@ -1,0 +1,143 @@
+"""The layers' GEMM (U = input W) on the CPU: through oneDNN where PyTorch's matmul is slow.
+
+PyTorch's float32 ``matmul`` on the CPU calls MKL's sgemm, which on CPUs other than Intel's takes
+a generic path. On an AMD EPYC with AVX-512 and 2 cores, U = x W for L=128 B=32 d=512 took 32 ms
+forward and 100 ms forward+backward through ``matmul``, and 14-15 ms and 46-50 ms as a 1x1
+transposed convolution through oneDNN, the other GEMM engine inside PyTorch (one thread: 62 /
+185 ms against 27 / 90 ms). The convolution reads x, W and writes U in the layouts the layer
+already has, so the route copies none of them: the R = x.numel() / n rows of x (..., n),
+contiguous, are viewed as N channels-last images (N, n, R / N, 1), W (n, m) is the transposed
+convolution's (n, m, 1, 1) filters, and the output (N, m, R / N, 1) in channels-last order is U
+(..., m) row-major. Its backward is the convolution's (one call giving dL/dx and dL/dW).
+
+``$SRU_CUPY_CPU_GEMM`` chooses the route:
+
+- ``auto`` (default): oneDNN for float32 on x86-64 CPUs other than Intel's (where MKL is fast),
+  when the product is large enough for the convolution's fixed costs (choosing the primitive,
+  reordering the weight on every call) to pay off (``onednn_pays_off``); else ``torch.matmul``;
+- ``onednn``: oneDNN whenever it can run the product (float32 CPU tensors, oneDNN built in and
+  enabled);
+- ``matmul``: ``torch.matmul`` always.
+
+TorchScript, tracing, ``torch.compile``, ``torch.export``, ONNX export and autocast always get
+``torch.matmul``: the compilers choose their own GEMM, and autocast its own dtype.
+"""
+
+import os
+import platform
+
+import torch
+from torch import Tensor
+
+from .backends import host
+
+__all__ = ["matmul", "uses_onednn", "onednn_matmul", "route", "onednn_pays_off", "ROUTE_ENV_VAR",
+           "ROUTES"]
+
+ROUTE_ENV_VAR = "SRU_CUPY_CPU_GEMM"
+ROUTES = ("auto", "onednn", "matmul")
+
+# Sizes below which the oneDNN route lost to matmul on the machine above, with one thread and two
+# (interleaved rounds): it has fixed costs of tens of microseconds, so at least _MIN_MULTIPLY_ADDS
+# and _MIN_ROWS rows; for training, its weight gradient (an (n, rows) @ (rows, m) product) lags
+# while the rows are few against the input width, so at least _MIN_TRAINING_ROWS and n / 2 rows
+# (d=512: forward+backward 1.04x matmul's time at 128 rows, 0.64x at 256; d=1024: 1.13x at 256,
+# 0.84x at 512; forward alone 0.6-0.85x from 64 rows on).
+_MIN_MULTIPLY_ADDS = 8_000_000
+_MIN_ROWS = 64
+_MIN_TRAINING_ROWS = 128
+
+
+def route() -> str:
+    """The route $SRU_CUPY_CPU_GEMM names ("auto" when unset). Raises ValueError for another
+    value."""
+    value = os.environ.get(ROUTE_ENV_VAR) or "auto"
+    if value not in ROUTES:
+        raise ValueError(f"${ROUTE_ENV_VAR}: expected one of {', '.join(ROUTES)}, got {value!r}")
+    return value
+
+
+def onednn_pays_off(rows: int, n: int, m: int, training: bool) -> bool:
+    """Whether the auto route sends an (rows, n) @ (n, m) product to oneDNN; ``training``: its
+    backward will run too."""
+    if rows * n * m < _MIN_MULTIPLY_ADDS or rows < _MIN_ROWS:
+        return False
+    return not training or rows >= max(_MIN_TRAINING_ROWS, n // 2)
+
+
+def _matmul_is_generic_here() -> bool:
+    """True on x86-64 CPUs whose vendor /proc/cpuinfo names and is not Intel: MKL's sgemm runs
+    its generic path there."""
+    vendor = host.cpu_vendor()
+    return platform.machine().lower() in ("x86_64", "amd64") and vendor is not None \
+        and vendor != "GenuineIntel"
+
+
+def _onednn_usable(input: Tensor, weight: Tensor) -> bool:
+    """Whether the oneDNN route can run this product (in eager mode) with matmul's meaning."""
+    return (input.device.type == "cpu" and weight.device.type == "cpu"
+            and input.dtype == torch.float32 and weight.dtype == torch.float32
+            and input.dim() >= 2 and weight.dim() == 2 and input.shape[-1] == weight.shape[0]
+            and input.is_contiguous() and input.numel() > 0 and weight.shape[1] > 0
+            and _images(input.numel() // weight.shape[0], weight.shape[0]) > 0
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def _onnx_exporting() -> bool:
+    from .export import onnx_exporting
+    return onnx_exporting()
+
+
+def uses_onednn(input: Tensor, weight: Tensor) -> bool:
+    """Whether ``matmul(input, weight)`` runs through oneDNN."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _onnx_exporting():
+        return False  # first: the rest of the checks are not for tracers to see
+    chosen = route()
+    if chosen == "matmul" or not _onednn_usable(input, weight):
+        return False
+    if chosen == "onednn":
+        return True
+    n, m = weight.shape
+    training = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
+    return _matmul_is_generic_here() and onednn_pays_off(input.numel() // n, n, m, training)
+
+
+def _images(rows: int, n: int) -> int:
+    """How many channels-last images the (rows, n) input is viewed as, so that PyTorch runs the 1x1
+    convolution in oneDNN; 0 when no split does. PyTorch's condition for float32: with several
+    threads, any images of more than 20480 values in all (one image measured as fast as any split);
+    with one thread, at least 16 images (below that it takes its own im2col and BLAS path)."""
+    if torch.get_num_threads() > 1:
+        return 1 if rows * n > 20480 else 0
+    for images in range(16, 65):
+        if rows % images == 0:
+            return images
+    return 0
+
+
+def onednn_matmul(input: Tensor, weight: Tensor) -> Tensor:
+    """input (..., n) @ weight (n, m) as a 1x1 transposed convolution, whose (n, m, 1, 1) filters
+    are the weight as it is, over channels-last images of the input's rows (input contiguous,
+    float32, on the CPU, and ``_images`` not 0)."""
+    n, m = weight.shape
+    rows = input.numel() // n
+    images = _images(rows, n)
+    # (rows, n) row-major is the channels-last layout of images (images, n, rows / images, 1).
+    image = input.reshape(images, rows // images, 1, n).permute(0, 3, 1, 2)
+    # A transposed convolution's filters are (in, out, kH, kW): (n, m, 1, 1) is the weight's own
+    # layout, so neither the forward nor the backward copies the weight or its gradient.
+    out = torch.nn.functional.conv_transpose2d(image, weight.unsqueeze(-1).unsqueeze(-1))
+    # (images, m, rows / images, 1) in channels-last order is (rows, m) row-major
+    return out.permute(0, 2, 3, 1).reshape(input.shape[:-1] + (m,))
+
+
+def matmul(input: Tensor, weight: Tensor) -> Tensor:
+    """``torch.matmul(input, weight)`` for input (..., n) and weight (n, m), through oneDNN on the
+    CPU where that is faster (see the module docstring)."""
+    if torch.jit.is_scripting():  # TorchScript compiles this branch only
+        return torch.matmul(input, weight)
+    else:
+        if uses_onednn(input, weight):
+            return onednn_matmul(input, weight)
+        return torch.matmul(input, weight)

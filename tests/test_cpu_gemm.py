@@ -1,0 +1,192 @@
+"""The layers' CPU GEMM (sru_cupy.cpu_gemm): oneDNN's 1x1 transposed convolution against a
+float64 product, forward and gradients; when each route is taken; and the layers giving the same
+results through either route."""
+
+import pytest
+import torch
+
+from sru_cupy import cpu_gemm
+from sru_cupy.backends import host
+from sru_cupy.modules import SRU, SRUCell
+
+
+@pytest.fixture
+def route(monkeypatch):
+    """Sets $SRU_CUPY_CPU_GEMM for the test."""
+    def set_route(value):
+        monkeypatch.setenv(cpu_gemm.ROUTE_ENV_VAR, value)
+    return set_route
+
+
+# input shape, output width: rows that 16 to 64 images divide, of more than 20480 values (the
+# route runs in oneDNN with one thread and with several)
+SHAPES = {
+    "L128-B4-n64": ((128, 4, 64), 192),
+    "L1-B512-n48": ((1, 512, 48), 144),
+    "L37-B16-n40": ((37, 16, 40), 120),
+    "2d-R1024-n24-m5": ((1024, 24), 5),
+    "4d-n32-m1": ((4, 8, 32, 32), 1),
+}
+
+
+@pytest.mark.parametrize("shape,m", SHAPES.values(), ids=SHAPES.keys())
+def test_onednn_matmul_matches_a_float64_product(shape, m, torch_threads):
+    g = torch.Generator().manual_seed(0)
+    n = shape[-1]
+    x = torch.randn(shape, generator=g, requires_grad=True)
+    weight = (torch.randn(n, m, generator=g) / n ** 0.5).requires_grad_()
+    grad = torch.randn(shape[:-1] + (m,), generator=g)
+    assert cpu_gemm._onednn_usable(x, weight)
+    out = cpu_gemm.onednn_matmul(x, weight)
+    out.backward(grad)
+    x64, w64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref = torch.matmul(x64, w64)
+    ref.backward(grad.double())
+    assert out.shape == ref.shape and out.is_contiguous()
+    # float32 products of n terms: errors grow like sqrt(n) ulps of the terms' magnitude
+    tol = 4e-6 * n ** 0.5
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=tol, atol=tol * m ** 0.5)
+    rows = x.numel() // n
+    torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=tol,
+                               atol=tol * rows ** 0.5)
+    assert x.grad.stride() == x.stride() and weight.grad.stride() == weight.stride()
+
+
+def test_route_reads_the_environment(route):
+    assert cpu_gemm.route() in cpu_gemm.ROUTES
+    for value in cpu_gemm.ROUTES:
+        route(value)
+        assert cpu_gemm.route() == value
+    route("")
+    assert cpu_gemm.route() == "auto"
+    route("mkl")
+    with pytest.raises(ValueError, match=r"\$SRU_CUPY_CPU_GEMM: expected one of auto, onednn, "
+                                         r"matmul, got 'mkl'"):
+        cpu_gemm.route()
+    x, weight = torch.randn(256, 64), torch.randn(64, 192)
+    with pytest.raises(ValueError, match="SRU_CUPY_CPU_GEMM"):
+        cpu_gemm.matmul(x, weight)
+
+
+def _big():
+    return torch.randn(32, 16, 64), torch.randn(64, 192)
+
+
+# (input, weight) pairs the oneDNN route must leave to torch.matmul, and why
+NOT_ONEDNN = {
+    "float64": lambda: tuple(t.double() for t in _big()),
+    "bfloat16": lambda: tuple(t.bfloat16() for t in _big()),
+    "non-contiguous input": lambda: (_big()[0].transpose(0, 1), _big()[1]),
+    "too few values": lambda: (torch.randn(4, 3, 8), torch.randn(8, 24)),
+    "1-d input": lambda: (torch.randn(64), torch.randn(64, 192)),
+    "batched weight": lambda: (torch.randn(2, 256, 64), torch.randn(2, 64, 192)),
+}
+
+
+@pytest.mark.parametrize("make", NOT_ONEDNN.values(), ids=NOT_ONEDNN.keys())
+def test_onednn_route_leaves_what_it_cannot_run_to_matmul(make, route):
+    route("onednn")
+    x, weight = make()
+    assert not cpu_gemm.uses_onednn(x, weight)
+    torch.testing.assert_close(cpu_gemm.matmul(x, weight), torch.matmul(x, weight))
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+@pytest.mark.parametrize("state", ["autocast", "mkldnn-disabled", "compiling", "tracing",
+                                   "onnx-export"])
+def test_onednn_route_is_left_to_the_compilers_and_autocast(state, route, monkeypatch):
+    route("onednn")
+    x, weight = _big()
+    assert cpu_gemm.uses_onednn(x, weight)
+    if state == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not cpu_gemm.uses_onednn(x, weight)
+            assert cpu_gemm.matmul(x, weight).dtype == torch.bfloat16  # autocast's own choice
+        return
+    if state == "mkldnn-disabled":
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert not cpu_gemm.uses_onednn(x, weight)
+        return
+    if state == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    elif state == "tracing":
+        monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    else:
+        monkeypatch.setattr(cpu_gemm, "_onnx_exporting", lambda: True)
+    assert not cpu_gemm.uses_onednn(x, weight)
+
+
+def test_compiled_code_traces_through_the_route(route):
+    """torch.compile(fullgraph=True) sees torch.matmul: no graph break, same result."""
+    route("onednn")
+    x, weight = _big()
+    compiled = torch.compile(cpu_gemm.matmul, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, weight), torch.matmul(x, weight))
+
+
+@pytest.mark.parametrize("vendor,expected", [("AuthenticAMD", True), ("HygonGenuine", True),
+                                             ("GenuineIntel", False), (None, False)],
+                         ids=["amd", "hygon", "intel", "unknown"])
+def test_auto_route_takes_onednn_where_mkl_is_generic(vendor, expected, route, monkeypatch):
+    route("auto")
+    monkeypatch.setattr(host, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(cpu_gemm.platform, "machine", lambda: "x86_64")
+    x, weight = torch.randn(128, 32, 512), torch.randn(512, 1536)
+    assert cpu_gemm.uses_onednn(x, weight) is expected
+    monkeypatch.setattr(cpu_gemm.platform, "machine", lambda: "aarch64")
+    assert not cpu_gemm.uses_onednn(x, weight)
+
+
+@pytest.mark.parametrize("rows,n,m,training,expected", [
+    (4096, 512, 1536, True, True),
+    (256, 512, 1536, True, True),     # n / 2 rows
+    (128, 512, 1536, True, False),    # the weight gradient's product lags below n / 2 rows
+    (128, 512, 1536, False, True),    # inference from 64 rows
+    (64, 512, 1536, False, True),
+    (32, 512, 1536, False, False),
+    (512, 64, 192, False, False),     # 6.3 M multiply-adds: fixed costs dominate
+    (1024, 64, 192, True, True),
+], ids=lambda v: str(v))
+def test_auto_route_sizes(rows, n, m, training, expected, route, monkeypatch):
+    route("auto")
+    monkeypatch.setattr(host, "cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setattr(cpu_gemm.platform, "machine", lambda: "x86_64")
+    assert cpu_gemm.onednn_pays_off(rows, n, m, training) is expected
+    x = torch.randn(rows, n, requires_grad=training)
+    weight = torch.randn(n, m)
+    assert cpu_gemm.uses_onednn(x, weight) is (expected and cpu_gemm._images(rows, n) > 0)
+    with torch.no_grad():  # no backward to come: the inference rule
+        assert cpu_gemm.uses_onednn(x, weight) is (
+            cpu_gemm.onednn_pays_off(rows, n, m, False) and cpu_gemm._images(rows, n) > 0)
+
+
+LAYERS = {
+    "cell": (SRUCell, (64, 64), {}),
+    "sru-2-layers-bi": (SRU, (64, 32), dict(num_layers=2, bidirectional=True)),
+    "sru-k4-batch-first": (SRU, (48, 64), dict(num_layers=1, batch_first=True)),
+    "sru-projection": (SRU, (64, 64), dict(num_layers=2, projection_size=16)),
+}
+
+
+@pytest.mark.parametrize("cls,args,kwargs", LAYERS.values(), ids=LAYERS.keys())
+def test_layers_agree_through_both_routes(cls, args, kwargs, route, torch_threads):
+    torch.manual_seed(0)
+    module = cls(*args, **kwargs)
+    shape = (16, 32, args[0])  # 512 rows
+    x = torch.randn(shape)
+    results = {}
+    for name in ("matmul", "onednn"):
+        route(name)
+        inp = x.clone().requires_grad_()
+        module.zero_grad(set_to_none=True)
+        h, c = module(inp)
+        (h.square().sum() + c.sum()).backward()
+        results[name] = [h, c, inp.grad] + [p.grad for p in module.parameters()
+                                            if p.requires_grad]
+        cell = module if cls is SRUCell else module.rnn_lst[0]
+        first_weight = cell.weight if cell.weight_proj is None else cell.weight_proj
+        assert cpu_gemm.uses_onednn(torch.randn(16, 32, args[0]), first_weight) \
+            is (name == "onednn")
+    for got, want in zip(results["onednn"], results["matmul"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
