@@ -492,6 +492,10 @@ def run(device="auto", out_dir=None, repeats=20, warmup=5, dtypes=None, configs=
     result = {"device": info.device_name(device), "torch": torch.__version__,
               "repeats": repeats, "warmup": warmup, "threads": torch.get_num_threads(),
               "layers": [], "recurrence": [], "skipped": {}}
+    if device.type == "cpu":
+        from . import cpu_gemm
+        result["cpu_gemm"] = cpu_gemm.describe()
+        result["cpu_kernels"] = info.cpu_path()
     bandwidth = copy_bandwidth(device, timer)
     result["copy_bandwidth_GBps"] = bandwidth / 1e9
     echo(f"device: {result['device']}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
@@ -550,9 +554,12 @@ def format_markdown(result):
            f"{result['repeats']} interleaved rounds (every model once per round) after "
            f"{result.get('warmup', 0)} warm-up rounds. Times are medians per model; x SRU is the "
            f"median over the rounds of time / sru_cupy SRU time in the same round, with its "
-           f"interquartile range.", "",
-           "| config | dtype | model | forward ms | x SRU | fwd+bwd ms | x SRU |",
-           "|---|---|---|---:|---:|---:|---:|"]
+           f"interquartile range."]
+    if "cpu_gemm" in result:
+        out.append(f"CPU GEMM of the SRU layers: {result['cpu_gemm']}. Recurrence: "
+                   f"{result['cpu_kernels']}.")
+    out += ["", "| config | dtype | model | forward ms | x SRU | fwd+bwd ms | x SRU |",
+            "|---|---|---|---:|---:|---:|---:|"]
     for r in result["layers"]:
         out.append(f"| {r['config']} | {r['dtype']} | {r['model']} | {r['forward_ms']:.3f} | "
                    f"{_ratio(r, 'forward')} | {r['forward_backward_ms']:.3f} | "

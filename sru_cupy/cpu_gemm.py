@@ -31,8 +31,8 @@ from torch import Tensor
 
 from .backends import host
 
-__all__ = ["matmul", "uses_onednn", "onednn_matmul", "route", "onednn_pays_off", "ROUTE_ENV_VAR",
-           "ROUTES"]
+__all__ = ["matmul", "uses_onednn", "onednn_matmul", "route", "onednn_pays_off", "describe",
+           "ROUTE_ENV_VAR", "ROUTES"]
 
 ROUTE_ENV_VAR = "SRU_CUPY_CPU_GEMM"
 ROUTES = ("auto", "onednn", "matmul")
@@ -130,6 +130,26 @@ def onednn_matmul(input: Tensor, weight: Tensor) -> Tensor:
     out = torch.nn.functional.conv_transpose2d(image, weight.unsqueeze(-1).unsqueeze(-1))
     # (images, m, rows / images, 1) in channels-last order is (rows, m) row-major
     return out.permute(0, 2, 3, 1).reshape(input.shape[:-1] + (m,))
+
+
+def describe() -> str:
+    """Which route float32 products on this CPU take, in words (for reports)."""
+    try:
+        chosen = route()
+    except ValueError as error:
+        return f"unusable: {error}"
+    setting = f"${ROUTE_ENV_VAR}={chosen}"
+    if chosen == "matmul":
+        return f"torch.matmul ({setting})"
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return f"torch.matmul (oneDNN is not built into this PyTorch, or disabled; {setting})"
+    if chosen == "onednn":
+        return f"oneDNN 1x1 convolutions for float32 ({setting})"
+    vendor = host.cpu_vendor() or "unknown"
+    if _matmul_is_generic_here():
+        return (f"oneDNN 1x1 convolutions for float32 products that pay off, torch.matmul for the "
+                f"rest (CPU vendor {vendor}; {setting})")
+    return f"torch.matmul (CPU vendor {vendor}; {ROUTE_ENV_VAR}=onednn for oneDNN; {setting})"
 
 
 def matmul(input: Tensor, weight: Tensor) -> Tensor:

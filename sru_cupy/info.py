@@ -110,7 +110,7 @@ def _folder_summary(path):
     return f"{len(files)} files, {size / 1e6:.1f} MB"
 
 
-def _cpu_path():
+def cpu_path():
     """Which implementation runs NumPy arrays and CPU tensors, and how to get the compiled one."""
     from .backends import host
     compiler = host.compiler_description()
@@ -157,7 +157,10 @@ def report():
     lines += gpus
 
     lines.append("Backends:")
-    lines.append("  NumPy arrays and CPU tensors: " + _cpu_path())
+    lines.append("  NumPy arrays and CPU tensors: " + cpu_path())
+    if torch is not None:
+        from . import cpu_gemm
+        lines.append("  GEMM of the layers on the CPU: " + cpu_gemm.describe())
     if cupy is None:
         lines.append("  CuPy arrays and CUDA tensors: unavailable (CuPy is not installed: "
                      "pip install sru_cupy[cuda12] or [cuda13])")

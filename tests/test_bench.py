@@ -81,6 +81,11 @@ def test_run_times_every_model_and_writes_json_markdown_and_chart(tiny_configs, 
     assert "| tiny | float32 | sru_cupy SRU |" in markdown
     assert "1.00 (1.00-1.00) |" in markdown
     assert "first call, cold cache: 1.25 s; first call, warm cache: 12.5 ms" in markdown
+    # the CPU paths timed: the layers' GEMM route and the recurrence's build
+    from sru_cupy import cpu_gemm, info
+    assert result["cpu_gemm"] == cpu_gemm.describe() and result["cpu_kernels"] == info.cpu_path()
+    assert f"CPU GEMM of the SRU layers: {cpu_gemm.describe()}. Recurrence: {info.cpu_path()}." \
+        in markdown
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p.name for p in out.iterdir() if p.name not in ("bench.json", "bench.md",
                                                                  "bench.png")]

@@ -190,3 +190,21 @@ def test_layers_agree_through_both_routes(cls, args, kwargs, route, torch_thread
             is (name == "onednn")
     for got, want in zip(results["onednn"], results["matmul"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("setting,vendor,expected", [
+    ("matmul", "AuthenticAMD", "torch.matmul ($SRU_CUPY_CPU_GEMM=matmul)"),
+    ("onednn", "GenuineIntel", "oneDNN 1x1 convolutions for float32 ($SRU_CUPY_CPU_GEMM=onednn)"),
+    ("auto", "AuthenticAMD", "oneDNN 1x1 convolutions for float32 products that pay off, "
+                             "torch.matmul for the rest (CPU vendor AuthenticAMD; "
+                             "$SRU_CUPY_CPU_GEMM=auto)"),
+    ("auto", "GenuineIntel", "torch.matmul (CPU vendor GenuineIntel; SRU_CUPY_CPU_GEMM=onednn for "
+                             "oneDNN; $SRU_CUPY_CPU_GEMM=auto)"),
+    ("bad", "AuthenticAMD", "unusable: $SRU_CUPY_CPU_GEMM: expected one of auto, onednn, matmul, "
+                            "got 'bad'"),
+], ids=["matmul", "onednn", "auto-amd", "auto-intel", "bad"])
+def test_describe_says_which_route_runs(setting, vendor, expected, route, monkeypatch):
+    route(setting)
+    monkeypatch.setattr(host, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(cpu_gemm.platform, "machine", lambda: "x86_64")
+    assert cpu_gemm.describe() == expected

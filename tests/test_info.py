@@ -59,6 +59,16 @@ def test_report_says_the_host_kernels_run_numpy_and_cpu_tensors():
     assert host.find_compiler() in line
 
 
+def test_report_says_which_gemm_the_layers_use_on_the_cpu(monkeypatch):
+    from sru_cupy import cpu_gemm
+    monkeypatch.setenv(cpu_gemm.ROUTE_ENV_VAR, "matmul")
+    assert _line(info.report(), "GEMM of the layers on the CPU:").endswith(
+        "torch.matmul ($SRU_CUPY_CPU_GEMM=matmul)")
+    monkeypatch.setenv(cpu_gemm.ROUTE_ENV_VAR, "onednn")
+    assert "oneDNN 1x1 convolutions for float32" in _line(info.report(),
+                                                          "GEMM of the layers on the CPU:")
+
+
 def test_report_works_without_cupy_and_torch(tmp_path):
     lines = _report_in_subprocess(tmp_path, block=("cupy", "torch"))
     assert _line(lines, "CuPy ").startswith("CuPy not available (ModuleNotFoundError")
