@@ -18,14 +18,16 @@ def route(monkeypatch):
     return set_route
 
 
-# input shape, output width: rows that 16 to 64 images divide, of more than 20480 values (the
-# route runs in oneDNN with one thread and with several)
+# input shape, output width: rows that 16 to 64 images divide (the route runs in oneDNN with one
+# thread and with several)
 SHAPES = {
     "L128-B4-n64": ((128, 4, 64), 192),
     "L1-B512-n48": ((1, 512, 48), 144),
     "L37-B16-n40": ((37, 16, 40), 120),
     "2d-R1024-n24-m5": ((1024, 24), 5),
     "4d-n32-m1": ((4, 8, 32, 32), 1),
+    # a prime number of rows: one image, which oneDNN runs with several threads only
+    "2d-R1021-n24": ((1021, 24), 72),
 }
 
 
@@ -36,6 +38,13 @@ def test_onednn_matmul_matches_a_float64_product(shape, m, torch_threads):
     x = torch.randn(shape, generator=g, requires_grad=True)
     weight = (torch.randn(n, m, generator=g) / n ** 0.5).requires_grad_()
     grad = torch.randn(shape[:-1] + (m,), generator=g)
+    rows = x.numel() // n
+    one_image = all(rows % images for images in range(16, 65))
+    assert cpu_gemm._images(rows, n) == (int(torch_threads > 1) if one_image else
+                                         next(i for i in range(16, 65) if rows % i == 0))
+    if one_image and torch_threads == 1:  # left to matmul
+        assert not cpu_gemm._onednn_usable(x, weight)
+        return
     assert cpu_gemm._onednn_usable(x, weight)
     out = cpu_gemm.onednn_matmul(x, weight)
     out.backward(grad)
@@ -47,7 +56,6 @@ def test_onednn_matmul_matches_a_float64_product(shape, m, torch_threads):
     tol = 4e-6 * n ** 0.5
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=tol, atol=tol * m ** 0.5)
-    rows = x.numel() // n
     torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=tol,
                                atol=tol * rows ** 0.5)
     assert x.grad.stride() == x.stride() and weight.grad.stride() == weight.stride()

@@ -213,9 +213,19 @@ def compiler_description(command=None):
     return command[0]
 
 
+_available = set()  # ($CXX, $PATH) where a compiler was found
+
+
 def available():
-    """True when a C++ compiler is present (the library can be built)."""
-    return compiler_command() is not None
+    """True when a C++ compiler is present (the library can be built). Asked on every CPU call:
+    once a compiler is found it is taken as present for the same $CXX and $PATH."""
+    key = (os.environ.get("CXX"), os.environ.get("PATH"))
+    if key in _available:
+        return True
+    if compiler_command() is None:
+        return False
+    _available.add(key)
+    return True
 
 
 def _compiler_identity(command):
@@ -447,6 +457,8 @@ _POINTER_ARRAYS = {}
 
 
 def _as_ctype(value):
+    if type(value) is np.ndarray:  # the common case first: one type check
+        return ctypes.c_void_p(value.ctypes.data)
     if value is None:
         return ctypes.c_void_p(None)
     if isinstance(value, np.ndarray):
@@ -461,17 +473,22 @@ def _as_ctype(value):
 PARALLEL_WORK = 1 << 18
 
 _COLUMNS_IN_NAME = re.compile(r",\s*(\d+)\s*>$")
+_parsed_names = {}  # kernel name -> (columns per thread, the name as bytes)
 
 
 def launch(kernel_name, grid, block, args, work=None):
     """Runs one kernel instantiation over NumPy arrays (the call returns when it has finished),
     from the library of the columns per thread its name gives (``...<float, 3, 8>``: 8).
     ``work`` (column-steps) decides whether the blocks are spread over worker threads."""
-    match = _COLUMNS_IN_NAME.search(kernel_name)
-    columns = int(match.group(1)) if match else 0
-    if not 1 <= columns <= 64:
-        raise RuntimeError(f"sru_cupy host backend: kernel {kernel_name!r} is not a kernel "
-                           "instantiation with 1 to 64 columns per thread")
+    parsed = _parsed_names.get(kernel_name)
+    if parsed is None:
+        match = _COLUMNS_IN_NAME.search(kernel_name)
+        columns = int(match.group(1)) if match else 0
+        if not 1 <= columns <= 64:
+            raise RuntimeError(f"sru_cupy host backend: kernel {kernel_name!r} is not a kernel "
+                               "instantiation with 1 to 64 columns per thread")
+        parsed = _parsed_names[kernel_name] = (columns, kernel_name.encode())
+    columns, encoded_name = parsed
     lib = library(columns)
     threads = 1 if work is not None and work < PARALLEL_WORK else 0
     values = [_as_ctype(a) for a in args]  # kept alive until the call returns
@@ -481,7 +498,7 @@ def launch(kernel_name, grid, block, args, work=None):
     if array_type is None:
         array_type = _POINTER_ARRAYS[len(values)] = ctypes.c_void_p * len(values)
     pointers = array_type(*[ctypes.addressof(v) for v in values])
-    status = lib.sru_host_launch(kernel_name.encode(), *grid, *block, pointers, threads)
+    status = lib.sru_host_launch(encoded_name, *grid, *block, pointers, threads)
     if status != 0:
         raise RuntimeError(f"sru_cupy host backend: kernel {kernel_name!r} is not in the library "
                            f"{lib.path}")
