@@ -13,6 +13,8 @@ holding the bits with ``storage_dtype="bfloat16"``). Parameters (weight_c, bias,
 the arithmetic type (float32, float64 for float64 data) and converted to it here.
 """
 
+import functools
+
 import numpy as np
 
 from . import kernels, numpy_fallback
@@ -44,6 +46,14 @@ def _storage_name(array, storage_dtype, argname):
     if name not in kernels.STORAGE_TYPES:
         raise TypeError(f"{argname}: expected dtype float16, float32, float64 or bfloat16, got {name}")
     return name
+
+
+def _launch_shape(backend, columns_total):
+    """(columns per thread, grid, block) of a launch over ``columns_total`` = B * D columns."""
+    columns = backend.columns_per_thread()
+    threads = (columns_total + columns - 1) // columns
+    block = backend.block_size(threads)
+    return columns, ((threads + block - 1) // block, 1, 1), (block, 1, 1)
 
 
 class _Problem:
@@ -172,11 +182,8 @@ class _Problem:
 
     def kernel(self, kernel):
         """(name, grid, block) of a kernel for this problem on this backend."""
-        columns = self.backend.columns_per_thread()
-        threads = (self.B * self.D + columns - 1) // columns
-        block = self.backend.block_size(threads)
-        name = kernels.kernel_name(kernel, self.dtype, self.k, columns)
-        return name, ((threads + block - 1) // block, 1, 1), (block, 1, 1)
+        columns, grid, block = _launch_shape(self.backend, self.B * self.D)
+        return kernels.kernel_name(kernel, self.dtype, self.k, columns), grid, block
 
     def uses_numpy_fallback(self):
         """True for NumPy arrays where no C++ compiler can build the host kernels."""
@@ -293,3 +300,44 @@ def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, *, hid
             grads["weight_c"] = grads["weight_c_partial"].sum(axis=1).reshape(2 * D)
             grads["bias"] = grads["bias_partial"].sum(axis=1).reshape(2 * D)
         return grads
+
+
+# -- host kernels over memory the caller has checked ----------------------------------------------
+
+
+@functools.lru_cache(maxsize=1024)
+def _host_arguments(kernel, dtype, k, columns, L, B, hidden_size, dirs, flags, scale_x):
+    """(kernel name, the size arguments as ctypes values) of a host launch, made once per
+    problem."""
+    from .backends import host
+    if dtype not in kernels.STORAGE_TYPES:
+        raise TypeError(f"dtype: expected one of {tuple(kernels.STORAGE_TYPES)}, got {dtype!r}")
+    arith = np.dtype(kernels.ARITHMETIC_DTYPES[dtype]).type
+    sizes = tuple(host.as_ctypes_scalar(v) for v in (
+        arith(scale_x), np.int64(L), np.int64(B), np.int32(hidden_size), np.int32(dirs),
+        np.int32(flags)))
+    return kernels.kernel_name(kernel, dtype, k, columns), sizes
+
+
+def host_recurrence(kernel, addresses, *, dtype, k, L, B, hidden_size, bidirectional,
+                    has_skip_term, use_tanh, scale_x):
+    """Runs ``kernel`` ("sru_recurrence_forward" or "sru_recurrence_backward") with the host
+    backend over arrays given by address, which the caller has checked, allocated and made
+    contiguous: the PyTorch op's CPU path, for which the checks and conversions of
+    ``recurrence_forward`` / ``recurrence_backward`` would repeat its own (on small problems
+    they cost as much as the kernel).
+
+    ``addresses``: ``ctypes.c_void_p`` values (None for an absent array), in the kernel's order:
+    forward (h, c, c_last, U, x, weight_c, V, bias, c0, mask_h, mask_pad); backward (grad U,
+    grad x, weight_c partials, bias partials, grad c0, grad V, U, x, weight_c, V, bias, c0,
+    mask_h, mask_pad, c, grad_h, grad_c_last). Storage arrays hold ``dtype``, weight_c, bias,
+    mask_h and the partials its arithmetic dtype, mask_pad one byte per step, with the shapes of
+    ``recurrence_forward``; x is None unless the skip term reads it, c None for inference. Needs
+    L >= 1, B >= 1 and the host library (a C++ compiler)."""
+    from .backends import host
+    dirs = 2 if bidirectional else 1
+    columns, grid, block = _launch_shape(host, B * dirs * hidden_size)
+    flags = (kernels.FLAG_SKIP if has_skip_term else 0) | (kernels.FLAG_TANH if use_tanh else 0)
+    name, sizes = _host_arguments(kernel, dtype, k, columns, L, B, hidden_size, dirs, flags,
+                                  float(scale_x))
+    host.launch(name, grid, block, [*addresses, *sizes], work=L * B * dirs * hidden_size)

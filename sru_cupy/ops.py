@@ -9,12 +9,15 @@ declared with ``torch.library.define`` and their CPU and CUDA kernels registered
 disable dynamo, which imports ``torch._dynamo`` (about a second) on the first eager call.
 
 Tensors reach the kernels without copies: CUDA tensors as CuPy arrays through DLPack, launched on
-PyTorch's current stream of the tensor's device under a device guard; CPU tensors as NumPy views,
-run by the host backend (the C++ build of the same kernels), or, where no C++ compiler exists, by
-the vectorized PyTorch implementation in ``torch_fallback``. Outputs are allocated by PyTorch.
+PyTorch's current stream of the tensor's device under a device guard; CPU tensors by address,
+run by the host backend (the C++ build of the same kernels) through ``launch.host_recurrence``,
+which skips the checks this module has made (on small problems they cost as much as the kernel),
+or, where no C++ compiler exists, by the vectorized PyTorch implementation in ``torch_fallback``.
+Outputs are allocated by PyTorch.
 """
 
 import contextlib
+import ctypes
 from typing import Optional, Tuple
 
 import torch
@@ -129,6 +132,22 @@ def _prepared(U, x, weight_c, bias, c0, mask_h, mask_pad):
             mask_pad]
 
 
+_HOST_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+                torch.bfloat16: "bfloat16"}
+
+
+def _addresses(*tensors):
+    """The data addresses of contiguous CPU tensors as ctypes.c_void_p (None stays None), for
+    launch.host_recurrence."""
+    return [None if t is None else ctypes.c_void_p(t.data_ptr()) for t in tensors]
+
+
+def _host_options(U, D, L, B, hidden_size, bidirectional, has_skip_term, use_tanh, scale_x):
+    return dict(dtype=_HOST_DTYPES[U.dtype], k=U.shape[2] // D, L=L, B=B,
+                hidden_size=hidden_size, bidirectional=bidirectional,
+                has_skip_term=has_skip_term, use_tanh=use_tanh, scale_x=scale_x)
+
+
 def _options(hidden_size, bidirectional, has_skip_term, use_tanh, scale_x, dtype, device):
     options = dict(hidden_size=hidden_size, bidirectional=bidirectional,
                    has_skip_term=has_skip_term, use_tanh=use_tanh, scale_x=scale_x)
@@ -179,6 +198,16 @@ def _recurrence_forward_kernel(U: Tensor, x: Optional[Tensor], weight_c: Optiona
     c = U.new_empty((L, B, D) if store_c else (0,))
     c_last = U.new_empty((B, D))
     inputs = _prepared(U, x, weight_c, bias, c0, mask_h, mask_pad) + [_contiguous(V)]
+    if U.device.type == "cpu" and L > 0 and B > 0:
+        U, x, weight_c, bias, c0, mask_h, mask_pad, V = inputs
+        reads_x = has_skip_term and U.shape[2] == 3 * D
+        launch.host_recurrence(
+            "sru_recurrence_forward",
+            _addresses(h, c if store_c else None, c_last, U, x if reads_x else None, weight_c, V,
+                       bias, c0, mask_h, mask_pad),
+            **_host_options(U, D, L, B, hidden_size, bidirectional, has_skip_term, use_tanh,
+                            scale_x))
+        return h, c, c_last
     with _device_context(U.device):
         arrays = [_as_array(t) for t in inputs]
         out = {"h": _as_array(h), "c_last": _as_array(c_last)}
@@ -229,6 +258,17 @@ def _recurrence_backward_kernel(grad_h: Tensor, grad_c_last: Optional[Tensor], U
     inputs = [_contiguous(grad_h), _contiguous(grad_c_last)] + _prepared(
         U, x, weight_c, bias, c0, mask_h, mask_pad) + [_contiguous(V)]
     inputs.insert(7, _contiguous(c))  # launch order: ..., c0, c, mask_h, mask_pad, V
+    if U.device.type == "cpu" and L > 0 and B > 0:
+        grad_h, grad_c_last, U, x, weight_c, bias, c0, c, mask_h, mask_pad, V = inputs
+        launch.host_recurrence(
+            "sru_recurrence_backward",
+            _addresses(grad_U, grad_x if reads_x else None, grad_wc_partial, grad_bias_partial,
+                       grad_c0, grad_V if V is not None else None, U, x if reads_x else None,
+                       weight_c, V, bias, c0, mask_h, mask_pad, c, grad_h, grad_c_last),
+            **_host_options(U, D, L, B, hidden_size, bidirectional, has_skip_term, use_tanh,
+                            scale_x))
+        return (grad_U, grad_x, grad_wc_partial.sum(1).reshape(2 * D),
+                grad_bias_partial.sum(1).reshape(2 * D), grad_c0, grad_V)
     with _device_context(U.device):
         a = [_as_array(t) for t in inputs]
         out = {"U": _as_array(grad_U), "c0": _as_array(grad_c0),

@@ -758,3 +758,62 @@ def test_bad_out_array_is_rejected(no_launch, which, key, array):
             recurrence_backward(inputs["grad_h"], inputs["grad_c_last"], inputs["U"], inputs["x"],
                                 inputs["weight_c"], inputs["bias"], inputs["c0"], inputs["c"],
                                 **options, out={key: array})
+
+
+# -- host kernels over addresses (the PyTorch op's CPU path) -------------------------------------
+
+
+def _address(array):
+    import ctypes
+    return None if array is None else ctypes.c_void_p(array.ctypes.data)
+
+
+@pytest.mark.parametrize("case", DESIGN_CASES, ids=[c.id for c in DESIGN_CASES])
+def test_host_recurrence_over_addresses_equals_the_checked_launch(case):
+    """launch.host_recurrence runs the same kernels as recurrence_forward / recurrence_backward
+    over arrays given by address: bit for bit the same outputs, every element written."""
+    from sru_cupy.launch import host_recurrence
+    previous = host.COLUMNS_PER_THREAD
+    host.COLUMNS_PER_THREAD = case.columns_per_thread
+    try:
+        inputs = _inputs(case)
+        options = _options(case, inputs)
+        dtype, arith = DTYPES[case.dtype], ARITH[case.dtype]
+        L, B, D, k = case.L, case.B, case.D, case.k
+        reads_x = case.k == 3 and case.has_skip_term
+        args = [inputs[name] for name in ("U", "x", "weight_c", "bias", "c0")]
+        mask_pad = inputs["mask_pad"]
+        mask_pad = None if mask_pad is None else np.ascontiguousarray(mask_pad != 0)
+        sizes = dict(dtype=np.dtype(dtype).name, k=k, L=L, B=B, hidden_size=case.d,
+                     bidirectional=case.bidirectional, has_skip_term=case.has_skip_term,
+                     use_tanh=case.tanh == "tanh", scale_x=case.scale_x)
+
+        h, c, c_last = recurrence_forward(*args, **options)
+        got = {"h": _poisoned((L, B, D), dtype), "c": _poisoned((L, B, D), dtype),
+               "c_last": _poisoned((B, D), dtype)}
+        host_recurrence("sru_recurrence_forward", [_address(a) for a in (
+            got["h"], got["c"], got["c_last"], inputs["U"], inputs["x"] if reads_x else None,
+            inputs["weight_c"], inputs["V"], inputs["bias"], inputs["c0"], inputs["mask_h"],
+            mask_pad)], **sizes)
+        for name, want in (("h", h), ("c", c), ("c_last", c_last)):
+            assert np.array_equal(_bits(got[name]), _bits(want)), name
+
+        want = recurrence_backward(inputs["grad_h"], inputs["grad_c_last"], *args, c, **options,
+                                   reduce_params=False)
+        got = {"U": _poisoned((L, B, D * k), dtype),
+               "x": _poisoned((L, B, D), dtype) if reads_x else None,
+               "weight_c_partial": _poisoned((2, B, D), arith),
+               "bias_partial": _poisoned((2, B, D), arith), "c0": _poisoned((B, D), dtype),
+               "V": _poisoned((L, B, 2 * D), dtype) if case.V == "V" else None}
+        host_recurrence("sru_recurrence_backward", [_address(a) for a in (
+            got["U"], got["x"], got["weight_c_partial"], got["bias_partial"], got["c0"],
+            got["V"], inputs["U"], inputs["x"] if reads_x else None, inputs["weight_c"],
+            inputs["V"], inputs["bias"], inputs["c0"], inputs["mask_h"], mask_pad, c,
+            inputs["grad_h"], inputs["grad_c_last"])], **sizes)
+        for name, array in got.items():
+            if array is None:
+                assert want[name] is None, name
+            else:
+                assert np.array_equal(_bits(array), _bits(want[name])), name
+    finally:
+        host.COLUMNS_PER_THREAD = previous

@@ -457,16 +457,27 @@ _POINTER_ARRAYS = {}
 
 
 def _as_ctype(value):
-    if type(value) is np.ndarray:  # the common case first: one type check
+    if type(value) is np.ndarray:  # the common cases first: one type check each
         return ctypes.c_void_p(value.ctypes.data)
     if value is None:
         return ctypes.c_void_p(None)
+    # an array's address as ctypes.c_void_p (a bare int is refused: it could be meant as a scalar)
+    if isinstance(value, (ctypes.c_void_p, ctypes.c_float, ctypes.c_double, ctypes.c_int32,
+                          ctypes.c_int64)):
+        return value
     if isinstance(value, np.ndarray):
         return ctypes.c_void_p(value.ctypes.data)
     if isinstance(value, np.generic) and value.dtype in _SCALAR_CTYPES:
         return _SCALAR_CTYPES[value.dtype](value.item())
-    raise TypeError(f"kernel argument: expected a numpy array, None or a numpy float32/float64/int32/"
-                    f"int64 scalar, got {type(value).__name__}")
+    raise TypeError(f"kernel argument: expected a numpy array, an address (ctypes.c_void_p), None, "
+                    f"or a numpy or ctypes float32/float64/int32/int64 scalar, got "
+                    f"{type(value).__name__}")
+
+
+def as_ctypes_scalar(value):
+    """A NumPy float32/float64/int32/int64 scalar as the ctypes value ``launch`` passes (to be
+    made once and reused: launch takes ctypes scalars as they are)."""
+    return _SCALAR_CTYPES[value.dtype](value.item())
 
 
 #: Below this many column-steps (columns x time steps) a launch runs on one OS thread.
@@ -477,9 +488,11 @@ _parsed_names = {}  # kernel name -> (columns per thread, the name as bytes)
 
 
 def launch(kernel_name, grid, block, args, work=None):
-    """Runs one kernel instantiation over NumPy arrays (the call returns when it has finished),
-    from the library of the columns per thread its name gives (``...<float, 3, 8>``: 8).
-    ``work`` (column-steps) decides whether the blocks are spread over worker threads."""
+    """Runs one kernel instantiation (the call returns when it has finished), from the library of
+    the columns per thread its name gives (``...<float, 3, 8>``: 8). ``args``: NumPy arrays, or
+    the addresses (``ctypes.c_void_p``) of host memory laid out as those arrays would be, None
+    for a null pointer, and NumPy or ctypes scalars. ``work`` (column-steps) decides whether the blocks are
+    spread over worker threads."""
     parsed = _parsed_names.get(kernel_name)
     if parsed is None:
         match = _COLUMNS_IN_NAME.search(kernel_name)
