@@ -1,4 +1,5 @@
-"""The layers' GEMM (U = input W) on the CPU: through oneDNN where PyTorch's matmul is slow.
+"""The layers' GEMMs (U = input W, SRU++'s linear maps) on the CPU: through oneDNN where PyTorch's
+matmul is slow.
 
 PyTorch's float32 ``matmul`` on the CPU calls MKL's sgemm, which on CPUs other than Intel's takes
 a generic path. On an AMD EPYC with AVX-512 and 2 cores, U = x W for L=128 B=32 d=512 took 32 ms
@@ -25,14 +26,15 @@ TorchScript, tracing, ``torch.compile``, ``torch.export``, ONNX export and autoc
 
 import os
 import platform
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .backends import host
 
-__all__ = ["matmul", "uses_onednn", "onednn_matmul", "route", "onednn_pays_off", "describe",
-           "ROUTE_ENV_VAR", "ROUTES"]
+__all__ = ["matmul", "linear", "Linear", "uses_onednn", "onednn_matmul", "route",
+           "onednn_pays_off", "describe", "ROUTE_ENV_VAR", "ROUTES"]
 
 ROUTE_ENV_VAR = "SRU_CUPY_CPU_GEMM"
 ROUTES = ("auto", "onednn", "matmul")
@@ -115,20 +117,31 @@ def _images(rows: int, n: int) -> int:
     return 1 if torch.get_num_threads() > 1 and rows * n > 20480 else 0
 
 
-def onednn_matmul(input: Tensor, weight: Tensor) -> Tensor:
-    """input (..., n) @ weight (n, m) as a 1x1 transposed convolution, whose (n, m, 1, 1) filters
-    are the weight as it is, over channels-last images of the input's rows (input contiguous,
-    float32, on the CPU, and ``_images`` not 0)."""
-    n, m = weight.shape
+def _onednn_product(input: Tensor, weight: Tensor, transposed: bool,
+                    bias: Optional[Tensor] = None) -> Tensor:
+    """input (..., n) times the weight, (n, m) when ``transposed`` else (m, n), as a 1x1
+    convolution over channels-last images of the input's rows (input contiguous, float32, on the
+    CPU, ``_images`` not 0). A transposed convolution's filters are (in, out, 1, 1), a
+    convolution's (out, in, 1, 1): either way the weight's own layout, so neither the forward nor
+    the backward copies it."""
+    n = input.shape[-1]
+    m = weight.shape[1] if transposed else weight.shape[0]
     rows = input.numel() // n
     images = _images(rows, n)
     # (rows, n) row-major is the channels-last layout of images (images, n, rows / images, 1).
     image = input.reshape(images, rows // images, 1, n).permute(0, 3, 1, 2)
-    # A transposed convolution's filters are (in, out, kH, kW): (n, m, 1, 1) is the weight's own
-    # layout, so neither the forward nor the backward copies the weight or its gradient.
-    out = torch.nn.functional.conv_transpose2d(image, weight.unsqueeze(-1).unsqueeze(-1))
+    filters = weight.unsqueeze(-1).unsqueeze(-1)
+    if transposed:
+        out = torch.nn.functional.conv_transpose2d(image, filters, bias)
+    else:
+        out = torch.nn.functional.conv2d(image, filters, bias)
     # (images, m, rows / images, 1) in channels-last order is (rows, m) row-major
     return out.permute(0, 2, 3, 1).reshape(input.shape[:-1] + (m,))
+
+
+def onednn_matmul(input: Tensor, weight: Tensor) -> Tensor:
+    """input (..., n) @ weight (n, m) through oneDNN (see ``_onednn_product``)."""
+    return _onednn_product(input, weight, transposed=True)
 
 
 def describe() -> str:
@@ -149,6 +162,26 @@ def describe() -> str:
         return (f"oneDNN 1x1 convolutions for float32 products that pay off, torch.matmul for the "
                 f"rest (CPU vendor {vendor}; {setting})")
     return f"torch.matmul (CPU vendor {vendor}; {ROUTE_ENV_VAR}=onednn for oneDNN; {setting})"
+
+
+def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``torch.nn.functional.linear(input, weight, bias)`` for weight (m, n), through oneDNN on
+    the CPU where that is faster (see the module docstring)."""
+    if torch.jit.is_scripting():  # TorchScript compiles this branch only
+        return torch.nn.functional.linear(input, weight, bias)
+    else:
+        if (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu")) \
+                and uses_onednn(input, weight.t()):
+            return _onednn_product(input, weight, transposed=False, bias=bias)
+        return torch.nn.functional.linear(input, weight, bias)
+
+
+class Linear(torch.nn.Linear):
+    """``torch.nn.Linear`` whose product takes ``linear``'s route: the same parameters,
+    ``state_dict`` and hooks."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return linear(input, self.weight, self.bias)
 
 
 def matmul(input: Tensor, weight: Tensor) -> Tensor:

@@ -473,7 +473,7 @@ class SRU(nn.Module):
         self.input_to_hidden = None
         first_input = input_size
         if proj_input_to_hidden_first and input_size != self.output_size:
-            self.input_to_hidden = nn.Linear(input_size, self.output_size, bias=False)
+            self.input_to_hidden = cpu_gemm.Linear(input_size, self.output_size, bias=False)
             first_input = self.output_size
         layers = []
         for i in range(num_layers):

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from . import cpu_gemm
 from .modules import (SRUCell, _check_positive_int, _check_probability, _shape, _stack_final_c,
                       _stack_input)
 
@@ -76,8 +77,8 @@ class SRUppProjectedLinear(nn.Module):
         self.out_features = out_features
         self.proj_features = proj_features
         self.dropout = nn.Dropout(dropout)
-        self.linear1 = nn.Linear(in_features, proj_features, bias=False)
-        self.linear2 = nn.Linear(proj_features, out_features, bias=False)
+        self.linear1 = cpu_gemm.Linear(in_features, proj_features, bias=False)
+        self.linear2 = cpu_gemm.Linear(proj_features, out_features, bias=False)
         self.layer_norm: Optional[nn.LayerNorm] = (nn.LayerNorm(proj_features) if layer_norm
                                                    else None)
         self.reset_parameters()
@@ -128,9 +129,9 @@ class SRUppAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.attn_dropout = float(attn_dropout)
         self.rezero_init_alpha = float(rezero_init_alpha)
-        self.linear1 = nn.Linear(in_features, proj_features, bias=False)
-        self.linear2 = nn.Linear(proj_features, proj_features * 2, bias=False)
-        self.linear3 = nn.Linear(proj_features, out_features, bias=False)
+        self.linear1 = cpu_gemm.Linear(in_features, proj_features, bias=False)
+        self.linear2 = cpu_gemm.Linear(proj_features, proj_features * 2, bias=False)
+        self.linear3 = cpu_gemm.Linear(proj_features, out_features, bias=False)
         self.alpha = nn.Parameter(torch.tensor([self.rezero_init_alpha]))
         self.normalize_after = normalize_after
         self.layer_norm: Optional[nn.LayerNorm] = (nn.LayerNorm(proj_features) if layer_norm
@@ -334,7 +335,7 @@ class SRUpp(nn.Module):
         self.input_to_hidden: Optional[nn.Linear] = None
         first_input = input_size
         if proj_input_to_hidden_first and input_size != self.output_size:
-            self.input_to_hidden = nn.Linear(input_size, self.output_size, bias=False)
+            self.input_to_hidden = cpu_gemm.Linear(input_size, self.output_size, bias=False)
             nn.init.xavier_uniform_(self.input_to_hidden.weight)
             first_input = self.output_size
         for i in range(num_layers):

@@ -8,6 +8,7 @@ import torch
 from sru_cupy import cpu_gemm
 from sru_cupy.backends import host
 from sru_cupy.modules import SRU, SRUCell
+from sru_cupy.srupp import SRUpp
 
 
 @pytest.fixture
@@ -169,11 +170,65 @@ def test_auto_route_sizes(rows, n, m, training, expected, route, monkeypatch):
             cpu_gemm.onednn_pays_off(rows, n, m, False) and cpu_gemm._images(rows, n) > 0)
 
 
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("shape,m", SHAPES.values(), ids=SHAPES.keys())
+def test_onednn_linear_matches_a_float64_product(shape, m, with_bias, torch_threads):
+    """linear(input, weight (m, n), bias) as a 1x1 convolution: F.linear's values and
+    gradients, the weight's gradient in its own layout."""
+    g = torch.Generator().manual_seed(1)
+    n = shape[-1]
+    x = torch.randn(shape, generator=g, requires_grad=True)
+    weight = (torch.randn(m, n, generator=g) / n ** 0.5).requires_grad_()
+    bias = torch.randn(m, generator=g).requires_grad_() if with_bias else None
+    grad = torch.randn(shape[:-1] + (m,), generator=g)
+    if not cpu_gemm._onednn_usable(x, weight.t()):
+        return  # a prime number of rows with one thread: checked by the matmul test
+    out = cpu_gemm._onednn_product(x, weight, transposed=False, bias=bias)
+    out.backward(grad)
+    params = [x, weight] + ([bias] if with_bias else [])
+    doubles = [t.detach().double().requires_grad_() for t in params]
+    ref = torch.nn.functional.linear(*doubles[:2], doubles[2] if with_bias else None)
+    ref.backward(grad.double())
+    tol = 4e-6 * n ** 0.5
+    rows = x.numel() // n
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(x.grad.double(), doubles[0].grad, rtol=tol, atol=tol * m ** 0.5)
+    torch.testing.assert_close(weight.grad.double(), doubles[1].grad, rtol=tol,
+                               atol=tol * rows ** 0.5)
+    if with_bias:
+        torch.testing.assert_close(bias.grad.double(), doubles[2].grad, rtol=tol,
+                                   atol=tol * rows ** 0.5)
+    assert weight.grad.stride() == weight.stride()
+
+
+def test_linear_module_is_nn_linear_with_the_route(route):
+    """cpu_gemm.Linear: nn.Linear's parameters, state_dict, hooks and TorchScript; its product
+    through oneDNN when the route says so."""
+    torch.manual_seed(0)
+    layer = cpu_gemm.Linear(64, 48, bias=True)
+    plain = torch.nn.Linear(64, 48)
+    plain.load_state_dict(layer.state_dict())
+    assert isinstance(layer, torch.nn.Linear) and list(layer.state_dict()) == ["weight", "bias"]
+    x = torch.randn(32, 16, 64)
+    calls = []
+    hook = layer.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    for name in ("matmul", "onednn"):
+        route(name)
+        assert cpu_gemm.uses_onednn(x, layer.weight.t()) is (name == "onednn")
+        torch.testing.assert_close(layer(x), plain(x), rtol=1e-5, atol=1e-5)
+    assert calls == [torch.Size([32, 16, 48])] * 2
+    hook.remove()  # TorchScript compiles hooks, and not a lambda
+    scripted = torch.jit.script(layer)
+    torch.testing.assert_close(scripted(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
 LAYERS = {
     "cell": (SRUCell, (64, 64), {}),
     "sru-2-layers-bi": (SRU, (64, 32), dict(num_layers=2, bidirectional=True)),
     "sru-k4-batch-first": (SRU, (48, 64), dict(num_layers=1, batch_first=True)),
     "sru-projection": (SRU, (64, 64), dict(num_layers=2, projection_size=16)),
+    "srupp-2-layers": (SRUpp, (64, 64, 32), dict(num_layers=2)),
+    "sru-input-to-hidden": (SRU, (48, 64), dict(num_layers=1, proj_input_to_hidden_first=True)),
 }
 
 
@@ -188,12 +243,17 @@ def test_layers_agree_through_both_routes(cls, args, kwargs, route, torch_thread
         route(name)
         inp = x.clone().requires_grad_()
         module.zero_grad(set_to_none=True)
-        h, c = module(inp)
+        h, c = module(inp)[:2]
         (h.square().sum() + c.sum()).backward()
         results[name] = [h, c, inp.grad] + [p.grad for p in module.parameters()
                                             if p.requires_grad]
         cell = module if cls is SRUCell else module.rnn_lst[0]
-        first_weight = cell.weight if cell.weight_proj is None else cell.weight_proj
+        if cls is SRUpp:
+            first_weight = cell.transform_module.linear1.weight.t()
+        elif getattr(module, "input_to_hidden", None) is not None:
+            first_weight = module.input_to_hidden.weight.t()
+        else:
+            first_weight = cell.weight if cell.weight_proj is None else cell.weight_proj
         assert cpu_gemm.uses_onednn(torch.randn(16, 32, args[0]), first_weight) \
             is (name == "onednn")
     for got, want in zip(results["onednn"], results["matmul"]):
