@@ -1,27 +1,29 @@
 """The layers' GEMMs (U = input W, SRU++'s linear maps) on the CPU: through oneDNN where PyTorch's
 matmul is slow.
 
-PyTorch's float32 ``matmul`` on the CPU calls MKL's sgemm, which on CPUs other than Intel's takes
-a generic path. On an AMD EPYC with AVX-512 and 2 cores, U = x W for L=128 B=32 d=512 took 32 ms
-forward and 100 ms forward+backward through ``matmul``, and 14-15 ms and 46-50 ms as a 1x1
-transposed convolution through oneDNN, the other GEMM engine inside PyTorch (one thread: 62 /
-185 ms against 27 / 90 ms). The convolution reads x, W and writes U in the layouts the layer
-already has, so the route copies none of them: the R = x.numel() / n rows of x (..., n),
-contiguous, are viewed as N channels-last images (N, n, R / N, 1), W (n, m) is the transposed
-convolution's (n, m, 1, 1) filters, and the output (N, m, R / N, 1) in channels-last order is U
-(..., m) row-major. Its backward is the convolution's (one call giving dL/dx and dL/dW).
+PyTorch's float32 ``matmul`` on the CPU calls MKL's sgemm, whose code paths are chosen by CPU
+vendor. On an AMD EPYC with AVX-512 and 2 cores, U = x W for L=128 B=32 d=512 took 32 ms forward
+and 100 ms forward+backward through ``matmul``, and 14-15 ms and 46-50 ms as a 1x1 transposed
+convolution through oneDNN, the other GEMM engine inside PyTorch (one thread: 62 / 185 ms against
+27 / 90 ms). The convolution reads x, W and writes U in the layouts the layer already has, so the
+route copies none of them: the R = x.numel() / n rows of x (..., n), contiguous, are viewed as N
+channels-last images (N, n, R / N, 1), W (n, m) is the transposed convolution's (n, m, 1, 1)
+filters (an ``nn.Linear`` weight (m, n) is a convolution's), and the output (N, m, R / N, 1) in
+channels-last order is U (..., m) row-major. Its backward is the convolution's (one call giving
+dL/dx and dL/dW).
 
 ``$SRU_CUPY_CPU_GEMM`` chooses the route:
 
-- ``auto`` (default): oneDNN for float32 on x86-64 CPUs other than Intel's (where MKL is fast),
-  when the product is large enough for the convolution's fixed costs (choosing the primitive,
-  reordering the weight on every call) to pay off (``onednn_pays_off``); else ``torch.matmul``;
+- ``auto`` (default): oneDNN for float32 on x86-64 CPUs other than Intel's (on Intel's, MKL is
+  fast), when the product is large enough for the convolution's fixed costs (choosing the
+  primitive, reordering the weight on every call) to pay off (``onednn_pays_off``); else the
+  plain product;
 - ``onednn``: oneDNN whenever it can run the product (float32 CPU tensors, oneDNN built in and
   enabled);
-- ``matmul``: ``torch.matmul`` always.
+- ``matmul``: the plain product (``torch.matmul``, ``F.linear``) always.
 
-TorchScript, tracing, ``torch.compile``, ``torch.export``, ONNX export and autocast always get
-``torch.matmul``: the compilers choose their own GEMM, and autocast its own dtype.
+TorchScript, tracing, ``torch.compile``, ``torch.export``, ONNX export and autocast always get the
+plain product: the compilers choose their own GEMM, and autocast its own dtype.
 """
 
 import os
