@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .backends import host
 
-__all__ = ["matmul", "linear", "Linear", "uses_onednn", "onednn_matmul", "route",
+__all__ = ["matmul", "linear", "apply_linear", "uses_onednn", "onednn_matmul", "route",
            "onednn_pays_off", "describe", "ROUTE_ENV_VAR", "ROUTES"]
 
 ROUTE_ENV_VAR = "SRU_CUPY_CPU_GEMM"
@@ -85,7 +85,16 @@ def _onednn_usable(input: Tensor, weight: Tensor) -> bool:
             and input.is_contiguous() and input.numel() > 0 and weight.shape[1] > 0
             and _images(input.numel() // weight.shape[0], weight.shape[0]) > 0
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and _full_precision_convolutions()
             and not torch.is_autocast_enabled("cpu"))
+
+
+def _full_precision_convolutions() -> bool:
+    """False where the user has let oneDNN's float32 convolutions compute in a lower precision
+    (``torch.backends.mkldnn.conv.fp32_precision``): the layers' GEMM then stays a matmul,
+    under matmul's own precision setting."""
+    conv = getattr(torch.backends.mkldnn, "conv", None)
+    return getattr(conv, "fp32_precision", "none") in ("none", "ieee")
 
 
 def _onnx_exporting() -> bool:
@@ -97,6 +106,8 @@ def uses_onednn(input: Tensor, weight: Tensor) -> bool:
     """Whether ``matmul(input, weight)`` runs through oneDNN."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _onnx_exporting():
         return False  # first: the rest of the checks are not for tracers to see
+    if input.device.type != "cpu" or input.dtype != torch.float32:
+        return False  # before the route: a CUDA run never reads $SRU_CUPY_CPU_GEMM
     chosen = route()
     if chosen == "matmul" or not _onednn_usable(input, weight):
         return False
@@ -163,7 +174,7 @@ def describe() -> str:
     if _matmul_is_generic_here():
         return (f"oneDNN 1x1 convolutions for float32 products that pay off, torch.matmul for the "
                 f"rest (CPU vendor {vendor}; {setting})")
-    return f"torch.matmul (CPU vendor {vendor}; {ROUTE_ENV_VAR}=onednn for oneDNN; {setting})"
+    return f"torch.matmul (CPU vendor {vendor}; ${ROUTE_ENV_VAR}=onednn for oneDNN; {setting})"
 
 
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -178,12 +189,31 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
         return torch.nn.functional.linear(input, weight, bias)
 
 
-class Linear(torch.nn.Linear):
-    """``torch.nn.Linear`` whose product takes ``linear``'s route: the same parameters,
-    ``state_dict`` and hooks."""
+def _has_hooks(module: torch.nn.Module) -> bool:
+    """Whether calling the module would run forward hooks (its own or global ones)."""
+    hooks = torch.nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or getattr(hooks, "_global_forward_hooks", None)
+                or getattr(hooks, "_global_forward_pre_hooks", None))
 
-    def forward(self, input: Tensor) -> Tensor:
-        return linear(input, self.weight, self.bias)
+
+def _fx_tracing() -> bool:
+    """Whether torch.fx.symbolic_trace is tracing (its own check where this PyTorch has it; the
+    older is_fx_tracing logs a warning on every call)."""
+    trace = torch.fx._symbolic_trace
+    check = getattr(trace, "is_fx_symbolic_tracing", None)
+    return bool(check()) if check is not None else bool(getattr(trace, "_is_fx_tracing_flag",
+                                                                 False))
+
+
+def apply_linear(module: torch.nn.Module, input: Tensor) -> Tensor:
+    """``module(input)``, with a plain ``nn.Linear`` (that type exactly, no hooks) taking
+    ``linear``'s route. Anything else, a subclass, a quantized or hooked module, or any module
+    under torch.fx tracing (where it stays a leaf), is called as it is, so quantization and
+    tracing tools see the ``nn.Linear`` they expect. (TorchScript: call the module itself.)"""
+    if type(module) is torch.nn.Linear and not _has_hooks(module) and not _fx_tracing():
+        return linear(input, module.weight, module.bias)
+    return module(input)
 
 
 def matmul(input: Tensor, weight: Tensor) -> Tensor:

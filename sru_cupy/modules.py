@@ -473,7 +473,7 @@ class SRU(nn.Module):
         self.input_to_hidden = None
         first_input = input_size
         if proj_input_to_hidden_first and input_size != self.output_size:
-            self.input_to_hidden = cpu_gemm.Linear(input_size, self.output_size, bias=False)
+            self.input_to_hidden = nn.Linear(input_size, self.output_size, bias=False)
             first_input = self.output_size
         layers = []
         for i in range(num_layers):
@@ -517,7 +517,8 @@ class SRU(nn.Module):
         """The layers over time-major input already checked by ``_stack_input``."""
         prev = input
         if self.input_to_hidden is not None:
-            prev = self.input_to_hidden(input)
+            prev = self.input_to_hidden(input) if torch.jit.is_scripting() else \
+                cpu_gemm.apply_linear(self.input_to_hidden, input)
         finals: List[Tensor] = []
         for i, layer in enumerate(self.rnn_lst):
             prev, c = layer._forward_time_major(prev, None if c0 is None else c0[i], mask_pad)

@@ -10,8 +10,9 @@ disable dynamo, which imports ``torch._dynamo`` (about a second) on the first ea
 
 Tensors reach the kernels without copies: CUDA tensors as CuPy arrays through DLPack, launched on
 PyTorch's current stream of the tensor's device under a device guard; CPU tensors by address,
-run by the host backend (the C++ build of the same kernels) through ``launch.host_recurrence``,
-which skips the checks this module has made (on small problems they cost as much as the kernel),
+run by the host backend (the C++ build of the same kernels) through ``launch.host_recurrence``
+after this module's own checks of what the kernels will read (the launch layer's checks and
+conversions of NumPy arrays would repeat them, and on small problems cost as much as the kernel),
 or, where no C++ compiler exists, by the vectorized PyTorch implementation in ``torch_fallback``.
 Outputs are allocated by PyTorch.
 """
@@ -116,7 +117,8 @@ def _as_array(t: Optional[Tensor]):
 
 
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.contiguous()
+    """Contiguous, with a negative view's values materialised (the kernels read raw memory)."""
+    return None if t is None else t.resolve_neg().contiguous()
 
 
 def _prepared(U, x, weight_c, bias, c0, mask_h, mask_pad):
@@ -124,7 +126,8 @@ def _prepared(U, x, weight_c, bias, c0, mask_h, mask_pad):
     contiguous data, parameters in the arithmetic dtype, mask_pad as bytes. The launch layer then
     makes no temporaries of its own, which keeps launches legal inside CUDA graph capture."""
     arith = _arith_dtype(U.dtype)
-    params = [None if t is None else t.to(arith).contiguous() for t in (weight_c, bias, mask_h)]
+    params = [None if t is None else t.to(arith).resolve_neg().contiguous()
+              for t in (weight_c, bias, mask_h)]
     if mask_pad is not None:
         mask_pad = (mask_pad if mask_pad.dtype in (torch.bool, torch.uint8) else mask_pad != 0)
         mask_pad = mask_pad.contiguous()
@@ -134,6 +137,49 @@ def _prepared(U, x, weight_c, bias, c0, mask_h, mask_pad):
 
 _HOST_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
                 torch.bfloat16: "bfloat16"}
+
+
+def _check_host_memory(U, hidden_size, bidirectional, has_skip_term, data, params, mask_pad):
+    """What the host kernels will read, checked before they get raw addresses: the op may be
+    called directly (``torch.ops.sru_cupy``, TorchScript), past ``recurrence``'s checks.
+    ``data``: (name, tensor or None, shape, required), in U's dtype; ``params``: (name, tensor or
+    None, number of values, required), any floating dtype; mask_pad (L, B)."""
+    if U.dtype not in _HOST_DTYPES:
+        raise TypeError(f"U: expected dtype float16, bfloat16, float32 or float64, got {U.dtype}")
+    if U.dim() != 3:
+        raise ValueError(f"U: expected rank 3 (L, B, D*k), got shape {tuple(U.shape)}")
+    if hidden_size < 1:
+        raise ValueError(f"hidden_size: expected a positive int, got {hidden_size}")
+    D = hidden_size * (2 if bidirectional else 1)
+    if U.shape[2] not in (3 * D, 4 * D):
+        raise ValueError(f"U: expected last axis 3*D = {3 * D} or 4*D = {4 * D} (D = {D}), "
+                         f"got {U.shape[2]}")
+    if U.shape[2] == 4 * D and not has_skip_term:
+        raise ValueError("U: k = 4 (a learned skip slot) needs has_skip_term=True, got "
+                         "has_skip_term=False")
+    for name, t, shape, required in data:
+        if t is None:
+            if required:
+                raise ValueError(f"{name}: required for these options, got None")
+            continue
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+        if t.dtype != U.dtype:
+            raise TypeError(f"{name}: expected dtype {U.dtype} like U, got {t.dtype}")
+    for name, t, values, required in params:
+        if t is None:
+            if required:
+                raise ValueError(f"{name}: required, got None")
+            continue
+        if t.numel() != values or not t.is_floating_point():
+            raise ValueError(f"{name}: expected {values} floating values, got shape "
+                             f"{tuple(t.shape)} of {t.dtype}")
+    if mask_pad is not None and tuple(mask_pad.shape) != tuple(U.shape[:2]):
+        raise ValueError(f"mask_pad: expected shape (L, B) = {tuple(U.shape[:2])}, got "
+                         f"{tuple(mask_pad.shape)}")
+    for name, t in [(n, t) for n, t, _, _ in data + params] + [("mask_pad", mask_pad)]:
+        if t is not None and t.device != U.device:
+            raise ValueError(f"{name}: expected a tensor on {U.device} like U, got {t.device}")
 
 
 def _addresses(*tensors):
@@ -201,6 +247,12 @@ def _recurrence_forward_kernel(U: Tensor, x: Optional[Tensor], weight_c: Optiona
     if U.device.type == "cpu" and L > 0 and B > 0:
         U, x, weight_c, bias, c0, mask_h, mask_pad, V = inputs
         reads_x = has_skip_term and U.shape[2] == 3 * D
+        _check_host_memory(
+            U, hidden_size, bidirectional, has_skip_term,
+            [("x", x if reads_x else None, (L, B, D), reads_x), ("c0", c0, (B, D), False),
+             ("V", V, (L, B, 2 * D), False)],
+            [("weight_c", weight_c, 2 * D, False), ("bias", bias, 2 * D, True),
+             ("mask_h", mask_h, B * D, False)], mask_pad)
         launch.host_recurrence(
             "sru_recurrence_forward",
             _addresses(h, c if store_c else None, c_last, U, x if reads_x else None, weight_c, V,
@@ -260,6 +312,13 @@ def _recurrence_backward_kernel(grad_h: Tensor, grad_c_last: Optional[Tensor], U
     inputs.insert(7, _contiguous(c))  # launch order: ..., c0, c, mask_h, mask_pad, V
     if U.device.type == "cpu" and L > 0 and B > 0:
         grad_h, grad_c_last, U, x, weight_c, bias, c0, c, mask_h, mask_pad, V = inputs
+        _check_host_memory(
+            U, hidden_size, bidirectional, has_skip_term,
+            [("x", x if reads_x else None, (L, B, D), reads_x), ("c0", c0, (B, D), False),
+             ("V", V, (L, B, 2 * D), False), ("grad_h", grad_h, (L, B, D), True),
+             ("c", c, (L, B, D), True), ("grad_c_last", grad_c_last, (B, D), False)],
+            [("weight_c", weight_c, 2 * D, False), ("bias", bias, 2 * D, True),
+             ("mask_h", mask_h, B * D, False)], mask_pad)
         launch.host_recurrence(
             "sru_recurrence_backward",
             _addresses(grad_U, grad_x if reads_x else None, grad_wc_partial, grad_bias_partial,

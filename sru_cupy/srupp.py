@@ -77,8 +77,8 @@ class SRUppProjectedLinear(nn.Module):
         self.out_features = out_features
         self.proj_features = proj_features
         self.dropout = nn.Dropout(dropout)
-        self.linear1 = cpu_gemm.Linear(in_features, proj_features, bias=False)
-        self.linear2 = cpu_gemm.Linear(proj_features, out_features, bias=False)
+        self.linear1 = nn.Linear(in_features, proj_features, bias=False)
+        self.linear2 = nn.Linear(proj_features, out_features, bias=False)
         self.layer_norm: Optional[nn.LayerNorm] = (nn.LayerNorm(proj_features) if layer_norm
                                                    else None)
         self.reset_parameters()
@@ -94,10 +94,13 @@ class SRUppProjectedLinear(nn.Module):
     def forward(self, input: Tensor, mask_pad: Optional[Tensor] = None,
                 attn_mask: Optional[Tensor] = None, memory: Optional[Tensor] = None,
                 memory_mask_pad: Optional[Tensor] = None) -> Tensor:
-        z = self.linear1(input)
+        z = self.linear1(input) if torch.jit.is_scripting() else \
+            cpu_gemm.apply_linear(self.linear1, input)
         if self.layer_norm is not None:
             z = self.layer_norm(z)
-        return self.linear2(self.dropout(z))
+        z = self.dropout(z)
+        return self.linear2(z) if torch.jit.is_scripting() else \
+            cpu_gemm.apply_linear(self.linear2, z)
 
 
 class SRUppAttention(nn.Module):
@@ -129,9 +132,9 @@ class SRUppAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.attn_dropout = float(attn_dropout)
         self.rezero_init_alpha = float(rezero_init_alpha)
-        self.linear1 = cpu_gemm.Linear(in_features, proj_features, bias=False)
-        self.linear2 = cpu_gemm.Linear(proj_features, proj_features * 2, bias=False)
-        self.linear3 = cpu_gemm.Linear(proj_features, out_features, bias=False)
+        self.linear1 = nn.Linear(in_features, proj_features, bias=False)
+        self.linear2 = nn.Linear(proj_features, proj_features * 2, bias=False)
+        self.linear3 = nn.Linear(proj_features, out_features, bias=False)
         self.alpha = nn.Parameter(torch.tensor([self.rezero_init_alpha]))
         self.normalize_after = normalize_after
         self.layer_norm: Optional[nn.LayerNorm] = (nn.LayerNorm(proj_features) if layer_norm
@@ -163,12 +166,14 @@ class SRUppAttention(nn.Module):
                                  f"(M, {B}, {self.in_features}), got {_shape(memory.shape)}")
             M = memory.shape[0]
             source = torch.cat([memory, input], dim=0)
-        z = self.linear1(source)  # (M + L, B, proj)
+        z = self.linear1(source) if torch.jit.is_scripting() else \
+            cpu_gemm.apply_linear(self.linear1, source)  # (M + L, B, proj)
         residual = z[M:]
         if self.layer_norm is not None and not self.normalize_after:
             z = self.layer_norm(z)
         heads, head_dim = self.num_heads, self.proj_features // self.num_heads
-        k, v = self.linear2(z).chunk(2, dim=-1)
+        kv = self.linear2(z) if torch.jit.is_scripting() else cpu_gemm.apply_linear(self.linear2, z)
+        k, v = kv.chunk(2, dim=-1)
         # (len, B, proj) -> (B, heads, len, head_dim): head h holds features h*head_dim...
         q = z[M:].reshape(L, B, heads, head_dim).permute(1, 2, 0, 3)
         k = k.reshape(M + L, B, heads, head_dim).permute(1, 2, 0, 3)
@@ -192,7 +197,9 @@ class SRUppAttention(nn.Module):
         out = attention * self.alpha + residual
         if self.layer_norm is not None and self.normalize_after:
             out = self.layer_norm(out)
-        return self.linear3(self.dropout(out))
+        out = self.dropout(out)
+        return self.linear3(out) if torch.jit.is_scripting() else \
+            cpu_gemm.apply_linear(self.linear3, out)
 
     @staticmethod
     def _mask(attn_mask: Optional[Tensor], mask_pad: Optional[Tensor],
@@ -335,7 +342,7 @@ class SRUpp(nn.Module):
         self.input_to_hidden: Optional[nn.Linear] = None
         first_input = input_size
         if proj_input_to_hidden_first and input_size != self.output_size:
-            self.input_to_hidden = cpu_gemm.Linear(input_size, self.output_size, bias=False)
+            self.input_to_hidden = nn.Linear(input_size, self.output_size, bias=False)
             nn.init.xavier_uniform_(self.input_to_hidden.weight)
             first_input = self.output_size
         for i in range(num_layers):
@@ -421,7 +428,10 @@ class SRUpp(nn.Module):
                        else type(memory).__name__)
                 raise ValueError(f"memory: expected a list of {self.num_layers} tensors (or None),"
                                  f" one per layer, got {got}")
-        x = input if self.input_to_hidden is None else self.input_to_hidden(input)
+        x = input
+        if self.input_to_hidden is not None:
+            x = self.input_to_hidden(input) if torch.jit.is_scripting() else \
+                cpu_gemm.apply_linear(self.input_to_hidden, input)
         saved_inputs = []
         finals = []
         for i, layer in enumerate(self.rnn_lst):

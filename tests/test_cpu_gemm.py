@@ -76,6 +76,9 @@ def test_route_reads_the_environment(route):
     x, weight = torch.randn(256, 64), torch.randn(64, 192)
     with pytest.raises(ValueError, match="SRU_CUPY_CPU_GEMM"):
         cpu_gemm.matmul(x, weight)
+    # products the route never takes (other dtypes, CUDA) do not read the variable
+    torch.testing.assert_close(cpu_gemm.matmul(x.double(), weight.double()),
+                               torch.matmul(x.double(), weight.double()))
 
 
 def _big():
@@ -103,7 +106,7 @@ def test_onednn_route_leaves_what_it_cannot_run_to_matmul(make, route):
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
 @pytest.mark.parametrize("state", ["autocast", "mkldnn-disabled", "compiling", "tracing",
-                                   "onnx-export"])
+                                   "onnx-export", "bf16-convolutions"])
 def test_onednn_route_is_left_to_the_compilers_and_autocast(state, route, monkeypatch):
     route("onednn")
     x, weight = _big()
@@ -116,6 +119,15 @@ def test_onednn_route_is_left_to_the_compilers_and_autocast(state, route, monkey
     if state == "mkldnn-disabled":
         with torch.backends.mkldnn.flags(enabled=False):
             assert not cpu_gemm.uses_onednn(x, weight)
+        return
+    if state == "bf16-convolutions":  # the user lowered oneDNN's convolution precision
+        conv = torch.backends.mkldnn.conv
+        before = conv.fp32_precision
+        conv.fp32_precision = "bf16"
+        try:
+            assert not cpu_gemm.uses_onednn(x, weight)
+        finally:
+            conv.fp32_precision = before
         return
     if state == "compiling":
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
@@ -201,25 +213,58 @@ def test_onednn_linear_matches_a_float64_product(shape, m, with_bias, torch_thre
     assert weight.grad.stride() == weight.stride()
 
 
-def test_linear_module_is_nn_linear_with_the_route(route):
-    """cpu_gemm.Linear: nn.Linear's parameters, state_dict, hooks and TorchScript; its product
-    through oneDNN when the route says so."""
+def test_apply_linear_routes_plain_linears_only(route):
+    """cpu_gemm.apply_linear: a plain nn.Linear's product through oneDNN when the route says so;
+    a hooked one, a subclass or a quantized one called as it is (hooks run, quantization keeps
+    its own kernels)."""
     torch.manual_seed(0)
-    layer = cpu_gemm.Linear(64, 48, bias=True)
-    plain = torch.nn.Linear(64, 48)
-    plain.load_state_dict(layer.state_dict())
-    assert isinstance(layer, torch.nn.Linear) and list(layer.state_dict()) == ["weight", "bias"]
+    layer = torch.nn.Linear(64, 48)
     x = torch.randn(32, 16, 64)
-    calls = []
-    hook = layer.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    want = layer(x)
     for name in ("matmul", "onednn"):
         route(name)
         assert cpu_gemm.uses_onednn(x, layer.weight.t()) is (name == "onednn")
-        torch.testing.assert_close(layer(x), plain(x), rtol=1e-5, atol=1e-5)
-    assert calls == [torch.Size([32, 16, 48])] * 2
-    hook.remove()  # TorchScript compiles hooks, and not a lambda
-    scripted = torch.jit.script(layer)
-    torch.testing.assert_close(scripted(x), plain(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cpu_gemm.apply_linear(layer, x), want, rtol=1e-5, atol=1e-5)
+    calls = []
+    hook = layer.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    torch.testing.assert_close(cpu_gemm.apply_linear(layer, x), want, rtol=1e-5, atol=1e-5)
+    assert calls == [torch.Size([32, 16, 48])]
+    hook.remove()
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, input):
+            return 2 * super().forward(input)
+
+    doubled = Doubled(64, 48)
+    doubled.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(cpu_gemm.apply_linear(doubled, x), 2 * want, rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_layers_stay_quantizable_and_fx_traceable(route):
+    """The layers keep plain nn.Linear modules: dynamic quantization replaces SRU++'s linear
+    maps, and torch.fx keeps a Linear called through apply_linear as a leaf module."""
+    route("onednn")
+    torch.manual_seed(0)
+    model = SRUpp(64, 64, 32, num_layers=1)
+    quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear},
+                                                       dtype=torch.qint8)
+    linear1 = quantized.rnn_lst[0].transform_module.linear1
+    assert "quantized" in type(linear1).__module__, type(linear1)
+    x = torch.randn(16, 32, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(x)[0], model(x)[0], rtol=0.1, atol=0.1)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(64, 48)
+
+        def forward(self, input):
+            return cpu_gemm.apply_linear(self.lin, input)
+
+    graph = torch.fx.symbolic_trace(Wrapper()).graph
+    assert [n.target for n in graph.nodes if n.op == "call_module"] == ["lin"]
 
 
 LAYERS = {
@@ -266,8 +311,8 @@ def test_layers_agree_through_both_routes(cls, args, kwargs, route, torch_thread
     ("auto", "AuthenticAMD", "oneDNN 1x1 convolutions for float32 products that pay off, "
                              "torch.matmul for the rest (CPU vendor AuthenticAMD; "
                              "$SRU_CUPY_CPU_GEMM=auto)"),
-    ("auto", "GenuineIntel", "torch.matmul (CPU vendor GenuineIntel; SRU_CUPY_CPU_GEMM=onednn for "
-                             "oneDNN; $SRU_CUPY_CPU_GEMM=auto)"),
+    ("auto", "GenuineIntel", "torch.matmul (CPU vendor GenuineIntel; $SRU_CUPY_CPU_GEMM=onednn "
+                             "for oneDNN; $SRU_CUPY_CPU_GEMM=auto)"),
     ("bad", "AuthenticAMD", "unusable: $SRU_CUPY_CPU_GEMM: expected one of auto, onednn, matmul, "
                             "got 'bad'"),
 ], ids=["matmul", "onednn", "auto-amd", "auto-intel", "bad"])

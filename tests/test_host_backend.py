@@ -272,9 +272,13 @@ def test_found_compiler_is_kept_while_it_exists(tmp_path, monkeypatch):
     searches.clear()
     assert [host.find_compiler() for _ in range(3)] == [str(gxx)] * 3
     assert searches == ["c++", "g++"]  # one search, then the kept path
+    assert host.available()
     gxx.unlink()
+    monkeypatch.setattr(host, "_ziglang_importable", lambda: False)
+    assert not host.available()  # the kept one has gone, and there is no other
     clang = _script(bin_dir / "clang++", "exit 0\n")
-    assert host.find_compiler() == str(clang)  # the kept one has gone: searched again
+    assert host.find_compiler() == str(clang)  # searched again
+    assert host.available()
 
 
 @pytest.mark.parametrize("ziglang", [True, False], ids=["ziglang", "no-ziglang"])

@@ -1383,3 +1383,70 @@ def test_gpu_per_thread_default_stream_of_cupy(cuda):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=300, env=child_env(CUPY_CUDA_PER_THREAD_DEFAULT_STREAM="1"))
     assert out.returncode == 0 and "PER-THREAD-OK" in out.stdout, out.stderr[-3000:]
+
+
+# -- the operators called directly (torch.ops, TorchScript): checked before raw memory is read -----
+
+
+def _direct_args(L=3, B=2, d=4, k=3):
+    g = torch.Generator().manual_seed(3)
+    D = d
+    return dict(U=torch.randn(L, B, k * D, generator=g), x=torch.randn(L, B, D, generator=g),
+                weight_c=torch.randn(2 * D, generator=g), bias=torch.randn(2 * D, generator=g),
+                c0=torch.randn(B, D, generator=g), mask_h=None, mask_pad=None)
+
+
+DIRECT_FORWARD_ERRORS = {
+    "c0-shape": (dict(c0=torch.zeros(2, 2)), ValueError, r"c0: expected shape \(2, 4\)"),
+    "c0-dtype": (dict(c0=torch.zeros(2, 4, dtype=torch.float16)), TypeError,
+                 "c0: expected dtype torch.float32 like U"),
+    "x-shape": (dict(x=torch.zeros(3, 2, 3)), ValueError, r"x: expected shape \(3, 2, 4\)"),
+    "x-missing": (dict(x=None), ValueError, "x: required"),
+    "mask_pad-shape": (dict(mask_pad=torch.zeros(3, dtype=torch.bool)), ValueError,
+                       r"mask_pad: expected shape \(L, B\) = \(3, 2\)"),
+    "bias-size": (dict(bias=torch.zeros(5)), ValueError, "bias: expected 8 floating values"),
+    "mask_h-size": (dict(mask_h=torch.ones(2, 3)), ValueError, "mask_h: expected 8 floating"),
+    "U-int": (dict(U=torch.zeros(3, 2, 12, dtype=torch.int32)), TypeError,
+              "U: expected dtype float16, bfloat16, float32 or float64"),
+    "U-width": (dict(U=torch.zeros(3, 2, 10)), ValueError, "U: expected last axis 3"),
+}
+
+
+@pytest.mark.skipif(not host.available(), reason="host backend: no C++ compiler found")
+@pytest.mark.parametrize("change,exc,match", DIRECT_FORWARD_ERRORS.values(),
+                         ids=DIRECT_FORWARD_ERRORS.keys())
+def test_operator_called_directly_checks_what_the_kernels_read(change, exc, match):
+    a = dict(_direct_args(), **change)
+    with pytest.raises(exc, match=match):
+        ops.recurrence_forward_op(a["U"], a["x"], a["weight_c"], a["bias"], a["c0"], a["mask_h"],
+                                  a["mask_pad"], 4, False, True, False, 1.0, True)
+
+
+@pytest.mark.skipif(not host.available(), reason="host backend: no C++ compiler found")
+def test_operator_checks_k4_needs_the_skip_term_and_the_backward_arrays():
+    a = _direct_args(k=4)
+    with pytest.raises(ValueError, match="k = 4 .* needs has_skip_term=True"):
+        ops.recurrence_forward_op(a["U"], None, a["weight_c"], a["bias"], None, None, None, 4,
+                                  False, False, False, 1.0, True)
+    a = _direct_args()
+    h, c, _ = ops.recurrence_forward_op(a["U"], a["x"], a["weight_c"], a["bias"], a["c0"], None,
+                                        None, 4, False, True, False, 1.0, True)
+    for name, bad in (("c", torch.zeros(0)), ("grad_h", torch.zeros(3, 2, 3)),
+                      ("grad_c_last", torch.zeros(2, 4, dtype=torch.float64))):
+        args = dict(dict(grad_h=torch.ones_like(h), c=c, grad_c_last=None), **{name: bad})
+        with pytest.raises((ValueError, TypeError), match=name):
+            ops.recurrence_backward_op(args["grad_h"], args["grad_c_last"], a["U"], a["x"],
+                                       a["weight_c"], a["bias"], a["c0"], args["c"], None, None,
+                                       4, False, True, False, 1.0)
+
+
+def test_negative_views_are_read_as_their_values():
+    """A tensor with the negative bit (torch._neg_view) holds -values in memory-unnegated form:
+    the op materialises it before the kernels read the memory."""
+    a = _direct_args()
+    negated = torch._neg_view(-a["U"])
+    assert negated.is_neg()
+    want, _ = ops.recurrence(a["U"], a["x"], a["weight_c"], a["bias"], a["c0"], hidden_size=4)
+    got, _ = ops.recurrence(negated, a["x"], torch._neg_view(-a["weight_c"]), a["bias"], a["c0"],
+                            hidden_size=4)
+    torch.testing.assert_close(got, want)

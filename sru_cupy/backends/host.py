@@ -213,18 +213,20 @@ def compiler_description(command=None):
     return command[0]
 
 
-_available = set()  # ($CXX, $PATH) where a compiler was found
+_available = {}  # ($CXX, $PATH) -> the program of the compiler command found with them
 
 
 def available():
     """True when a C++ compiler is present (the library can be built). Asked on every CPU call:
-    once a compiler is found it is taken as present for the same $CXX and $PATH."""
+    a compiler once found is kept for the same $CXX and $PATH while its program is still there."""
     key = (os.environ.get("CXX"), os.environ.get("PATH"))
-    if key in _available:
+    program = _available.get(key)
+    if program is not None and os.access(program, os.X_OK):
         return True
-    if compiler_command() is None:
+    command = compiler_command()
+    if command is None:
         return False
-    _available.add(key)
+    _available[key] = command[0]
     return True
 
 
