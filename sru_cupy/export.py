@@ -31,12 +31,26 @@ from torch import Tensor
 __all__ = ["recurrence_scan", "onnx_exporting", "export_onnx"]
 
 
+def _needs(what: str) -> RuntimeError:
+    return RuntimeError(f"ONNX export of the SRU layers needs {what}, which torch "
+                        f"{torch.__version__} lacks (it is tested with torch 2.13): upgrade torch, "
+                        "or deploy with torch.export or TorchScript")
+
+
+def _scan_op():
+    """PyTorch's scan operator (a private one: the ONNX exporter writes it as ONNX Scan)."""
+    try:
+        from torch._higher_order_ops.scan import scan_op
+    except ImportError as error:
+        raise _needs("torch._higher_order_ops.scan.scan_op") from error
+    return scan_op
+
+
 def _direction_scan(u, skip, v, b, c0, m, pad, V, use_tanh, reverse):
     """One direction over time: u (L, B, d, k), skip (L, B, d) or None, v, b (2, d), c0 (B, d),
     m (B, d) or None, pad (L, B, 1) bool or None, V (L, B, d, 2) or None -> (h, c (L, B, d),
     c_last (B, d)), time order kept (``reverse`` runs t = L-1 .. 0)."""
-    from torch._higher_order_ops.scan import scan_op
-
+    scan_op = _scan_op()
     xs = [u] + [t for t in (skip, pad, V) if t is not None]
     if reverse:
         xs = [t.flip(0) for t in xs]
@@ -178,6 +192,8 @@ def _dynamic_shapes(model: torch.nn.Module, given: dict) -> tuple:
     length, batch = Dim("length"), Dim("batch")
     batch_first = bool(getattr(model, "batch_first", False))
     with_memory = given.get("memory") is not None
+    if with_memory and not hasattr(Dim, "AUTO"):
+        raise _needs("torch.export.Dim.AUTO (for the memory length)")
 
     def steps(time):  # a (steps, batch, ...) tensor in the module's layout
         return {0: batch, 1: time} if batch_first else {0: time, 1: batch}

@@ -550,3 +550,25 @@ def test_torch_export_srupp_save_load_matches_eager(name):
         assert len(got) == len(expected)
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_an_older_torch_gets_a_clear_error(monkeypatch):
+    """The ONNX route uses PyTorch's private scan operator and Dim.AUTO: where a PyTorch lacks
+    them, the error says what is missing and what to do instead."""
+    import sys
+    import types
+    monkeypatch.setitem(sys.modules, "torch._higher_order_ops.scan",
+                        types.ModuleType("torch._higher_order_ops.scan"))
+    L, B, d = 3, 2, 4
+    args = [torch.randn(L, B, 3 * d), torch.randn(L, B, d), torch.randn(2 * d), torch.randn(2 * d),
+            torch.randn(B, d), None, None, d, False, True, False, 1.0, True]
+    with pytest.raises(RuntimeError, match=r"needs torch\._higher_order_ops\.scan\.scan_op, which "
+                                           r"torch .* lacks .*upgrade torch, or deploy with "
+                                           r"torch\.export or TorchScript"):
+        export.recurrence_scan(*args)
+    monkeypatch.undo()
+    monkeypatch.delattr(torch.export.Dim, "AUTO")
+    model = SRUpp(8, 8, 4, num_layers=1).eval()
+    x, memory = torch.randn(3, 2, 8), [torch.randn(2, 2, 8)]
+    with pytest.raises(RuntimeError, match=r"needs torch\.export\.Dim\.AUTO"):
+        export._dynamic_shapes(model, {"input": x, "memory": memory})
