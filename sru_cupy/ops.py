@@ -28,7 +28,10 @@ from . import launch
 from .backends import host
 from .numpy_fallback import user_stacklevel as _user_stacklevel
 
-_STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Storage dtypes and their names in the kernels' instantiations.
+_STORAGE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+                  torch.float64: "float64"}
+_STORAGE_DTYPES = tuple(_STORAGE_NAMES)
 _cpu_notice_shown = False
 
 
@@ -135,25 +138,14 @@ def _prepared(U, x, weight_c, bias, c0, mask_h, mask_pad):
             mask_pad]
 
 
-_HOST_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
-                torch.bfloat16: "bfloat16"}
-
-
 def _check_host_memory(U, hidden_size, bidirectional, has_skip_term, data, params, mask_pad):
     """What the host kernels will read, checked before they get raw addresses: the op may be
     called directly (``torch.ops.sru_cupy``, TorchScript), past ``recurrence``'s checks.
     ``data``: (name, tensor or None, shape, required), in U's dtype; ``params``: (name, tensor or
     None, number of values, required), any floating dtype; mask_pad (L, B)."""
-    if U.dtype not in _HOST_DTYPES:
-        raise TypeError(f"U: expected dtype float16, bfloat16, float32 or float64, got {U.dtype}")
-    if U.dim() != 3:
-        raise ValueError(f"U: expected rank 3 (L, B, D*k), got shape {tuple(U.shape)}")
     if hidden_size < 1:
         raise ValueError(f"hidden_size: expected a positive int, got {hidden_size}")
-    D = hidden_size * (2 if bidirectional else 1)
-    if U.shape[2] not in (3 * D, 4 * D):
-        raise ValueError(f"U: expected last axis 3*D = {3 * D} or 4*D = {4 * D} (D = {D}), "
-                         f"got {U.shape[2]}")
+    D = _check_U(U, hidden_size, bidirectional)
     if U.shape[2] == 4 * D and not has_skip_term:
         raise ValueError("U: k = 4 (a learned skip slot) needs has_skip_term=True, got "
                          "has_skip_term=False")
@@ -189,7 +181,7 @@ def _addresses(*tensors):
 
 
 def _host_options(U, D, L, B, hidden_size, bidirectional, has_skip_term, use_tanh, scale_x):
-    return dict(dtype=_HOST_DTYPES[U.dtype], k=U.shape[2] // D, L=L, B=B,
+    return dict(dtype=_STORAGE_NAMES[U.dtype], k=U.shape[2] // D, L=L, B=B,
                 hidden_size=hidden_size, bidirectional=bidirectional,
                 has_skip_term=has_skip_term, use_tanh=use_tanh, scale_x=scale_x)
 
@@ -423,14 +415,8 @@ def recurrence(U: Tensor, x: Optional[Tensor], weight_c: Optional[Tensor], bias:
     return h, c_last
 
 
-def _check(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional, has_skip_term,
-           V=None):
-    """Argument checks with messages naming the argument, before anything is launched."""
-    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
-        raise (ValueError if isinstance(hidden_size, int) and not isinstance(hidden_size, bool)
-               else TypeError)(f"hidden_size: expected a positive int, got {hidden_size!r}")
-    if not isinstance(U, Tensor):
-        raise TypeError(f"U: expected a torch.Tensor, got {type(U).__name__}")
+def _check_U(U, hidden_size, bidirectional):
+    """U's dtype, rank, device and width (3*D or 4*D columns); returns D."""
     if U.dtype not in _STORAGE_DTYPES:
         raise TypeError(f"U: expected dtype float16, bfloat16, float32 or float64, got {U.dtype}")
     if U.dim() != 3:
@@ -441,6 +427,18 @@ def _check(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectiona
     if U.shape[2] not in (3 * D, 4 * D):
         raise ValueError(f"U: expected last axis 3*D = {3 * D} or 4*D = {4 * D} (D = {D}), "
                          f"got {U.shape[2]}")
+    return D
+
+
+def _check(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional, has_skip_term,
+           V=None):
+    """Argument checks with messages naming the argument, before anything is launched."""
+    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+        raise (ValueError if isinstance(hidden_size, int) and not isinstance(hidden_size, bool)
+               else TypeError)(f"hidden_size: expected a positive int, got {hidden_size!r}")
+    if not isinstance(U, Tensor):
+        raise TypeError(f"U: expected a torch.Tensor, got {type(U).__name__}")
+    D = _check_U(U, hidden_size, bidirectional)
     L, B = U.shape[0], U.shape[1]
     expected = {"x": ((L, B, D), True), "c0": ((B, D), True), "weight_c": ((2 * D,), False),
                 "bias": ((2 * D,), False), "mask_h": ((B, D), False), "mask_pad": ((L, B), None),
