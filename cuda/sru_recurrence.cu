@@ -225,16 +225,31 @@ struct sru_forward_column {
     T* cp;                       // null for inference
 };
 
-// Host lanes: asks for the rows of the step `ahead` processed steps past the column's cursor.
-template <typename T, int K, typename Lanes>
-__device__ __forceinline__ void sru_forward_prefetch(const sru_forward_column<T, Lanes>& q,
-                                                     long long ahead)
+// Host lanes: ask for the rows of U and x `at` elements of (L, B, D) past the cursor (the inputs
+// the forward and the backward both read), then, for one column, the rows of the step `ahead`
+// processed steps past its cursor, or of its first steps, which no earlier step asked for.
+template <int K, typename Lanes, typename T>
+__device__ __forceinline__ void sru_prefetch_inputs(const sru_input_cursor<T>& in, long long at)
+{
+    sru_prefetch<false>(in.up + at * K, Lanes::width * K);
+    if (in.xp) sru_prefetch<false>(in.xp + at, Lanes::width);
+}
+
+template <int K, typename T, typename Lanes>
+__device__ __forceinline__ void sru_prefetch_step(const sru_forward_column<T, Lanes>& q,
+                                                  long long ahead)
 {
     const long long at = ahead * q.in.step;
-    sru_prefetch<false>(q.in.up + at * K, Lanes::width * K);
-    if (q.in.xp) sru_prefetch<false>(q.in.xp + at, Lanes::width);
+    sru_prefetch_inputs<K, Lanes>(q.in, at);
     sru_prefetch<true>(q.hp + at, Lanes::width);
     if (q.cp) sru_prefetch<true>(q.cp + at, Lanes::width);
+}
+
+template <int K, typename Column>
+__device__ __forceinline__ void sru_prefetch_first_steps(const Column& q, long long length)
+{
+    for (long long ahead = 0; ahead < SRU_HOST_PREFETCH_DISTANCE && ahead < length; ++ahead)
+        sru_prefetch_step<K>(q, ahead);
 }
 
 // Runs P steps of each of the n (<= G) columns (lane groups when Lanes has several lanes): the P
@@ -252,7 +267,7 @@ __device__ __forceinline__ void sru_forward_steps(sru_forward_column<T, Lanes> (
         for (int i = 0; i < P; ++i) {
             const long long ahead = i + SRU_HOST_PREFETCH_DISTANCE;
             if (ahead >= P + left) break;
-            sru_forward_prefetch<T, K>(cols[0], ahead);
+            sru_prefetch_step<K>(cols[0], ahead);
         }
     }
     sru_step_inputs<L> in[G][P];
@@ -295,10 +310,7 @@ __device__ __forceinline__ void sru_forward_run(sru_forward_column<T, Lanes> (&c
                                                 long long length)
 {
     const int P = Lanes::width >= 16 ? 1 : SRU_FORWARD_PREFETCH;
-    if constexpr (Lanes::width > 1) {  // the first steps' rows, which no earlier step asked for
-        for (long long ahead = 0; ahead < SRU_HOST_PREFETCH_DISTANCE && ahead < length; ++ahead)
-            sru_forward_prefetch<T, K>(cols[0], ahead);
-    }
+    if constexpr (Lanes::width > 1) sru_prefetch_first_steps<K>(cols[0], length);
     long long s = 0;
     if (with_v) {
         for (; s < length; ++s)
@@ -471,14 +483,13 @@ struct sru_backward_column {
     T* gvp;                      // grad_V; null without V
 };
 
-// Host lanes: asks for the rows of the step `ahead` processed steps past the column's cursor.
-template <typename T, int K, typename Lanes>
-__device__ __forceinline__ void sru_backward_prefetch(const sru_backward_column<T, Lanes>& q,
-                                                      long long ahead)
+// Host lanes: the rows of the backward's step `ahead` processed steps past the column's cursor.
+template <int K, typename T, typename Lanes>
+__device__ __forceinline__ void sru_prefetch_step(const sru_backward_column<T, Lanes>& q,
+                                                  long long ahead)
 {
     const long long at = ahead * q.in.step;
-    sru_prefetch<false>(q.in.up + at * K, Lanes::width * K);
-    if (q.in.xp) sru_prefetch<false>(q.in.xp + at, Lanes::width);
+    sru_prefetch_inputs<K, Lanes>(q.in, at);
     sru_prefetch<false>(q.cp + at, Lanes::width);
     sru_prefetch<false>(q.ghp + at, Lanes::width);
     sru_prefetch<true>(q.gup + at * K, Lanes::width * K);
@@ -498,7 +509,7 @@ __device__ __forceinline__ void sru_backward_steps(sru_backward_column<T, Lanes>
         for (int i = 0; i < P; ++i) {
             const long long ahead = i + SRU_HOST_PREFETCH_DISTANCE;
             if (ahead >= remaining) break;
-            sru_backward_prefetch<T, K>(cols[0], ahead);
+            sru_prefetch_step<K>(cols[0], ahead);
         }
     }
     sru_step_inputs<L> in[G][P];
@@ -552,10 +563,7 @@ __device__ __forceinline__ void sru_backward_run(sru_backward_column<T, Lanes> (
                                                  long long length)
 {
     const int P = Lanes::width >= 16 ? 1 : SRU_BACKWARD_PREFETCH;
-    if constexpr (Lanes::width > 1) {  // the first steps' rows, which no earlier step asked for
-        for (long long ahead = 0; ahead < SRU_HOST_PREFETCH_DISTANCE && ahead < length; ++ahead)
-            sru_backward_prefetch<T, K>(cols[0], ahead);
-    }
+    if constexpr (Lanes::width > 1) sru_prefetch_first_steps<K>(cols[0], length);
     long long remaining = length;  // steps not yet processed
     if (with_v) {
         for (; remaining > 0; --remaining)
