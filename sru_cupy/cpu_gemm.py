@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import tracing
 from .backends import host
 
 __all__ = ["matmul", "linear", "apply_linear", "uses_onednn", "onednn_matmul", "route",
@@ -97,14 +98,9 @@ def _full_precision_convolutions() -> bool:
     return getattr(conv, "fp32_precision", "none") in ("none", "ieee")
 
 
-def _onnx_exporting() -> bool:
-    from .export import onnx_exporting
-    return onnx_exporting()
-
-
 def uses_onednn(input: Tensor, weight: Tensor) -> bool:
     """Whether ``matmul(input, weight)`` runs through oneDNN."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _onnx_exporting():
+    if tracing.compiling_or_tracing():
         return False  # first: the rest of the checks are not for tracers to see
     if input.device.type != "cpu" or input.dtype != torch.float32:
         return False  # before the route: a CUDA run never reads $SRU_CUPY_CPU_GEMM
@@ -197,21 +193,12 @@ def _has_hooks(module: torch.nn.Module) -> bool:
                 or getattr(hooks, "_global_forward_pre_hooks", None))
 
 
-def _fx_tracing() -> bool:
-    """Whether torch.fx.symbolic_trace is tracing (its own check where this PyTorch has it; the
-    older is_fx_tracing logs a warning on every call)."""
-    trace = torch.fx._symbolic_trace
-    check = getattr(trace, "is_fx_symbolic_tracing", None)
-    return bool(check()) if check is not None else bool(getattr(trace, "_is_fx_tracing_flag",
-                                                                 False))
-
-
 def apply_linear(module: torch.nn.Module, input: Tensor) -> Tensor:
     """``module(input)``, with a plain ``nn.Linear`` (that type exactly, no hooks) taking
     ``linear``'s route. Anything else, a subclass, a quantized or hooked module, or any module
     under torch.fx tracing (where it stays a leaf), is called as it is, so quantization and
     tracing tools see the ``nn.Linear`` they expect. (TorchScript: call the module itself.)"""
-    if type(module) is torch.nn.Linear and not _has_hooks(module) and not _fx_tracing():
+    if type(module) is torch.nn.Linear and not _has_hooks(module) and not tracing.fx_tracing():
         return linear(input, module.weight, module.bias)
     return module(input)
 

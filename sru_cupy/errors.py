@@ -24,3 +24,15 @@ class CaptureNotReadyError(RuntimeError):
 class PTXDriverWarning(UserWarning):
     """Prebuilt PTX ($SRU_CUPY_PTX_DIR) cannot be loaded by this driver; the kernels are compiled
     with CuPy's NVRTC instead."""
+
+
+def user_stacklevel():
+    """The warnings stacklevel, seen from the caller of this function, of the first frame outside
+    the sru_cupy package (so a warning points at the user's line)."""
+    import os
+    import sys
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level

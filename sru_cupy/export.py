@@ -1,11 +1,11 @@
-"""Deployment: the recurrence as a scan over time in standard PyTorch operations, for ONNX export.
+"""ONNX export of the layers.
 
 ``torch.jit.script`` and ``torch.export.export`` keep the custom op ``sru_cupy::recurrence_forward``
 (TorchScript and an ExportedProgram run it wherever sru_cupy is imported). An ONNX file must run
-without sru_cupy: inside ``torch.onnx.export`` (``onnx_exporting()``) the layers call
-``recurrence_scan`` instead of the op, one ``torch._higher_order_ops.scan`` per direction whose
-body is one step's elementwise math, which the dynamo-based exporter translates into an ONNX
-``Scan`` node. So the plain
+without sru_cupy: inside ``torch.onnx.export`` (``tracing.onnx_exporting()``) ``ops.recurrence``
+runs ``torch_fallback.recurrence_scan`` instead of the op, one ``torch._higher_order_ops.scan``
+per direction whose body is one step's elementwise math, which the dynamo-based exporter
+translates into an ONNX ``Scan`` node. So the plain
 
     torch.onnx.export(model, (x,), path, dynamo=True, dynamic_shapes=...)
 
@@ -15,126 +15,21 @@ holds the custom op and is not translated: export the module.) An SRUpp's ONNX o
 and the saved input of each layer (``state["saved_inputs"]`` flattened, the next call's memory);
 its memory input is one tensor per layer. SRU++ attention (scaled_dot_product_attention) exports
 as standard operations; a query whose keys are all masked gets attention 0 as in PyTorch.
-
-The step (one column; the math of cuda/sru_recurrence.cu):
-
-    f = sigmoid(u1 + v_f c + b_f)    r = sigmoid(u2 + v_r c + b_r)    c' = (c - u0) f + u0
-    g = c' or tanh(c')    h = (g - x') m r + x'  (skip)  or  g m r    padded step: c' = c, h = 0
 """
 
-import sys
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-from torch import Tensor
 
-__all__ = ["recurrence_scan", "onnx_exporting", "export_onnx"]
+from .srupp import SRUpp, SRUppCell
+
+__all__ = ["export_onnx"]
 
 
 def _needs(what: str) -> RuntimeError:
     return RuntimeError(f"ONNX export of the SRU layers needs {what}, which torch "
                         f"{torch.__version__} lacks (it is tested with torch 2.13): upgrade torch, "
                         "or deploy with torch.export or TorchScript")
-
-
-def _scan_op():
-    """PyTorch's scan operator (a private one: the ONNX exporter writes it as ONNX Scan)."""
-    try:
-        from torch._higher_order_ops.scan import scan_op
-    except ImportError as error:
-        raise _needs("torch._higher_order_ops.scan.scan_op") from error
-    return scan_op
-
-
-def _direction_scan(u, skip, v, b, c0, m, pad, V, use_tanh, reverse):
-    """One direction over time: u (L, B, d, k), skip (L, B, d) or None, v, b (2, d), c0 (B, d),
-    m (B, d) or None, pad (L, B, 1) bool or None, V (L, B, d, 2) or None -> (h, c (L, B, d),
-    c_last (B, d)), time order kept (``reverse`` runs t = L-1 .. 0)."""
-    scan_op = _scan_op()
-    xs = [u] + [t for t in (skip, pad, V) if t is not None]
-    if reverse:
-        xs = [t.flip(0) for t in xs]
-    additional = [v, b] + ([m] if m is not None else [])
-    has_skip, has_pad, has_V, has_m = skip is not None, pad is not None, V is not None, \
-        m is not None
-
-    def step(c, u_t, *rest):
-        rest = list(rest)
-        skip_t = rest.pop(0) if has_skip else None
-        pad_t = rest.pop(0) if has_pad else None
-        V_t = rest.pop(0) if has_V else None
-        v_, b_ = rest.pop(0), rest.pop(0)
-        m_ = rest.pop(0) if has_m else None
-        v_f, v_r = v_[0], v_[1]
-        if V_t is not None:
-            v_f, v_r = v_f + V_t[..., 0], v_r + V_t[..., 1]
-        f = torch.sigmoid(u_t[..., 1] + v_f * c + b_[0])
-        r = torch.sigmoid(u_t[..., 2] + v_r * c + b_[1])
-        c_new = (c - u_t[..., 0]) * f + u_t[..., 0]
-        g = torch.tanh(c_new) if use_tanh else c_new
-        gate = r if m_ is None else m_ * r
-        h = (g - skip_t) * gate + skip_t if skip_t is not None else g * gate
-        if pad_t is not None:
-            c_new = torch.where(pad_t, c, c_new)
-            h = torch.where(pad_t, 0.0, h)
-        return [c_new, h, c_new.clone()]  # the carry and its per-step copy must not alias
-
-    c_last, h, c = scan_op(step, [c0], xs, tuple(additional))
-    if reverse:
-        h, c = h.flip(0), c.flip(0)
-    return h, c, c_last
-
-
-def recurrence_scan(U: Tensor, x: Optional[Tensor], weight_c: Optional[Tensor], bias: Tensor,
-                    c0: Optional[Tensor], mask_h: Optional[Tensor], mask_pad: Optional[Tensor],
-                    hidden_size: int, bidirectional: bool, has_skip_term: bool, use_tanh: bool,
-                    scale_x: float, store_c: bool, V: Optional[Tensor] = None):
-    """``sru_cupy::recurrence_forward`` (same arguments and results) as scans over time, for
-    inference: no gradient flows back (the inputs are detached; in torch 2.13 the scan's autograd
-    fails on symbolic sizes when the ONNX exporter decomposes the graph)."""
-    U, x, weight_c, bias, c0, mask_h, V = (None if t is None else t.detach()
-                                           for t in (U, x, weight_c, bias, c0, mask_h, V))
-    dirs = 2 if bidirectional else 1
-    L, B, d = U.shape[0], U.shape[1], hidden_size
-    D = dirs * d
-    A = torch.float64 if U.dtype == torch.float64 else torch.float32
-    u = U.to(A).reshape(L, B, dirs, d, -1)
-    k = U.shape[2] // D
-    v = (weight_c.to(A).reshape(2, dirs, d) if weight_c is not None
-         else torch.zeros((2, dirs, d), dtype=A, device=U.device))
-    b = bias.to(A).reshape(2, dirs, d)
-    state0 = (c0.to(A).reshape(B, dirs, d) if c0 is not None
-              else torch.zeros((B, dirs, d), dtype=A, device=U.device))
-    m = mask_h.to(A).reshape(B, dirs, d) if mask_h is not None else None
-    pad = (mask_pad != 0).reshape(L, B, 1) if mask_pad is not None else None
-    steps = V.to(A).reshape(L, B, dirs, d, 2) if V is not None else None
-    skip = None
-    if has_skip_term:
-        skip = u[..., 3] if k == 4 else x.to(A).reshape(L, B, dirs, d) * scale_x
-    hs: List[Tensor] = []
-    cs: List[Tensor] = []
-    lasts: List[Tensor] = []
-    for j in range(dirs):
-        h_j, c_j, last_j = _direction_scan(
-            u[:, :, j].contiguous(), None if skip is None else skip[:, :, j].contiguous(),
-            v[:, j], b[:, j], state0[:, j].contiguous(), None if m is None else m[:, j],
-            pad, None if steps is None else steps[:, :, j].contiguous(), use_tanh, j == 1)
-        hs.append(h_j)
-        cs.append(c_j)
-        lasts.append(last_j)
-    h = torch.stack(hs, dim=2).reshape(L, B, D).to(U.dtype)
-    c = torch.stack(cs, dim=2).reshape(L, B, D).to(U.dtype) if store_c else U.new_empty((0,))
-    c_last = torch.stack(lasts, dim=1).reshape(B, D).to(U.dtype)
-    return h, c, c_last
-
-
-def onnx_exporting() -> bool:
-    """True inside ``torch.onnx.export`` (torch.onnx is not imported for the check); False under
-    TorchScript, which cannot compile the check, so scripted code may call it too."""
-    if torch.jit.is_scripting():
-        return False
-    onnx = sys.modules.get("torch.onnx")
-    return onnx is not None and onnx.is_in_onnx_export()
 
 
 def export_onnx(model: torch.nn.Module, args: Sequence, path, *, dynamic: bool = True,
@@ -152,7 +47,6 @@ def export_onnx(model: torch.nn.Module, args: Sequence, path, *, dynamic: bool =
     next call's memory), unless names are given. Other keyword arguments go to
     ``torch.onnx.export``. Returns its ONNXProgram.
     """
-    from .srupp import SRUpp, SRUppCell  # srupp imports modules, which imports this module
 
     args = tuple(args)
     attention = isinstance(model, (SRUpp, SRUppCell))

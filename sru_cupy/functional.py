@@ -53,194 +53,16 @@ themselves.)
 Importing this module imports neither torch nor cupy (CuPy is imported when a CUDA array is seen).
 """
 
-import ctypes
-
-import numpy as np
-
-from . import launch
+from . import interop, launch
+from .call import ARRAYS, PARAM
+from .interop import as_array
 
 __all__ = ["recurrence_forward", "recurrence_inference", "recurrence_backward", "as_array"]
 
-# DLPack constants (dlpack.h).
-_KDL_CPU, _KDL_CUDA, _KDL_CUDA_HOST, _KDL_CUDA_MANAGED = 1, 2, 3, 13
-_KDL_UINT, _KDL_BFLOAT = 1, 4
-_CPU_DEVICES = (_KDL_CPU, _KDL_CUDA_HOST)
-_CUDA_DEVICES = (_KDL_CUDA, _KDL_CUDA_MANAGED)
-
 # Arguments read in the arithmetic dtype (launch converts them; bfloat16 bits are decoded here).
-_PARAM_ARGS = ("weight_c", "bias", "mask_h")
-
-
-# -- DLPack ---------------------------------------------------------------------------------------
-
-
-class _DLDevice(ctypes.Structure):
-    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
-
-
-class _DLDataType(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
-
-
-class _DLTensor(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int32),
-                ("dtype", _DLDataType), ("shape", ctypes.POINTER(ctypes.c_int64)),
-                ("strides", ctypes.POINTER(ctypes.c_int64)), ("byte_offset", ctypes.c_uint64)]
-
-
-# DLManagedTensorVersioned: {uint32 major, minor; void* manager_ctx; void (*deleter)(...);
-# uint64 flags; DLTensor dl_tensor}; the legacy DLManagedTensor starts with its DLTensor.
-_VERSIONED_TENSOR_OFFSET = 8 + 8 + 8 + 8
-
-_capsule_api = None
-
-
-def _capsule_functions():
-    global _capsule_api
-    if _capsule_api is None:
-        api = ctypes.pythonapi
-        is_valid = api.PyCapsule_IsValid
-        is_valid.restype = ctypes.c_int
-        is_valid.argtypes = [ctypes.py_object, ctypes.c_char_p]
-        get_pointer = api.PyCapsule_GetPointer
-        get_pointer.restype = ctypes.c_void_p
-        get_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-        _capsule_api = (is_valid, get_pointer)
-    return _capsule_api
-
-
-def _dl_tensor(capsule):
-    """The DLTensor inside an unconsumed DLPack capsule (legacy or versioned), or None."""
-    is_valid, get_pointer = _capsule_functions()
-    if is_valid(capsule, b"dltensor"):
-        return _DLTensor.from_address(get_pointer(capsule, b"dltensor"))
-    if is_valid(capsule, b"dltensor_versioned"):
-        address = get_pointer(capsule, b"dltensor_versioned") + _VERSIONED_TENSOR_OFFSET
-        return _DLTensor.from_address(address)
-    return None
-
-
-class _DLPackView:
-    """A DLPack producer that forwards to ``source`` and reports what dtype it exported.
-
-    A bfloat16 export (DLPack code kDLBfloat, 16 bits) is relabelled kDLUInt 16 in the capsule
-    before the consumer reads it: the same memory and bits, which NumPy and every CuPy version
-    accept (some CuPy versions crash on bfloat16 capsules). The consumer then owns the capsule.
-    ``export_stream`` (e.g. -1: no synchronisation) replaces the stream the consumer asks for.
-    """
-
-    def __init__(self, source, export_stream=None):
-        self.source = source
-        self.export_stream = export_stream
-        self.bfloat16 = False
-
-    def __dlpack_device__(self):
-        return self.source.__dlpack_device__()
-
-    def __dlpack__(self, stream=None, **kwargs):
-        if self.export_stream is not None:
-            stream = self.export_stream
-        # The consumer's request as it is (max_version, dl_device, copy: a versioned capsule keeps
-        # the read-only flag and NumPy makes legacy ones read-only); older producers take less.
-        attempts = [dict(kwargs, stream=stream), {"stream": stream}, {}]
-        if stream is None:
-            attempts = [dict(kwargs), {}]
-        for i, attempt in enumerate(attempts):
-            try:
-                capsule = self.source.__dlpack__(**attempt)
-                break
-            except TypeError:
-                if i + 1 == len(attempts):
-                    raise
-        tensor = _dl_tensor(capsule)
-        if tensor is not None and tensor.dtype.code == _KDL_BFLOAT and tensor.dtype.bits == 16 \
-                and tensor.dtype.lanes == 1:
-            tensor.dtype.code = _KDL_UINT
-            self.bfloat16 = True
-        return capsule
-
-
-def _is_numpy(value):
-    return isinstance(value, np.ndarray)
-
-
-def _is_cupy(value):
-    return type(value).__module__.split(".")[0] == "cupy" and hasattr(value, "device") \
-        and hasattr(value, "data") and hasattr(value, "shape")
-
-
-def _type_name(value):
-    t = type(value)
-    return f"{t.__module__.split('.')[0]}.{t.__name__}"
-
-
-def _convert(value, argname):
-    """-> (numpy or cupy array, True if it holds bfloat16 bits as uint16 on CuPy)."""
-    if _is_numpy(value) or _is_cupy(value):
-        return value, False
-    if not (hasattr(value, "__dlpack__") and hasattr(value, "__dlpack_device__")):
-        raise TypeError(f"{argname}: expected a numpy.ndarray, a cupy.ndarray or a DLPack producer "
-                        f"(an object with __dlpack__ and __dlpack_device__, e.g. torch.Tensor or "
-                        f"jax.Array), got {_type_name(value)}")
-    try:
-        device_type, device_id = value.__dlpack_device__()
-        device_type = int(device_type)
-    except Exception as error:
-        raise TypeError(f"{argname}: __dlpack_device__() of {_type_name(value)} failed: "
-                        f"{error}") from error
-    view = _DLPackView(value)
-    if device_type in _CPU_DEVICES:
-        try:
-            array = np.from_dlpack(view)
-        except Exception as error:
-            raise TypeError(f"{argname}: could not read {_type_name(value)} (CPU) through DLPack: "
-                            f"{type(error).__name__}: {error}") from error
-        if view.bfloat16:
-            import ml_dtypes
-            array = array.view(ml_dtypes.bfloat16)
-        return array, False
-    if device_type in _CUDA_DEVICES:
-        try:
-            import cupy
-        except ImportError as error:
-            raise TypeError(f"{argname}: {_type_name(value)} lives on CUDA device {device_id}; "
-                            "reading it needs CuPy (pip install cupy-cuda13x or cupy-cuda12x)") \
-                from error
-        try:
-            # On the producer's device, whichever is current: PyTorch refuses to export a tensor
-            # of another device than the current one.
-            with cupy.cuda.Device(int(device_id)):
-                array = cupy.from_dlpack(view)
-        except Exception as error:
-            raise TypeError(f"{argname}: could not read {_type_name(value)} (CUDA device "
-                            f"{device_id}) through DLPack: {type(error).__name__}: {error}") \
-                from error
-        return array, view.bfloat16
-    raise TypeError(f"{argname}: {_type_name(value)} is on DLPack device type {device_type}; "
-                    "expected CPU (1) or CUDA (2) memory")
-
-
-def as_array(value, argname="array"):
-    """A NumPy (CPU) or CuPy (GPU) array viewing ``value`` without a copy.
-
-    NumPy and CuPy arrays come back as they are; other DLPack producers are read through DLPack
-    (bfloat16: an ``ml_dtypes.bfloat16`` NumPy view on the CPU, a uint16 CuPy view of the bits on
-    the GPU). ``None`` stays ``None``. Raises TypeError naming ``argname`` for anything else.
-    """
-    if value is None:
-        return None
-    return _convert(value, argname)[0]
-
-
-def _bf16_bits_to_float32(bits):
-    """float32 values of bfloat16 bit patterns (a uint16/int16 NumPy or CuPy array), allocated on
-    the array's own device whatever device is current."""
-    if _is_numpy(bits):
-        return (bits.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    import cupy
-    with cupy.cuda.Device(bits.device.id):
-        return (bits.view(cupy.uint16).astype(cupy.uint32) << 16).view(cupy.float32)
-
+_PARAM_ARGS = tuple(name for name, spec in ARRAYS.items() if spec.kind == PARAM)
+#: The keyword arguments that are arrays (converted here like the positional ones).
+_ARRAY_KEYWORDS = ("mask_h", "mask_pad", "V")
 
 class _Converted:
     """The arguments of one call as NumPy or CuPy arrays, checked to be all one kind."""
@@ -253,22 +75,22 @@ class _Converted:
             if value is None:
                 self.arrays[name] = None
                 continue
-            self.arrays[name], bits[name] = _convert(value, name)
+            self.arrays[name], bits[name] = interop.convert(value, name)
             self.origin[name] = value
         self.out = None
         if out is not None:
             if not isinstance(out, dict):
                 raise TypeError(f"out: expected a dict of preallocated outputs, got "
-                                f"{_type_name(out)}")
+                                f"{interop.type_name(out)}")
             self.out = {}
             for key, value in out.items():
                 if value is None:
                     self.out[key] = None
                     continue
                 name = f"out[{key!r}]"
-                self.out[key], bits[name] = _convert(value, name)
+                self.out[key], bits[name] = interop.convert(value, name)
                 self.origin[name] = value
-                if _is_numpy(self.out[key]) and not self.out[key].flags.writeable:
+                if interop.is_numpy(self.out[key]) and not self.out[key].flags.writeable:
                     raise ValueError(f"{name}: the array is read-only")
         self._check_one_kind({**{k: v for k, v in self.arrays.items() if v is not None},
                               **{f"out[{k!r}]": v for k, v in (self.out or {}).items()
@@ -278,18 +100,18 @@ class _Converted:
             self.storage_dtype = "bfloat16"  # bfloat16 producer on CUDA: U holds the bits
         for name in _PARAM_ARGS:  # parameters are read as values: decode bfloat16 bits
             if bits.get(name):
-                self.arrays[name] = _bf16_bits_to_float32(self.arrays[name])
+                self.arrays[name] = interop.bf16_bits_to_float32(self.arrays[name])
 
     def _check_one_kind(self, named):
-        cpu = [n for n, a in named.items() if _is_numpy(a)]
-        gpu = [n for n, a in named.items() if not _is_numpy(a)]
+        cpu = [n for n, a in named.items() if interop.is_numpy(a)]
+        gpu = [n for n, a in named.items() if not interop.is_numpy(a)]
         if cpu and gpu:
             def describe(names, kind):
                 parts = []
                 for n in names[:4]:
                     source = self.origin.get(n)
-                    via = "" if source is None or _is_numpy(source) or _is_cupy(source) \
-                        else f" (from {_type_name(source)})"
+                    via = "" if source is None or interop.is_numpy(source) or interop.is_cupy(source) \
+                        else f" (from {interop.type_name(source)})"
                     parts.append(f"{n}{via}")
                 return f"{', '.join(parts)} {'is' if len(names) == 1 else 'are'} {kind}"
             raise TypeError(
@@ -305,9 +127,7 @@ class _Converted:
 # -- the recurrence -------------------------------------------------------------------------------
 
 
-def recurrence_forward(U, x, weight_c, bias, c0=None, *, hidden_size, bidirectional=False,
-                       has_skip_term=True, use_tanh=False, scale_x=1.0, mask_h=None, mask_pad=None,
-                       store_c=True, storage_dtype=None, out=None, V=None):
+def recurrence_forward(U, x, weight_c, bias, c0=None, *, hidden_size, **options):
     """SRU recurrence forward (training variant: keeps the state of every step for backward).
 
     Args:
@@ -330,34 +150,36 @@ def recurrence_forward(U, x, weight_c, bias, c0=None, *, hidden_size, bidirectio
     Returns:
         (h (L, B, D), c (L, B, D) or None, c_last (B, D)) as NumPy or CuPy arrays in U's dtype.
     """
-    a = _Converted(dict(U=U, x=x, weight_c=weight_c, bias=bias, c0=c0, mask_h=mask_h,
-                        mask_pad=mask_pad, V=V), storage_dtype, out)
+    options = launch.keywords("recurrence_forward", options, launch.FORWARD_KEYWORDS)
     return launch.recurrence_forward(
-        a["U"], a["x"], a["weight_c"], a["bias"], a["c0"], hidden_size=hidden_size,
-        bidirectional=bidirectional, has_skip_term=has_skip_term, use_tanh=use_tanh,
-        scale_x=scale_x, mask_h=a["mask_h"], mask_pad=a["mask_pad"], store_c=store_c,
-        storage_dtype=a.storage_dtype, out=a.out, V=a["V"])
+        *_converted(dict(U=U, x=x, weight_c=weight_c, bias=bias, c0=c0), options),
+        hidden_size=hidden_size, **options)
 
 
-def recurrence_inference(U, x, weight_c, bias, c0=None, *, hidden_size, bidirectional=False,
-                         has_skip_term=True, use_tanh=False, scale_x=1.0, mask_h=None,
-                         mask_pad=None, storage_dtype=None, out=None, V=None):
+def _converted(arrays, options):
+    """The positional arrays as NumPy or CuPy arrays (in order), and ``options`` updated in place
+    with its array keywords, ``out`` and ``storage_dtype`` converted."""
+    a = _Converted({**arrays, **{k: options[k] for k in _ARRAY_KEYWORDS}},
+                   options["storage_dtype"], options["out"])
+    options.update({k: a[k] for k in _ARRAY_KEYWORDS}, storage_dtype=a.storage_dtype, out=a.out)
+    return [a[name] for name in arrays]
+
+
+def recurrence_inference(U, x, weight_c, bias, c0=None, *, hidden_size, **options):
     """SRU recurrence forward without the per-step state (nothing kept for backward).
 
     Same arguments as :func:`recurrence_forward` (``out`` may hold "h" and "c_last").
     Returns (h (L, B, D), c_last (B, D)).
     """
-    h, _, c_last = recurrence_forward(
-        U, x, weight_c, bias, c0, hidden_size=hidden_size, bidirectional=bidirectional,
-        has_skip_term=has_skip_term, use_tanh=use_tanh, scale_x=scale_x, mask_h=mask_h,
-        mask_pad=mask_pad, store_c=False, storage_dtype=storage_dtype, out=out, V=V)
+    if "store_c" in options:
+        raise TypeError("recurrence_inference() got an unexpected keyword argument 'store_c'")
+    h, _, c_last = recurrence_forward(U, x, weight_c, bias, c0, hidden_size=hidden_size,
+                                      store_c=False, **options)
     return h, c_last
 
 
 def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, *, hidden_size,
-                        bidirectional=False, has_skip_term=True, use_tanh=False, scale_x=1.0,
-                        mask_h=None, mask_pad=None, storage_dtype=None, out=None,
-                        reduce_params=True, V=None):
+                        **options):
     """Gradients of the SRU recurrence.
 
     Args:
@@ -379,11 +201,8 @@ def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, *, hid
         the gradient w.r.t. v even when weight_c is None); "V" (L, B, D*2) in U's dtype, or None
         without V.
     """
-    a = _Converted(dict(grad_h=grad_h, grad_c_last=grad_c_last, U=U, x=x, weight_c=weight_c,
-                        bias=bias, c0=c0, c=c, mask_h=mask_h, mask_pad=mask_pad, V=V),
-                   storage_dtype, out)
+    options = launch.keywords("recurrence_backward", options, launch.BACKWARD_KEYWORDS)
     return launch.recurrence_backward(
-        a["grad_h"], a["grad_c_last"], a["U"], a["x"], a["weight_c"], a["bias"], a["c0"], a["c"],
-        hidden_size=hidden_size, bidirectional=bidirectional, has_skip_term=has_skip_term,
-        use_tanh=use_tanh, scale_x=scale_x, mask_h=a["mask_h"], mask_pad=a["mask_pad"],
-        storage_dtype=a.storage_dtype, out=a.out, reduce_params=reduce_params, V=a["V"])
+        *_converted(dict(grad_h=grad_h, grad_c_last=grad_c_last, U=U, x=x, weight_c=weight_c,
+                         bias=bias, c0=c0, c=c), options),
+        hidden_size=hidden_size, **options)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import cpu_gemm, export, ops
+from . import cpu_gemm, ops
 
 
 def _dropout_mask(reference: Tensor, shape: List[int], p: float) -> Tensor:
@@ -393,13 +393,7 @@ class SRUCell(nn.Module):
                 self.bidirectional, self.has_skip_term, self.use_tanh, self._scale_x_value,
                 needs_grad, V)
             return h, c
-        else:
-            if export.onnx_exporting():  # standard ONNX operations: a Scan over time
-                h, _, c = export.recurrence_scan(
-                    U, x, weight_c, self.bias, c0, mask_h, mask_pad, self.hidden_size,
-                    self.bidirectional, self.has_skip_term, self.use_tanh, self._scale_x_value,
-                    False, V)
-                return h, c
+        else:  # (inside ONNX export, ops.recurrence is a scan over time in standard operations)
             return ops.recurrence(U, x, weight_c, self.bias, c0, hidden_size=self.hidden_size,
                                   bidirectional=self.bidirectional,
                                   has_skip_term=self.has_skip_term, use_tanh=self.use_tanh,

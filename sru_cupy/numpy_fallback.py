@@ -1,42 +1,20 @@
 """The SRU recurrence in plain NumPy operations: the path for NumPy arrays where no C++ compiler
 exists (neither a system one nor the ziglang wheel of ``pip install sru_cupy[cpu]``).
 
-The launch layer calls it in place of the host kernels, with the arguments it has already checked
-and converted (contiguous data in the storage dtype, parameters in the arithmetic dtype, mask_pad as
-bytes) and the outputs it has allocated, which are filled the way the kernels fill them. Vectorized
+The launch layer calls :func:`run` in place of the host kernels, with the call's description
+(``sru_cupy.call.RecurrenceCall``) and its arrays by name, already checked and converted
+(contiguous data in the storage dtype, parameters in the arithmetic dtype, mask_pad as bytes), the
+outputs allocated; they are filled the way the kernels fill them. Vectorized
 over batch and columns, a loop over time, computing in float32 (float64 for float64 data) like the
 kernels: the state is carried in that type and rounded only where it is stored, and the backward
 recomputes f and r from the stored c. Both directions run in one loop: processing step s is time s
 for direction 0 and L-1-s for direction 1 (see ``torch_fallback`` for the PyTorch counterpart).
 """
 
-import os
-import sys
-import warnings
-
 import numpy as np
 
-_notice_shown = False
-
-
-def user_stacklevel():
-    """The warnings stacklevel, seen from the caller of this function, of the first frame outside
-    the sru_cupy package."""
-    package = os.path.dirname(os.path.abspath(__file__))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _notice():
-    """Says once per process that NumPy arrays run on this implementation, and how to compile."""
-    global _notice_shown
-    if not _notice_shown:
-        _notice_shown = True
-        warnings.warn("sru_cupy: no C++ compiler found, NumPy arrays use the vectorized NumPy "
-                      "implementation (pip install sru_cupy[cpu], or set $CXX, for the compiled "
-                      "kernels)", stacklevel=user_stacklevel())
+from . import implementation
+from .call import BACKWARD, FORWARD
 
 
 def _at_step(a, s, dirs):
@@ -57,16 +35,19 @@ def _put(out, s, value, dirs):
 class _Columns:
     """The inputs of one call, shaped (L, B, dirs, d[, k]) or (B, dirs, d), read step by step."""
 
-    def __init__(self, p, U, x, weight_c, bias, c0, mask_h, mask_pad, V):
-        self.L, self.B, self.dirs, self.d, self.k = p.L, p.B, p.dirs, p.d, p.k
-        self.A = np.dtype(p.arith)
-        self.scale_x = p.scale_x
-        self.use_tanh = p.use_tanh
-        self.skip = p.skip
-        self.reads_x = p.reads_x
+    def __init__(self, call, arrays):
+        self.L, self.B, self.dirs, self.d, self.k = (call.L, call.B, call.dirs, call.hidden_size,
+                                                     call.k)
+        self.A = np.dtype(call.arith)
+        self.scale_x = self.A.type(call.scale_x)
+        self.use_tanh = call.use_tanh
+        self.skip = call.has_skip_term
+        self.reads_x = call.reads_x
         cols = (self.B, self.dirs, self.d)
-        self.U = U.reshape(self.L, *cols, self.k)
-        self.x = x.reshape(self.L, *cols) if self.reads_x else None
+        weight_c, bias, c0, mask_h, mask_pad, V = (arrays.get(name) for name in (
+            "weight_c", "bias", "c0", "mask_h", "mask_pad", "V"))
+        self.U = arrays["U"].reshape(self.L, *cols, self.k)
+        self.x = arrays["x"].reshape(self.L, *cols) if self.reads_x else None
         zeros = np.zeros((2, self.dirs, self.d), self.A)
         self.v = zeros if weight_c is None else weight_c.reshape(2, self.dirs, self.d)
         # V (L, B, D*2): per step and column, the forget then the reset offset of weight_c.
@@ -103,15 +84,21 @@ class _Columns:
         return f, r
 
 
-def recurrence_forward(p, h, c, c_last, U, x, weight_c, bias, c0, mask_h, mask_pad, V=None):
-    """Fills h, c (None for inference) and c_last as ``sru_recurrence_forward`` does:
+def run(kernel, call, arrays):
+    """Runs ``kernel`` ("sru_recurrence_forward" or "sru_recurrence_backward") for ``call`` over
+    ``arrays`` (inputs and outputs by the description's names)."""
+    implementation.announce(implementation.NUMPY)
+    {FORWARD: _forward, BACKWARD: _backward}[kernel](call, arrays)
+
+
+def _forward(call, arrays):
+    """Fills h, c (absent for inference) and c_last as ``sru_recurrence_forward`` does:
     c_t = f c_{t-1} + (1 - f) u0, h_t = (g - x') m r + x' (or g m r without skip), g = c or tanh(c);
     a padded step keeps c and gives h = 0."""
-    _notice()
-    q = _Columns(p, U, x, weight_c, bias, c0, mask_h, mask_pad, V)
+    q = _Columns(call, arrays)
     shape = (q.L, q.B, q.dirs, q.d)
-    h4 = h.reshape(shape)
-    c4 = None if c is None else c.reshape(shape)
+    h4 = arrays["h"].reshape(shape)
+    c4 = arrays["c"].reshape(shape) if call.store_c else None
     state = q.state0
     with np.errstate(all="ignore"):  # inf and nan propagate as in the kernels, silently
         for s in range(q.L):
@@ -127,26 +114,25 @@ def recurrence_forward(p, h, c, c_last, U, x, weight_c, bias, c0, mask_h, mask_p
             _put(h4, s, out, q.dirs)
             if c4 is not None:
                 _put(c4, s, state, q.dirs)
-    c_last[...] = state.reshape(c_last.shape)
+    arrays["c_last"][...] = state.reshape(arrays["c_last"].shape)
 
 
-def recurrence_backward(p, grads, U, x, weight_c, bias, c0, mask_h, mask_pad, c, grad_h,
-                        grad_c_last, V=None):
-    """Fills grads["U"], grads["x"] (None unless x is read), grads["c0"] and the per-column partials
-    grads["weight_c_partial"], grads["bias_partial"] (2, B, D) and, with V, grads["V"] (L, B, D*2)
-    as ``sru_recurrence_backward`` does.
+def _backward(call, arrays):
+    """Fills grad_U, grad_x (when x is read), grad_c0 and the per-column partials
+    grad_weight_c_partial, grad_bias_partial (2, B, D) and, with V, grad_V (L, B, D*2) as
+    ``sru_recurrence_backward`` does.
     With gh = dL/dh_t and gc = dL/dc_t: dr = gh (g - x') m, du2 = dr r (1 - r),
     dc = gh m r g'(c) + gc, du1 = dc (c_{t-1} - u0) f (1 - f), du0 = dc (1 - f), dx' = gh (1 - m r),
     dL/dc_{t-1} = dc f + du1 v_f + du2 v_r, dV_t = (du1 c_{t-1}, du2 c_{t-1}); a padded step has zero
     gradients and passes gc on."""
-    _notice()
-    q = _Columns(p, U, x, weight_c, bias, c0, mask_h, mask_pad, V)
+    q = _Columns(call, arrays)
     shape = (q.L, q.B, q.dirs, q.d)
-    c4 = c.reshape(shape)
-    gh4 = grad_h.reshape(shape)
-    gU = grads["U"].reshape(*shape, q.k)
-    gx = None if grads["x"] is None else grads["x"].reshape(shape)
-    gV = None if V is None else grads["V"].reshape(*shape, 2)
+    c4 = arrays["c"].reshape(shape)
+    gh4 = arrays["grad_h"].reshape(shape)
+    grad_c_last = arrays.get("grad_c_last")
+    gU = arrays["grad_U"].reshape(*shape, q.k)
+    gx = arrays["grad_x"].reshape(shape) if call.reads_x else None
+    gV = arrays["grad_V"].reshape(*shape, 2) if call.with_v else None
     A, one, zero = q.A, q.A.type(1), q.A.type(0)
     gc = np.zeros(shape[1:], A) if grad_c_last is None else grad_c_last.reshape(shape[1:]).astype(A)
     partials = np.zeros((4,) + shape[1:], A)  # db_f, db_r, dv_f, dv_r
@@ -181,6 +167,6 @@ def recurrence_backward(p, grads, U, x, weight_c, bias, c0, mask_h, mask_pad, c,
             if gV is not None:
                 _put(gV, s, np.stack((parts[2], parts[3]), axis=-1), q.dirs)
             gc = gc_prev
-    grads["c0"][...] = gc.reshape(grads["c0"].shape)
-    grads["bias_partial"][...] = partials[:2].reshape(grads["bias_partial"].shape)
-    grads["weight_c_partial"][...] = partials[2:].reshape(grads["weight_c_partial"].shape)
+    for name, value in (("grad_c0", gc), ("grad_bias_partial", partials[:2]),
+                        ("grad_weight_c_partial", partials[2:])):
+        arrays[name][...] = value.reshape(arrays[name].shape)

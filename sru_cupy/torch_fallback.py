@@ -16,16 +16,14 @@ def _processing_order(t, dirs):
     return torch.stack((t[:, :, 0], t[:, :, 1].flip(0)), dim=2)
 
 
-def _prepare(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional,
-             has_skip_term, scale_x, V):
-    dirs = 2 if bidirectional else 1
-    L, B = U.shape[0], U.shape[1]
-    d = hidden_size
-    D = dirs * d
-    k = U.shape[2] // D
+def _prepare(call, arrays):
+    U, x, weight_c, bias, c0, mask_h, mask_pad, V = (arrays.get(name) for name in (
+        "U", "x", "weight_c", "bias", "c0", "mask_h", "mask_pad", "V"))
+    dirs, L, B, d, D, k = call.dirs, call.L, call.B, call.hidden_size, call.D, call.k
+    scale_x = call.scale_x
     A = torch.float64 if U.dtype == torch.float64 else torch.float32
     u = _processing_order(U.to(A).reshape(L, B, dirs, d, k), dirs)
-    if not has_skip_term:
+    if not call.has_skip_term:
         skip = None
     elif k == 4:
         skip = u[..., 3]
@@ -54,11 +52,11 @@ def _step_weights(v, s, per_step):
     return w[0], w[1]
 
 
-def recurrence_forward(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional,
-                       has_skip_term, use_tanh, scale_x, store_c, V=None):
-    dirs, L, B, D, k, A, u, skip, v, b, state, m, pad = _prepare(
-        U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional, has_skip_term,
-        scale_x, V)
+def recurrence_forward(call, arrays):
+    """``sru_cupy::recurrence_forward``'s results (h, c ((0,) unless call.store_c), c_last) for
+    ``call`` over ``arrays`` (the op's inputs by name)."""
+    dirs, L, B, D, k, A, u, skip, v, b, state, m, pad = _prepare(call, arrays)
+    U, V, use_tanh = arrays["U"], arrays.get("V"), call.use_tanh
     hs, cs = [], []
     for s in range(L):
         v_f, v_r = _step_weights(v, s, V is not None)
@@ -77,16 +75,18 @@ def recurrence_forward(U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, 
     h = _processing_order(torch.stack(hs), dirs).reshape(shape) if L else U.new_zeros(shape, dtype=A)
     c = _processing_order(torch.stack(cs), dirs).reshape(shape) if L else U.new_zeros(shape, dtype=A)
     # Fresh contiguous outputs, as the op's fake implementation promises (never an input's alias).
-    return (h.to(U.dtype).contiguous(), c.to(U.dtype).contiguous() if store_c else U.new_empty((0,)),
+    return (h.to(U.dtype).contiguous(),
+            c.to(U.dtype).contiguous() if call.store_c else U.new_empty((0,)),
             state.reshape(B, D).to(U.dtype, copy=True).contiguous())
 
 
-def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, mask_h, mask_pad,
-                        hidden_size, bidirectional, has_skip_term, use_tanh, scale_x, V=None):
-    dirs, L, B, D, k, A, u, skip, v, b, state0, m, pad = _prepare(
-        U, x, weight_c, bias, c0, mask_h, mask_pad, hidden_size, bidirectional, has_skip_term,
-        scale_x, V)
-    d = hidden_size
+def recurrence_backward(call, arrays):
+    """``sru_cupy::recurrence_backward``'s results (grad U, grad x ((0,) unless x is read), grad
+    weight_c, grad bias, grad c0, grad V ((0,) without V)) for ``call`` over ``arrays``."""
+    dirs, L, B, D, k, A, u, skip, v, b, state0, m, pad = _prepare(call, arrays)
+    U, V, c, grad_h, grad_c_last = (arrays.get(name) for name in (
+        "U", "V", "c", "grad_h", "grad_c_last"))
+    d, use_tanh, scale_x = call.hidden_size, call.use_tanh, call.scale_x
     cp = _processing_order(c.to(A).reshape(L, B, dirs, d), dirs)
     gh_all = _processing_order(grad_h.to(A).reshape(L, B, dirs, d), dirs)
     gc = state0.new_zeros(state0.shape) if grad_c_last is None else grad_c_last.to(A).reshape(
@@ -129,9 +129,8 @@ def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, mask_h
             grad_steps[s] = parts[2:]
         gc = gc_prev
     grad_U = _processing_order(grad_u, dirs).reshape(U.shape).to(U.dtype)
-    reads_x = has_skip_term and k == 3
     grad_x = (_processing_order(grad_skip, dirs).reshape(L, B, D) * scale_x).to(U.dtype) \
-        if reads_x else U.new_empty((0,))
+        if call.reads_x else U.new_empty((0,))
     if grad_steps is None:
         grad_V = U.new_empty((0,))
     else:  # (L, 2, B, dirs, d) in processing order -> (L, B, D*2) in time order
@@ -140,3 +139,105 @@ def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, mask_h
     return (grad_U.contiguous(), grad_x.contiguous(), grad_v.sum(1).reshape(2 * D),
             grad_b.sum(1).reshape(2 * D), gc.reshape(B, D).to(U.dtype, copy=True).contiguous(),
             grad_V)
+
+
+# -- the scan over time, for ONNX export --------------------------------------------------------
+#
+# The step (one column; the math of cuda/sru_recurrence.cu):
+#     f = sigmoid(u1 + v_f c + b_f)    r = sigmoid(u2 + v_r c + b_r)    c' = (c - u0) f + u0
+#     g = c' or tanh(c')    h = (g - x') m r + x'  (skip)  or  g m r    padded step: c' = c, h = 0
+
+
+def _scan_op():
+    """PyTorch's scan operator (a private one: the ONNX exporter writes it as ONNX Scan)."""
+    try:
+        from torch._higher_order_ops.scan import scan_op
+    except ImportError as error:
+        raise RuntimeError(f"ONNX export of the SRU layers needs "
+                           f"torch._higher_order_ops.scan.scan_op, which torch "
+                           f"{torch.__version__} lacks (it is tested with torch 2.13): upgrade "
+                           "torch, or deploy with torch.export or TorchScript") from error
+    return scan_op
+
+
+def _direction_scan(u, skip, v, b, c0, m, pad, V, use_tanh, reverse):
+    """One direction over time: u (L, B, d, k), skip (L, B, d) or None, v, b (2, d), c0 (B, d),
+    m (B, d) or None, pad (L, B, 1) bool or None, V (L, B, d, 2) or None -> (h, c (L, B, d),
+    c_last (B, d)), time order kept (``reverse`` runs t = L-1 .. 0)."""
+    scan_op = _scan_op()
+    xs = [u] + [t for t in (skip, pad, V) if t is not None]
+    if reverse:
+        xs = [t.flip(0) for t in xs]
+    additional = [v, b] + ([m] if m is not None else [])
+    has_skip, has_pad, has_V, has_m = skip is not None, pad is not None, V is not None, \
+        m is not None
+
+    def step(c, u_t, *rest):
+        rest = list(rest)
+        skip_t = rest.pop(0) if has_skip else None
+        pad_t = rest.pop(0) if has_pad else None
+        V_t = rest.pop(0) if has_V else None
+        v_, b_ = rest.pop(0), rest.pop(0)
+        m_ = rest.pop(0) if has_m else None
+        v_f, v_r = v_[0], v_[1]
+        if V_t is not None:
+            v_f, v_r = v_f + V_t[..., 0], v_r + V_t[..., 1]
+        f = torch.sigmoid(u_t[..., 1] + v_f * c + b_[0])
+        r = torch.sigmoid(u_t[..., 2] + v_r * c + b_[1])
+        c_new = (c - u_t[..., 0]) * f + u_t[..., 0]
+        g = torch.tanh(c_new) if use_tanh else c_new
+        gate = r if m_ is None else m_ * r
+        h = (g - skip_t) * gate + skip_t if skip_t is not None else g * gate
+        if pad_t is not None:
+            c_new = torch.where(pad_t, c, c_new)
+            h = torch.where(pad_t, 0.0, h)
+        return [c_new, h, c_new.clone()]  # the carry and its per-step copy must not alias
+
+    c_last, h, c = scan_op(step, [c0], xs, tuple(additional))
+    if reverse:
+        h, c = h.flip(0), c.flip(0)
+    return h, c, c_last
+
+
+def recurrence_scan(call, arrays):
+    """``sru_cupy::recurrence_forward``'s results for ``call`` over ``arrays`` as scans over time
+    in standard operations, for ONNX export; inference only: no gradient flows back (the inputs
+    are detached; in torch 2.13 the scan's autograd fails on symbolic sizes when the ONNX exporter
+    decomposes the graph). ``call`` holds the sizes of the traced example, the arrays' shapes stay
+    symbolic."""
+    U, x, weight_c, bias, c0, mask_h, V = (None if t is None else t.detach() for t in (
+        arrays.get(name) for name in ("U", "x", "weight_c", "bias", "c0", "mask_h", "V")))
+    mask_pad = arrays.get("mask_pad")
+    dirs, d = call.dirs, call.hidden_size
+    L, B = U.shape[0], U.shape[1]
+    D = dirs * d
+    A = torch.float64 if U.dtype == torch.float64 else torch.float32
+    u = U.to(A).reshape(L, B, dirs, d, -1)
+    k = U.shape[2] // D
+    v = (weight_c.to(A).reshape(2, dirs, d) if weight_c is not None
+         else torch.zeros((2, dirs, d), dtype=A, device=U.device))
+    b = bias.to(A).reshape(2, dirs, d)
+    state0 = (c0.to(A).reshape(B, dirs, d) if c0 is not None
+              else torch.zeros((B, dirs, d), dtype=A, device=U.device))
+    m = mask_h.to(A).reshape(B, dirs, d) if mask_h is not None else None
+    pad = (mask_pad != 0).reshape(L, B, 1) if mask_pad is not None else None
+    steps = V.to(A).reshape(L, B, dirs, d, 2) if V is not None else None
+    skip = None
+    if call.has_skip_term:
+        skip = u[..., 3] if k == 4 else x.to(A).reshape(L, B, dirs, d) * call.scale_x
+    hs: List[Tensor] = []
+    cs: List[Tensor] = []
+    lasts: List[Tensor] = []
+    for j in range(dirs):
+        h_j, c_j, last_j = _direction_scan(
+            u[:, :, j].contiguous(), None if skip is None else skip[:, :, j].contiguous(),
+            v[:, j], b[:, j], state0[:, j].contiguous(), None if m is None else m[:, j],
+            pad, None if steps is None else steps[:, :, j].contiguous(), call.use_tanh, j == 1)
+        hs.append(h_j)
+        cs.append(c_j)
+        lasts.append(last_j)
+    h = torch.stack(hs, dim=2).reshape(L, B, D).to(U.dtype)
+    c = (torch.stack(cs, dim=2).reshape(L, B, D).to(U.dtype) if call.store_c
+         else U.new_empty((0,)))
+    c_last = torch.stack(lasts, dim=1).reshape(B, D).to(U.dtype)
+    return h, c, c_last

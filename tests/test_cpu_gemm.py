@@ -5,7 +5,7 @@ results through either route."""
 import pytest
 import torch
 
-from sru_cupy import cpu_gemm
+from sru_cupy import cpu_gemm, tracing
 from sru_cupy.backends import host
 from sru_cupy.modules import SRU, SRUCell
 from sru_cupy.srupp import SRUpp
@@ -134,7 +134,7 @@ def test_onednn_route_is_left_to_the_compilers_and_autocast(state, route, monkey
     elif state == "tracing":
         monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
     else:
-        monkeypatch.setattr(cpu_gemm, "_onnx_exporting", lambda: True)
+        monkeypatch.setattr(tracing, "onnx_exporting", lambda: True)
     assert not cpu_gemm.uses_onednn(x, weight)
 
 

@@ -201,54 +201,6 @@ def test_plain_torch_onnx_export_works(tmp_path):
 
 # -- the scan form against the op --------------------------------------------------------------
 
-SCAN_CASES = [
-    dict(bidirectional=False, k=3, skip=True, tanh=False, c0=True, mh=True, pad=True, V=False),
-    dict(bidirectional=True, k=4, skip=True, tanh=True, c0=False, mh=False, pad=True, V=True),
-    dict(bidirectional=True, k=3, skip=False, tanh=False, c0=True, mh=True, pad=False, V=True),
-    dict(bidirectional=False, k=4, skip=True, tanh=True, c0=True, mh=False, pad=False, V=False),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("case", SCAN_CASES, ids=lambda c: "-".join(k for k, v in c.items() if v))
-def test_recurrence_scan_equals_the_op(case, dtype):
-    L, B, d = 7, 3, 5
-    D = d * (2 if case["bidirectional"] else 1)
-    g = torch.Generator().manual_seed(2)
-
-    def randn(*shape):
-        return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-
-    mask_pad = None
-    if case["pad"]:
-        mask_pad = torch.zeros(L, B, dtype=torch.bool)
-        mask_pad[4:, 1] = True
-        mask_pad[:, 2] = True
-    args = (randn(L, B, D * case["k"]), randn(L, B, D) if case["k"] == 3 and case["skip"] else None,
-            randn(2 * D), randn(2 * D), randn(B, D) if case["c0"] else None,
-            (randn(B, D) > 0).to(dtype) / 0.5 if case["mh"] else None, mask_pad)
-    options = (d, case["bidirectional"], case["skip"], case["tanh"], 1.3, True)
-    V = randn(L, B, 2 * D) if case["V"] else None
-    expected = ops.recurrence_forward_op(*args, *options, V)
-    got = export.recurrence_scan(*args, *options, V)
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
-    for name, a, b in zip(("h", "c", "c_last"), got, expected):
-        assert a.dtype == b.dtype and a.shape == b.shape, name
-        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
-
-
-def test_the_layers_use_the_op_outside_onnx_export():
-    assert not export.onnx_exporting()
-    calls = []
-    real = export.recurrence_scan
-    try:
-        export.recurrence_scan = lambda *a: calls.append(a) or real(*a)
-        SRU(5, 4)(torch.randn(3, 2, 5))
-    finally:
-        export.recurrence_scan = real
-    assert calls == []
-
-
 # -- torch.export ------------------------------------------------------------------------------
 
 EXPORT_CASES = {
@@ -553,20 +505,8 @@ def test_torch_export_srupp_save_load_matches_eager(name):
 
 
 def test_an_older_torch_gets_a_clear_error(monkeypatch):
-    """The ONNX route uses PyTorch's private scan operator and Dim.AUTO: where a PyTorch lacks
-    them, the error says what is missing and what to do instead."""
-    import sys
-    import types
-    monkeypatch.setitem(sys.modules, "torch._higher_order_ops.scan",
-                        types.ModuleType("torch._higher_order_ops.scan"))
-    L, B, d = 3, 2, 4
-    args = [torch.randn(L, B, 3 * d), torch.randn(L, B, d), torch.randn(2 * d), torch.randn(2 * d),
-            torch.randn(B, d), None, None, d, False, True, False, 1.0, True]
-    with pytest.raises(RuntimeError, match=r"needs torch\._higher_order_ops\.scan\.scan_op, which "
-                                           r"torch .* lacks .*upgrade torch, or deploy with "
-                                           r"torch\.export or TorchScript"):
-        export.recurrence_scan(*args)
-    monkeypatch.undo()
+    """The ONNX route uses Dim.AUTO for the memory length: where a PyTorch lacks it, the error says
+    what is missing and what to do instead (the scan operator's absence: test_torch_fallback)."""
     monkeypatch.delattr(torch.export.Dim, "AUTO")
     model = SRUpp(8, 8, 4, num_layers=1).eval()
     x, memory = torch.randn(3, 2, 8), [torch.randn(2, 2, 8)]

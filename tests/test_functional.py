@@ -164,52 +164,6 @@ def test_torch_cpu_tensors_are_read_without_copy():
     np.testing.assert_array_equal(al.astype(np.float32), b.float().numpy())
 
 
-def test_dlpack_view_forwards_the_consumers_stream():
-    """CuPy's from_dlpack passes its current stream so the producer can order its work before the
-    read: the relabelling wrapper must hand it on (checked here without a GPU)."""
-    calls = []
-
-    class Recording:
-        def __init__(self, array):
-            self.array = array
-
-        def __dlpack__(self, stream=None, max_version=None):
-            calls.append((stream, max_version))
-            return self.array.__dlpack__()
-
-        def __dlpack_device__(self):
-            return (2, 0)
-
-    view = F._DLPackView(Recording(np.zeros(3)))
-    view.__dlpack__(stream=7, max_version=(1, 0))
-    view.__dlpack__()
-    assert calls == [(7, (1, 0)), (None, None)]
-    assert view.__dlpack_device__() == (2, 0) and not view.bfloat16
-
-
-def test_dlpack_view_with_an_export_stream_replaces_the_consumers():
-    """The PyTorch ops export with stream=-1 (no synchronisation asked), whatever stream the
-    consumer names; a torch CPU tensor accepts it and is read without a copy."""
-    calls = []
-
-    class Recording:
-        def __dlpack__(self, stream=None, max_version=None):
-            calls.append(stream)
-            return np.zeros(3).__dlpack__()
-
-        def __dlpack_device__(self):
-            return (1, 0)
-
-    view = F._DLPackView(Recording(), export_stream=-1)
-    view.__dlpack__(stream=7, max_version=(1, 0))
-    view.__dlpack__()
-    assert calls == [-1, -1]
-    torch = pytest.importorskip("torch")
-    t = torch.arange(4.0)
-    array = np.from_dlpack(F._DLPackView(t, export_stream=-1))
-    assert array.ctypes.data == t.data_ptr()
-
-
 def _torch_problem(torch, dtype):
     _, arrays, options, grads_in = _problem("f32-bi-k3-pad-c0")
     to_t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(dtype)

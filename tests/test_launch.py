@@ -760,7 +760,7 @@ def test_bad_out_array_is_rejected(no_launch, which, key, array):
                                 **options, out={key: array})
 
 
-# -- host kernels over addresses (the PyTorch op's CPU path) -------------------------------------
+# -- kernels over addresses (the PyTorch op's path) -----------------------------------------------
 
 
 def _address(array):
@@ -769,10 +769,11 @@ def _address(array):
 
 
 @pytest.mark.parametrize("case", DESIGN_CASES, ids=[c.id for c in DESIGN_CASES])
-def test_host_recurrence_over_addresses_equals_the_checked_launch(case):
-    """launch.host_recurrence runs the same kernels as recurrence_forward / recurrence_backward
-    over arrays given by address: bit for bit the same outputs, every element written."""
-    from sru_cupy.launch import host_recurrence
+def test_run_checked_over_addresses_equals_the_checked_launch(case):
+    """launch.run_checked runs the same kernels as recurrence_forward / recurrence_backward over
+    arrays given by address and by name: bit for bit the same outputs, every element written."""
+    from sru_cupy.call import RecurrenceCall
+    from sru_cupy.launch import run_checked
     previous = host.COLUMNS_PER_THREAD
     host.COLUMNS_PER_THREAD = case.columns_per_thread
     try:
@@ -780,36 +781,36 @@ def test_host_recurrence_over_addresses_equals_the_checked_launch(case):
         options = _options(case, inputs)
         dtype, arith = DTYPES[case.dtype], ARITH[case.dtype]
         L, B, D, k = case.L, case.B, case.D, case.k
-        reads_x = case.k == 3 and case.has_skip_term
         args = [inputs[name] for name in ("U", "x", "weight_c", "bias", "c0")]
-        mask_pad = inputs["mask_pad"]
-        mask_pad = None if mask_pad is None else np.ascontiguousarray(mask_pad != 0)
-        sizes = dict(dtype=np.dtype(dtype).name, k=k, L=L, B=B, hidden_size=case.d,
-                     bidirectional=case.bidirectional, has_skip_term=case.has_skip_term,
-                     use_tanh=case.tanh == "tanh", scale_x=case.scale_x)
+        arrays = dict(inputs)
+        if arrays["mask_pad"] is not None:
+            arrays["mask_pad"] = np.ascontiguousarray(arrays["mask_pad"] != 0)
+        call = RecurrenceCall.describe(
+            (L, B, D * k), np.dtype(dtype).name, case.d, case.bidirectional,
+            case.has_skip_term, case.tanh == "tanh", case.scale_x,
+            with_v=inputs["V"] is not None)
 
         h, c, c_last = recurrence_forward(*args, **options)
         got = {"h": _poisoned((L, B, D), dtype), "c": _poisoned((L, B, D), dtype),
                "c_last": _poisoned((B, D), dtype)}
-        host_recurrence("sru_recurrence_forward", [_address(a) for a in (
-            got["h"], got["c"], got["c_last"], inputs["U"], inputs["x"] if reads_x else None,
-            inputs["weight_c"], inputs["V"], inputs["bias"], inputs["c0"], inputs["mask_h"],
-            mask_pad)], **sizes)
+        run_checked("sru_recurrence_forward", call,
+                    {n: _address(a) for n, a in {**arrays, **got}.items()}, host, None)
         for name, want in (("h", h), ("c", c), ("c_last", c_last)):
             assert np.array_equal(_bits(got[name]), _bits(want)), name
 
         want = recurrence_backward(inputs["grad_h"], inputs["grad_c_last"], *args, c, **options,
                                    reduce_params=False)
         got = {"U": _poisoned((L, B, D * k), dtype),
-               "x": _poisoned((L, B, D), dtype) if reads_x else None,
+               "x": _poisoned((L, B, D), dtype) if call.reads_x else None,
                "weight_c_partial": _poisoned((2, B, D), arith),
                "bias_partial": _poisoned((2, B, D), arith), "c0": _poisoned((B, D), dtype),
                "V": _poisoned((L, B, 2 * D), dtype) if case.V == "V" else None}
-        host_recurrence("sru_recurrence_backward", [_address(a) for a in (
-            got["U"], got["x"], got["weight_c_partial"], got["bias_partial"], got["c0"],
-            got["V"], inputs["U"], inputs["x"] if reads_x else None, inputs["weight_c"],
-            inputs["V"], inputs["bias"], inputs["c0"], inputs["mask_h"], mask_pad, c,
-            inputs["grad_h"], inputs["grad_c_last"])], **sizes)
+        run_checked("sru_recurrence_backward", call,
+                    {n: _address(a) for n, a in {**arrays, "c": c,
+                                                  **{f"grad_{k}": v for k, v in got.items()},
+                                                  "grad_h": inputs["grad_h"],
+                                                  "grad_c_last": inputs["grad_c_last"]}.items()},
+                    host, None)
         for name, array in got.items():
             if array is None:
                 assert want[name] is None, name
@@ -817,3 +818,22 @@ def test_host_recurrence_over_addresses_equals_the_checked_launch(case):
                 assert np.array_equal(_bits(array), _bits(want[name])), name
     finally:
         host.COLUMNS_PER_THREAD = previous
+
+
+def test_run_checked_refuses_a_missing_address_and_an_empty_call():
+    """The address path cannot check memory, but it checks what it can: every array the call
+    requires has an address, and the call has steps and a batch."""
+    from sru_cupy.call import RecurrenceCall
+    from sru_cupy.launch import run_checked
+    call = RecurrenceCall.describe((3, 2, 12), "float32", 4)
+    U, x = np.zeros((3, 2, 12), np.float32), np.zeros((3, 2, 4), np.float32)
+    arrays = {"U": U, "x": x, "bias": np.zeros(8, np.float32), "h": np.zeros((3, 2, 4), np.float32),
+              "c": np.zeros((3, 2, 4), np.float32), "c_last": np.zeros((2, 4), np.float32)}
+    for missing in ("x", "bias", "c", "h"):
+        given = {n: _address(a) for n, a in arrays.items() if n != missing}
+        with pytest.raises(ValueError, match=f"^{missing}: required for these options, got no "
+                                             "address"):
+            run_checked("sru_recurrence_forward", call, given, host, None)
+    with pytest.raises(ValueError, match=r"^call: expected L >= 1 and B >= 1"):
+        run_checked("sru_recurrence_forward", RecurrenceCall.describe((0, 2, 12), "float32", 4),
+                    {n: _address(a) for n, a in arrays.items()}, host, None)

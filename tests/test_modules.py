@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from sru_cupy import cpu_gemm, ops
+from sru_cupy import cpu_gemm, implementation, ops
 from sru_cupy.modules import SRU, SRUCell
 
 pytestmark = [pytest.mark.filterwarnings("ignore:rnn_dropout > 0 is deprecated:UserWarning"),
@@ -733,8 +733,8 @@ def test_torch_save_load_module(config):
 
 @pytest.fixture
 def torch_fallback(monkeypatch):
-    monkeypatch.setattr(ops, "cpu_implementation", lambda: "torch")
-    monkeypatch.setattr(ops, "_cpu_notice_shown", False)
+    monkeypatch.setattr(implementation, "for_torch_cpu", lambda: "torch")
+    monkeypatch.setattr(implementation, "_announced", set())
 
 
 def _run_config(dtype):
@@ -747,13 +747,13 @@ def _run_config(dtype):
     return _forward_backward(m, x, c0, _mask_from_lengths([7, 3, 5], 7))
 
 
-@pytest.mark.skipif(ops.cpu_implementation() != "host",
+@pytest.mark.skipif(implementation.for_torch_cpu() != "host",
                     reason="no C++ compiler: only the PyTorch fallback exists here")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_host_kernels_and_torch_fallback_agree(dtype, monkeypatch):
     host = _run_config(dtype)
-    monkeypatch.setattr(ops, "cpu_implementation", lambda: "torch")
-    monkeypatch.setattr(ops, "_cpu_notice_shown", True)
+    monkeypatch.setattr(implementation, "for_torch_cpu", lambda: "torch")
+    monkeypatch.setattr(implementation, "_announced", {"torch"})
     fallback = _run_config(dtype)
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == F64 else dict(rtol=1e-5, atol=1e-6)
     for what, a, b in zip(("h", "c", "grad x", "grad c0"), host[:4], fallback[:4]):
@@ -774,10 +774,10 @@ def test_torch_fallback_notice_is_one_warning(torch_fallback):
         m(x)
 
 
-@pytest.mark.skipif(ops.cpu_implementation() != "host",
+@pytest.mark.skipif(implementation.for_torch_cpu() != "host",
                     reason="no C++ compiler: only the PyTorch fallback exists here")
 def test_host_kernels_give_no_notice(monkeypatch):
-    monkeypatch.setattr(ops, "_cpu_notice_shown", False)
+    monkeypatch.setattr(implementation, "_announced", set())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SRU(5, 4)(torch.randn(3, 2, 5))

@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import pytest
 
-from sru_cupy import numpy_fallback
+from sru_cupy import implementation
 from sru_cupy.backends import host
 from sru_cupy.launch import recurrence_backward, recurrence_forward
 from sru_cupy.reference import recurrence_forward_reference
@@ -37,7 +37,7 @@ def no_compiler(monkeypatch):
     monkeypatch.setattr(host, "available", lambda: False)
     monkeypatch.setattr(host, "launch", refuse)
     monkeypatch.setattr(host, "library", refuse)
-    monkeypatch.setattr(numpy_fallback, "_notice_shown", True)  # the notice has its own test
+    monkeypatch.setattr(implementation, "_announced", {"numpy"})  # the notice has its own test
 
 
 @pytest.mark.parametrize("case", DESIGN_CASES, ids=[c.id for c in DESIGN_CASES])
@@ -84,7 +84,7 @@ def test_nan_and_inf_at_padded_steps_stay_there(no_compiler, bidirectional):
 
 
 def test_notice_is_one_warning_per_process(no_compiler, monkeypatch):
-    monkeypatch.setattr(numpy_fallback, "_notice_shown", False)
+    monkeypatch.setattr(implementation, "_announced", set())
     U = np.full((2, 1, 3), 0.5, np.float32)
     args = (U, np.ones((2, 1, 1), np.float32), None, np.zeros(2, np.float32))
     with pytest.warns(UserWarning, match="vectorized NumPy implementation") as record:

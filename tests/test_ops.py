@@ -1,7 +1,7 @@
 """The PyTorch custom ops (``sru_cupy.ops``): ``recurrence`` and ``sru_cupy::recurrence_forward`` /
 ``sru_cupy::recurrence_backward``.
 
-CPU tests run both CPU implementations, forced with a monkeypatch of ``ops.cpu_implementation``:
+CPU tests run both CPU implementations, forced with a monkeypatch of ``implementation.for_torch_cpu``:
 "host" (the C++ build of the kernels) and "torch" (``sru_cupy.torch_fallback``). Results are
 compared with the float64 NumPy oracle in ``sru_cupy.reference``: forward h and c_last and every
 gradient (U, x, weight_c, bias, c0) through ``.backward()``. Then gradcheck, opcheck, torch.compile,
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from sru_cupy import launch, ops
+from sru_cupy import implementation, interop, launch, ops
 from sru_cupy.backends import host
 from sru_cupy.reference import recurrence_backward_reference, recurrence_forward_reference
 
@@ -28,7 +28,7 @@ from sru_cupy.reference import recurrence_backward_reference, recurrence_forward
 def _quiet_cpu_notice(monkeypatch):
     """The once-per-process notice about the torch fallback is tested on its own; elsewhere it is
     marked as already shown so that test order does not matter."""
-    monkeypatch.setattr(ops, "_cpu_notice_shown", True)
+    monkeypatch.setattr(implementation, "_announced", {"torch"})
 
 
 # -- implementations ---------------------------------------------------------------------------
@@ -49,7 +49,7 @@ def _use(monkeypatch, impl):
     if impl == "cuda":
         _need_torch_cuda()
         return torch.device("cuda")
-    monkeypatch.setattr(ops, "cpu_implementation", lambda: impl)
+    monkeypatch.setattr(implementation, "for_torch_cpu", lambda: impl)
     return torch.device("cpu")
 
 
@@ -601,10 +601,10 @@ def test_compile_dynamic_shapes_one_graph(cpu_impl, dynamo):
 def test_compile_fullgraph_on_the_first_call_of_the_process(monkeypatch, dynamo, impl):
     """The first CPU call of a process looks up the CPU implementation (a search for a C++
     compiler) and shows a notice (a warning with the torch fallback); a compiled first call must
-    not break the graph for that. "host" uses the real ``cpu_implementation``."""
+    not break the graph for that. "host" uses the real ``implementation.for_torch_cpu``."""
     if impl == "torch":
-        monkeypatch.setattr(ops, "cpu_implementation", lambda: "torch")
-    monkeypatch.setattr(ops, "_cpu_notice_shown", False)
+        monkeypatch.setattr(implementation, "for_torch_cpu", lambda: "torch")
+    monkeypatch.setattr(implementation, "_announced", set())
     d = 3
     fn = _compile_fn(COMPILE_OPTS, d)
     p = make_problem(COMPILE_OPTS, 4, 2, d, torch.float32, poison_padding=False)
@@ -618,8 +618,8 @@ def test_compile_fullgraph_on_the_first_call_of_the_process(monkeypatch, dynamo,
 
 
 def test_cpu_fallback_notice_is_shown_once(monkeypatch):
-    monkeypatch.setattr(ops, "cpu_implementation", lambda: "torch")
-    monkeypatch.setattr(ops, "_cpu_notice_shown", False)
+    monkeypatch.setattr(implementation, "for_torch_cpu", lambda: "torch")
+    monkeypatch.setattr(implementation, "_announced", set())
     opts = Opts()
     p = make_problem(opts, 3, 2, 2, torch.float32)
     with pytest.warns(UserWarning, match="sru_cupy: no C\\+\\+ compiler found"):
@@ -663,8 +663,8 @@ def test_eager_calls_do_not_import_dynamo(impl):
     script = textwrap.dedent(f"""
         import sys, warnings
         import torch
-        from sru_cupy import SRU, ops
-        ops.cpu_implementation = lambda: {impl!r}
+        from sru_cupy import SRU, implementation, ops
+        implementation.for_torch_cpu = lambda: {impl!r}
         warnings.simplefilter("ignore")
         model = SRU(4, 4, num_layers=2)
         x = torch.randn(3, 2, 4, requires_grad=True)
@@ -1227,70 +1227,38 @@ def test_gpu_autocast_sru_forward_and_grad_scaler_step(cuda, amp_dtype):
 # -- CuPy's view of PyTorch's stream (CPU, against stand-ins) --------------------------------------
 
 
-class _FakeStreams:
-    """``cupy.cuda`` with Stream.from_external (CuPy 14) or only ExternalStream (CuPy 13); the
-    latter warns DeprecationWarning as CuPy 14 does."""
-
-    def __init__(self, has_from_external):
-        made = self.made = []
-
-        class ExternalStream:
-            def __init__(self, ptr, device_id=-1):
-                if has_from_external:
-                    warnings.warn("ExternalStream is deprecated", DeprecationWarning)
-                made.append(("ExternalStream", ptr, device_id))
-
-        class Stream:
-            pass
-        if has_from_external:
-            def from_external(obj):
-                version, handle = obj.__cuda_stream__()
-                made.append(("from_external", handle, version))
-                return object()
-            Stream.from_external = staticmethod(from_external)
-        self.ExternalStream, self.Stream = ExternalStream, Stream
-
-
-@pytest.mark.parametrize("has_from_external", [True, False], ids=["cupy14", "cupy13"])
-@pytest.mark.parametrize("handle", [0, 0x7F00], ids=["default_stream", "side_stream"])
-def test_cupy_stream_of_a_torch_stream(has_from_external, handle):
-    import types
-    cuda = _FakeStreams(has_from_external)
-    torch_stream = types.SimpleNamespace(cuda_stream=handle)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", DeprecationWarning)
-        ops.cupy_stream(types.SimpleNamespace(cuda=cuda), torch_stream, 3)
-    real = handle or 1  # the default stream as cudaStreamLegacy, never CuPy's "0"
-    if has_from_external:
-        assert cuda.made == [("from_external", real, 0)]
-    else:
-        assert cuda.made == [("ExternalStream", real, 3)]
-
-
 def test_first_cuda_call_inside_capture_is_refused_before_cupy_is_touched(monkeypatch):
     """CPU stand-ins for torch.cuda: capturing with the device's kernels not loaded raises
-    CaptureNotReadyError naming the device, without importing CuPy; not capturing goes on to CuPy
-    (here missing: ImportError)."""
+    CaptureNotReadyError naming the device, without importing CuPy; with them loaded the launch
+    goes on, on PyTorch's current stream of that device; not capturing and not loaded goes on to
+    load them with CuPy (here missing: ImportError)."""
     import contextlib
     import sys
+    from sru_cupy import launch
     from sru_cupy.backends import cupy_backend
+    from sru_cupy.call import FORWARD, RecurrenceCall
     from sru_cupy.errors import CaptureNotReadyError
     monkeypatch.setitem(sys.modules, "cupy", None)
     monkeypatch.setattr(cupy_backend, "_modules", {})
     monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(ops, "_current_raw_stream", lambda index: 0x7F00 + index)
+    launched = []
+    monkeypatch.setattr(launch, "run_checked", lambda *args: launched.append(args))
+    call = RecurrenceCall.describe((2, 1, 3), "float32", 1)
+    device = torch.device("cuda", 3)
     with pytest.raises(CaptureNotReadyError, match=r"first call on cuda:3 is inside CUDA graph"):
-        with ops._cuda_context(torch.device("cuda", 3)):
-            pass
+        ops._run(FORWARD, call, {}, device)
+    assert launched == []
     monkeypatch.setattr(cupy_backend, "_modules", {3: object()})  # loaded: capture may go on
-    with pytest.raises(ImportError):
-        with ops._cuda_context(torch.device("cuda", 3)):
-            pass
+    ops._run(FORWARD, call, {}, device)
+    assert len(launched) == 1 and launched[0][3] is cupy_backend
+    assert launched[0][-1] == (3, 0x7F03)
     monkeypatch.setattr(cupy_backend, "_modules", {})
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     with pytest.raises(ImportError):
-        with ops._cuda_context(torch.device("cuda", 3)):
-            pass
+        ops._run(FORWARD, call, {}, device)
 
 
 # -- GPU: streams, events, deprecations ------------------------------------------------------------
@@ -1330,7 +1298,7 @@ def test_gpu_ops_on_a_side_stream_record_no_events(cuda):
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as baseline:
             with cupy.cuda.ExternalStream(side.cuda_stream) if not hasattr(
                     cupy.cuda.Stream, "from_external") else cupy.cuda.Stream.from_external(
-                    ops._StreamHandle(side.cuda_stream)):
+                    interop._StreamHandle(side.cuda_stream)):
                 cupy.from_dlpack(p["U"].detach())
     torch.cuda.synchronize()
     assert _event_calls(baseline) >= 1, "the profiler does not show event calls: the check is blind"
@@ -1404,11 +1372,14 @@ DIRECT_FORWARD_ERRORS = {
     "x-missing": (dict(x=None), ValueError, "x: required"),
     "mask_pad-shape": (dict(mask_pad=torch.zeros(3, dtype=torch.bool)), ValueError,
                        r"mask_pad: expected shape \(L, B\) = \(3, 2\)"),
-    "bias-size": (dict(bias=torch.zeros(5)), ValueError, "bias: expected 8 floating values"),
-    "mask_h-size": (dict(mask_h=torch.ones(2, 3)), ValueError, "mask_h: expected 8 floating"),
+    "bias-size": (dict(bias=torch.zeros(5)), ValueError, r"bias: expected shape \(8,\), got \(5,\)"),
+    "mask_h-size": (dict(mask_h=torch.ones(2, 3)), ValueError,
+                    r"mask_h: expected shape \(2, 4\), got \(2, 3\)"),
+    "mask_pad-complex": (dict(mask_pad=torch.zeros(3, 2, dtype=torch.complex64)), TypeError,
+                         "mask_pad: expected a bool, integer or floating dtype"),
     "U-int": (dict(U=torch.zeros(3, 2, 12, dtype=torch.int32)), TypeError,
               "U: expected dtype float16, bfloat16, float32 or float64"),
-    "U-width": (dict(U=torch.zeros(3, 2, 10)), ValueError, "U: expected last axis 3"),
+    "U-width": (dict(U=torch.zeros(3, 2, 10)), ValueError, r"U: expected last axis D\*3 = 12"),
 }
 
 

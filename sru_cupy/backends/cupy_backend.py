@@ -306,3 +306,33 @@ def check_same_device(array, reference, argname):
     if array.device.id != reference.device.id:
         raise ValueError(f"{argname}: expected an array on device {reference.device.id} like U, "
                          f"got one on device {array.device.id}")
+
+
+def is_loaded(device_id):
+    """Whether the kernels of ``device_id`` are loaded in this process (a launch then loads
+    nothing, which CUDA graph capture requires)."""
+    return device_id in _modules
+
+
+def scalar_argument(value):
+    """A scalar kernel argument as CuPy passes it: a NumPy scalar goes by value with its size."""
+    return value
+
+
+class _RawStream:
+    """A raw stream handle where CuPy's launch reads it (``ptr``)."""
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+
+def launch_on(kernel_name, grid, block, args, stream):
+    """Launches on ``stream`` = (device id, raw stream handle), that device being current: the
+    PyTorch op's path, whose arguments are device addresses (8-byte NumPy integers, None for
+    null) and NumPy scalars, checked by the op, with no CuPy array or stream object made."""
+    device_id, handle = stream
+    kernel = _functions.get((device_id, kernel_name))
+    if kernel is None:
+        kernel = function(device_id, kernel_name)
+    kernel(grid, block, args, stream=_RawStream(handle))

@@ -549,3 +549,9 @@ def check_same_device(array, reference, argname):
 
 def device_guard(array):
     return contextlib.nullcontext()
+
+
+def scalar_argument(value):
+    """A scalar kernel argument (a NumPy float32/float64/int32/int64 scalar) as ``launch`` takes
+    it: its ctypes value, made once per problem by the launch layer and reused."""
+    return as_ctypes_scalar(value)
