@@ -29,7 +29,13 @@ Layouts (L steps, B batch, d = hidden_size, dirs = 2 if bidirectional else 1, D 
 
 import numpy as np
 
+from .call import RecurrenceCall
+
 __all__ = ["recurrence_forward_reference", "recurrence_backward_reference"]
+
+#: Keyword arguments of both functions beyond hidden_size, with their defaults.
+KEYWORDS = {"bidirectional": False, "has_skip_term": True, "use_tanh": False, "scale_x": 1.0,
+            "mask_h": None, "mask_pad": None, "V": None}
 
 
 def _sigmoid(z):
@@ -44,62 +50,62 @@ def _as_float64(name, value, expected_shape):
     return array
 
 
-class _Problem:
-    """Validated float64 inputs, reshaped so that direction and unit are separate axes."""
+def _keywords(function, given):
+    unknown = [name for name in given if name not in KEYWORDS]
+    if unknown:
+        raise TypeError(f"{function}() got an unexpected keyword argument {unknown[0]!r}")
+    return {**KEYWORDS, **given}
 
-    def __init__(self, U, x, weight_c, bias, c0, hidden_size, bidirectional, has_skip_term,
-                 use_tanh, scale_x, mask_h, mask_pad, V=None):
-        if isinstance(hidden_size, bool) or not isinstance(hidden_size, (int, np.integer)) \
-                or hidden_size < 1:
-            raise ValueError(f"hidden_size: expected a positive int, got {hidden_size!r}")
+
+class _Problem:
+    """Validated float64 inputs, reshaped so that direction and unit are separate axes; the sizes
+    and shapes are those of the call's description (sru_cupy.call), the arithmetic is this
+    module's own."""
+
+    def __init__(self, U, x, weight_c, bias, c0, hidden_size, options):
         U = np.asarray(U)
-        if U.ndim != 3:
-            raise ValueError(f"U: expected 3 dimensions (L, B, D*k), got shape {U.shape}")
-        L, B, width = U.shape
-        d = int(hidden_size)
-        dirs = 2 if bidirectional else 1
-        D = dirs * d
-        if width % D != 0:
-            raise ValueError(f"U: expected last axis a multiple of D = {D} (D*k with k in (3, 4)),"
-                             f" got {width}")
-        k = width // D
-        if k not in (3, 4):
-            raise ValueError(f"U: expected last axis D*3 = {D * 3} or D*4 = {D * 4}, got {width}"
-                             f" (k = {k})")
-        uses_x = has_skip_term and k == 3
-        if uses_x and x is None:
+        V = options["V"]
+        # The sizes and shapes of the call; has_skip_term=True there because the reference also
+        # runs k = 4 without the skip term (u3 unread), which the kernels' callers refuse.
+        call = RecurrenceCall.describe(U.shape, "float64", hidden_size, options["bidirectional"],
+                                       True, options["use_tanh"], options["scale_x"],
+                                       with_v=V is not None)
+        self.has_skip_term = bool(options["has_skip_term"])
+        self.uses_x = self.has_skip_term and call.k == 3
+        if self.uses_x and x is None:
             raise ValueError("x: expected an (L, B, D) array because k == 3 and has_skip_term,"
                              " got None")
-
+        L, B, d, dirs, D, k = call.L, call.B, call.hidden_size, call.dirs, call.D, call.k
+        self.call = call
         self.L, self.B, self.d, self.dirs, self.D, self.k = L, B, d, dirs, D, k
-        self.has_skip_term = bool(has_skip_term)
-        self.use_tanh = bool(use_tanh)
-        self.uses_x = uses_x
-        self.scale_x = float(scale_x)
+        self.use_tanh = call.use_tanh
+        self.scale_x = call.scale_x
 
-        self.U = _as_float64("U", U, (L, B, width)).reshape(L, B, dirs, d, k)
+        self.U = _as_float64("U", U, call.shape("U")).reshape(L, B, dirs, d, k)
         # x is validated whenever it is given, even if this configuration ignores it.
-        x = None if x is None else _as_float64("x", x, (L, B, D)).reshape(L, B, dirs, d)
-        self.x = x
+        self.x = None if x is None else _as_float64("x", x, call.shape("x")).reshape(L, B, dirs, d)
         if weight_c is None:  # v1 mode: no peephole on c
             weight_c = np.zeros(2 * D)
         if bias is None:
             bias = np.zeros(2 * D)
-        v = _as_float64("weight_c", weight_c, (2 * D,)).reshape(2, dirs, d)
-        b = _as_float64("bias", bias, (2 * D,)).reshape(2, dirs, d)
+        v = _as_float64("weight_c", weight_c, call.shape("weight_c")).reshape(2, dirs, d)
+        b = _as_float64("bias", bias, call.shape("bias")).reshape(2, dirs, d)
         self.v_f, self.v_r = v[0], v[1]
-        self.V = None if V is None else _as_float64("V", V, (L, B, 2 * D)).reshape(L, B, dirs, d, 2)
+        self.V = None if V is None else _as_float64("V", V, call.shape("V")).reshape(
+            L, B, dirs, d, 2)
         self.b_f, self.b_r = b[0], b[1]
         self.c0 = (np.zeros((B, dirs, d)) if c0 is None
-                   else _as_float64("c0", c0, (B, D)).reshape(B, dirs, d))
+                   else _as_float64("c0", c0, call.shape("c0")).reshape(B, dirs, d))
+        mask_h, mask_pad = options["mask_h"], options["mask_pad"]
         self.mask_h = (np.ones((B, dirs, d)) if mask_h is None
-                       else _as_float64("mask_h", mask_h, (B, D)).reshape(B, dirs, d))
+                       else _as_float64("mask_h", mask_h, call.shape("mask_h")).reshape(B, dirs, d))
         if mask_pad is None:
             self.padded = np.zeros((L, B), dtype=bool)
         else:
             mask_pad = np.asarray(mask_pad)
-            if mask_pad.shape != (L, B):
-                raise ValueError(f"mask_pad: expected shape {(L, B)}, got {mask_pad.shape}")
+            if mask_pad.shape != call.shape("mask_pad"):
+                raise ValueError(f"mask_pad: expected shape {call.shape('mask_pad')}, got "
+                                 f"{mask_pad.shape}")
             self.padded = mask_pad != 0
 
     def time_order(self, direction):
@@ -122,12 +128,13 @@ class _Problem:
         return self.scale_x * self.x[t, :, direction, :]
 
 
-def recurrence_forward_reference(U, x, weight_c, bias, c0=None, *, hidden_size, bidirectional=False,
-                                 has_skip_term=True, use_tanh=False, scale_x=1.0, mask_h=None,
-                                 mask_pad=None, V=None):
-    """-> (h (L,B,D), c (L,B,D) the state after every step, c_last (B,D)), all float64."""
-    p = _Problem(U, x, weight_c, bias, c0, hidden_size, bidirectional, has_skip_term, use_tanh,
-                 scale_x, mask_h, mask_pad, V)
+def recurrence_forward_reference(U, x, weight_c, bias, c0=None, *, hidden_size, **options):
+    """-> (h (L,B,D), c (L,B,D) the state after every step, c_last (B,D)), all float64.
+
+    Keyword arguments: hidden_size, and those of KEYWORDS (bidirectional, has_skip_term,
+    use_tanh, scale_x, mask_h, mask_pad, V)."""
+    p = _Problem(U, x, weight_c, bias, c0, hidden_size,
+                 _keywords("recurrence_forward_reference", options))
     h = np.zeros((p.L, p.B, p.dirs, p.d))
     c = np.zeros((p.L, p.B, p.dirs, p.d))
     c_last = np.zeros((p.B, p.dirs, p.d))
@@ -155,8 +162,7 @@ def recurrence_forward_reference(U, x, weight_c, bias, c0=None, *, hidden_size, 
 
 
 def recurrence_backward_reference(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, *, hidden_size,
-                                  bidirectional=False, has_skip_term=True, use_tanh=False,
-                                  scale_x=1.0, mask_h=None, mask_pad=None, V=None):
+                                  **options):
     """grad_h (L,B,D); grad_c_last (B,D) or None (zeros); c is the forward's c (L,B,D).
 
     -> dict with float64 arrays: 'U' (L,B,D*k), 'x' (L,B,D) or None when x is not used
@@ -164,13 +170,14 @@ def recurrence_backward_reference(grad_h, grad_c_last, U, x, weight_c, bias, c0,
        the gradient w.r.t. v), 'bias' (2*D,), 'c0' (B,D), 'V' (L,B,D*2) or None without V (its
        per-step terms sum over steps and batch to 'weight_c').
     """
-    p = _Problem(U, x, weight_c, bias, c0, hidden_size, bidirectional, has_skip_term, use_tanh,
-                 scale_x, mask_h, mask_pad, V)
+    p = _Problem(U, x, weight_c, bias, c0, hidden_size,
+                 _keywords("recurrence_backward_reference", options))
     L, B, dirs, d = p.L, p.B, p.dirs, p.d
-    grad_h = _as_float64("grad_h", grad_h, (L, B, p.D)).reshape(L, B, dirs, d)
+    grad_h = _as_float64("grad_h", grad_h, p.call.shape("grad_h")).reshape(L, B, dirs, d)
     grad_c_last = (np.zeros((B, dirs, d)) if grad_c_last is None
-                   else _as_float64("grad_c_last", grad_c_last, (B, p.D)).reshape(B, dirs, d))
-    c = _as_float64("c", c, (L, B, p.D)).reshape(L, B, dirs, d)
+                   else _as_float64("grad_c_last", grad_c_last,
+                                    p.call.shape("grad_c_last")).reshape(B, dirs, d))
+    c = _as_float64("c", c, p.call.shape("c")).reshape(L, B, dirs, d)
 
     grad_U = np.zeros((L, B, dirs, d, p.k))
     grad_x_skip = np.zeros((L, B, dirs, d))  # gradient w.r.t. x'

@@ -230,11 +230,42 @@ def _inputs(case, seed=None):
     )
 
 
+#: The array arguments of recurrence_forward (positional, in order, then by keyword) and those the
+#: backward adds: together every array the kernels read (test_array_arguments_cover_the_kernels),
+#: so a helper that moves them all (to float64 for the reference, to a GPU) misses none.
+FORWARD_ARRAYS = ("U", "x", "weight_c", "bias", "c0")
+KEYWORD_ARRAYS = ("mask_h", "mask_pad", "V")
+BACKWARD_ARRAYS = ("grad_h", "grad_c_last")
+
+
 def _options(case, inputs):
     return dict(hidden_size=case.d, bidirectional=case.bidirectional,
                 has_skip_term=case.has_skip_term, use_tanh=case.tanh == "tanh",
-                scale_x=case.scale_x, mask_h=inputs["mask_h"], mask_pad=inputs["mask_pad"],
-                V=inputs["V"])
+                scale_x=case.scale_x, **{name: inputs[name] for name in KEYWORD_ARRAYS})
+
+
+def _arguments(case, inputs, convert=None):
+    """(forward's positional arrays, keyword arguments, backward's leading arrays) of a case, every
+    array through ``convert`` (None: as they are)."""
+    moved = {name: (value if convert is None or value is None else convert(value))
+             for name, value in inputs.items()}
+    return ([moved[name] for name in FORWARD_ARRAYS], _options(case, moved),
+            [moved[name] for name in BACKWARD_ARRAYS])
+
+
+def test_array_arguments_cover_the_kernels():
+    """Every array the kernels read is an argument the helpers above convert, and the launch
+    functions take exactly those."""
+    import inspect
+    from sru_cupy import call, launch
+    forward = set(FORWARD_ARRAYS + KEYWORD_ARRAYS)
+    assert forward == set(call.KERNEL_INPUTS[call.FORWARD])
+    assert forward | set(BACKWARD_ARRAYS) | {"c"} == set(call.KERNEL_INPUTS[call.BACKWARD])
+    positional = [p.name for p in inspect.signature(launch.recurrence_forward).parameters.values()
+                  if p.kind == p.POSITIONAL_OR_KEYWORD]
+    assert tuple(positional) == FORWARD_ARRAYS
+    assert set(KEYWORD_ARRAYS) <= set(launch.FORWARD_KEYWORDS)
+    assert set(launch.FORWARD_KEYWORDS) & set(call.ARRAYS) == set(KEYWORD_ARRAYS)
 
 
 def _f64(array):
@@ -312,9 +343,8 @@ def _check_case_on_host(case):
     L, B, D, k = case.L, case.B, case.D, case.k
     reads_x = case.k == 3 and case.has_skip_term
     # The reference runs on the same (possibly 16-bit) values, upcast to float64.
-    ref_options = dict(options, mask_h=_f64(inputs["mask_h"]), V=_f64(inputs["V"]))
-    args = [inputs[name] for name in ("U", "x", "weight_c", "bias", "c0")]
-    ref_args = [_f64(a) for a in args]
+    args, options, grad_args = _arguments(case, inputs)
+    ref_args, ref_options, ref_grad_args = _arguments(case, inputs, _f64)
     padded = _padded_steps(inputs["mask_pad"])
 
     # Forward, training variant.
@@ -345,12 +375,10 @@ def _check_case_on_host(case):
         gout["x"] = _poisoned((L, B, D), dtype)
     if case.V == "V":
         gout["V"] = _poisoned((L, B, 2 * D), dtype)
-    grads = recurrence_backward(inputs["grad_h"], inputs["grad_c_last"], *args, c, **options,
-                                out=dict(gout))
+    grads = recurrence_backward(*grad_args, *args, c, **options, out=dict(gout))
     for key, array in gout.items():
         assert grads[key] is array, f"grads[{key!r}] is not the out= array"
-    grad_args = [_f64(inputs["grad_h"]), _f64(inputs["grad_c_last"]), *ref_args, _f64(c)]
-    ref = recurrence_backward_reference(*grad_args, **ref_options)
+    ref = recurrence_backward_reference(*ref_grad_args, *ref_args, _f64(c), **ref_options)
     _assert_close("grad U", grads["U"], ref["U"], case.dtype)
     _assert_close("grad c0", grads["c0"], ref["c0"], case.dtype)
     if reads_x:
@@ -380,8 +408,8 @@ def _check_case_on_host(case):
             return a[sl] if batch_axis == 0 else a[:, sl]
 
         ref_b = recurrence_backward_reference(
-            one(grad_args[0], 1), one(grad_args[1], 0), one(ref_args[0], 1), one(ref_args[1], 1),
-            ref_args[2], ref_args[3], one(ref_args[4], 0), one(grad_args[-1], 1),
+            one(ref_grad_args[0], 1), one(ref_grad_args[1], 0), one(ref_args[0], 1),
+            one(ref_args[1], 1), ref_args[2], ref_args[3], one(ref_args[4], 0), one(_f64(c), 1),
             **dict(ref_options, mask_h=one(ref_options["mask_h"], 0),
                    mask_pad=one(ref_options["mask_pad"], 1), V=one(ref_options["V"], 1)))
         for name in ("weight_c", "bias"):

@@ -7,8 +7,8 @@ import pytest
 
 from sru_cupy.launch import recurrence_backward, recurrence_forward
 from sru_cupy.reference import recurrence_backward_reference, recurrence_forward_reference
-from test_launch import (ARITH, DESIGN_CASES, DTYPES, SIZE_CASES, _assert_close, _f64, _inputs,
-                         _options, _padded_steps)
+from test_launch import (ARITH, DESIGN_CASES, DTYPES, SIZE_CASES, _arguments, _assert_close, _f64,
+                         _inputs, _padded_steps)
 
 pytestmark = pytest.mark.gpu
 
@@ -43,14 +43,12 @@ def _check_case_on_gpu(case):
     dtype, arith = DTYPES[case.dtype], ARITH[case.dtype]
     L, B, D, k = case.L, case.B, case.D, case.k
     reads_x = case.k == 3 and case.has_skip_term
-    options = _options(case, inputs)
-    ref_options = dict(options, mask_h=_f64(inputs["mask_h"]))
-    dev = {name: _to_device(value) for name, value in inputs.items()}
-    gpu_options = dict(options, mask_h=dev["mask_h"], mask_pad=dev["mask_pad"])
+    # Every array argument, V included, moves to the GPU (and to float64 for the reference)
+    # through one helper.
+    args, gpu_options, grad_args = _arguments(case, inputs, _to_device)
+    ref_args, ref_options, ref_grad_args = _arguments(case, inputs, _f64)
     if case.dtype == "bf16":
         gpu_options["storage_dtype"] = "bfloat16"
-    args = [dev[name] for name in ("U", "x", "weight_c", "bias", "c0")]
-    ref_args = [_f64(inputs[name]) for name in ("U", "x", "weight_c", "bias", "c0")]
     padded = _padded_steps(inputs["mask_pad"])
 
     out = {"h": _poisoned((L, B, D), dtype), "c": _poisoned((L, B, D), dtype),
@@ -73,15 +71,17 @@ def _check_case_on_gpu(case):
             "bias_partial": _poisoned((2, B, D), arith)}
     if reads_x:
         gout["x"] = _poisoned((L, B, D), dtype)
-    grads = recurrence_backward(dev["grad_h"], dev["grad_c_last"], *args, c, **gpu_options,
-                                out=dict(gout))
+    if case.V == "V":
+        gout["V"] = _poisoned((L, B, 2 * D), dtype)
+    grads = recurrence_backward(*grad_args, *args, c, **gpu_options, out=dict(gout))
     c_host = _to_host(c, dtype)
-    ref = recurrence_backward_reference(_f64(inputs["grad_h"]), _f64(inputs["grad_c_last"]),
-                                        *ref_args, _f64(c_host), **ref_options)
+    ref = recurrence_backward_reference(*ref_grad_args, *ref_args, _f64(c_host), **ref_options)
     _assert_close("grad U", _to_host(grads["U"], dtype), ref["U"], case.dtype)
     _assert_close("grad c0", _to_host(grads["c0"], dtype), ref["c0"], case.dtype)
     if reads_x:
         _assert_close("grad x", _to_host(grads["x"], dtype), ref["x"], case.dtype)
+    if case.V == "V":
+        _assert_close("grad V", _to_host(grads["V"], dtype), ref["V"], case.dtype)
     param_kind = "f64" if case.dtype == "f64" else "f32"
     for name in ("weight_c", "bias"):
         _assert_close(f"grad {name}", _to_host(grads[name], arith), ref[name], param_kind)
@@ -94,15 +94,16 @@ def test_cupy_backend_against_reference(case):
 
 
 def test_cupy_backend_matches_host_backend_float32():
-    """The same float32 problem on both backends agrees to float32 rounding."""
-    case = next(c for c in DESIGN_CASES if c.dtype == "f32" and c.bidirectional)
+    """The same float32 problem on both backends agrees to float32 rounding. The GPU build
+    contracts a*b+c into fused multiply-adds and the host build does not (-ffp-contract=off), so
+    the two differ by about one rounding per operation and step: the tolerance grows with L."""
+    case = next(c for c in DESIGN_CASES if c.dtype == "f32" and c.bidirectional and c.V == "V")
     inputs = _inputs(case)
-    options = _options(case, inputs)
-    args = [inputs[name] for name in ("U", "x", "weight_c", "bias", "c0")]
+    args, options, _ = _arguments(case, inputs)
     h_host, _, c_last_host = recurrence_forward(*args, **options)
-    dev = {name: _to_device(value) for name, value in inputs.items()}
-    gpu_options = dict(options, mask_h=dev["mask_h"], mask_pad=dev["mask_pad"])
-    h_gpu, _, c_last_gpu = recurrence_forward(
-        *[dev[name] for name in ("U", "x", "weight_c", "bias", "c0")], **gpu_options)
-    np.testing.assert_allclose(_to_host(h_gpu, np.float32), h_host, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(_to_host(c_last_gpu, np.float32), c_last_host, rtol=1e-5, atol=1e-5)
+    gpu_args, gpu_options, _ = _arguments(case, inputs, _to_device)
+    h_gpu, _, c_last_gpu = recurrence_forward(*gpu_args, **gpu_options)
+    tolerance = max(1e-6, 8 * case.L * float(np.finfo(np.float32).eps))
+    np.testing.assert_allclose(_to_host(h_gpu, np.float32), h_host, rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(_to_host(c_last_gpu, np.float32), c_last_host, rtol=tolerance,
+                               atol=tolerance)
