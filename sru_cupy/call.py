@@ -26,7 +26,8 @@ Imports neither torch nor cupy.
 """
 
 import dataclasses
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+import functools
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -114,6 +115,8 @@ OP_ARGUMENTS = {
                ("hidden_size", "SymInt"), ("bidirectional", "bool"), ("has_skip_term", "bool"),
                ("use_tanh", "bool"), ("scale_x", "float"), ("V", "Tensor?=None")),
 }
+_OP_ARGUMENT_NAMES = {kernel: tuple(name for name, _ in arguments)
+                      for kernel, arguments in OP_ARGUMENTS.items()}
 #: What each operator returns, by name: an absent array comes back as an empty (0,) tensor; the
 #: backward's parameter gradients are summed over the batch.
 OP_RESULTS = {
@@ -133,7 +136,9 @@ def op_schema(kernel):
 def bind_op_arguments(kernel, args, kwargs):
     """The operator's arguments as given to a kernel implementation (positional, trailing
     defaults left out, or by keyword) as a dict by name, defaults filled in."""
-    names = [name for name, _ in OP_ARGUMENTS[kernel]]
+    names = _OP_ARGUMENT_NAMES[kernel]
+    if not kwargs and len(args) == len(names):
+        return dict(zip(names, args))
     if len(args) > len(names):
         raise TypeError(f"{kernel}: expected at most {len(names)} arguments, got {len(args)}")
     bound = dict(zip(names, args))
@@ -164,9 +169,20 @@ def check_hidden_size(hidden_size, non_int_error=ValueError):
     return int(hidden_size)
 
 
+class KernelArrays(NamedTuple):
+    """The arrays of one kernel in one call: inputs and outputs that take part, each as (name,
+    shape, kind, required), and the kernel's array parameters in order (a name, or None where the
+    parameter does not take part: a null pointer)."""
+    inputs: Tuple[Tuple[str, Tuple[int, ...], str, bool], ...]
+    outputs: Tuple[Tuple[str, Tuple[int, ...], str, bool], ...]
+    parameters: Tuple[Optional[str], ...]
+
+
 @dataclasses.dataclass(frozen=True)
 class RecurrenceCall:
-    """The sizes and options of one call. Build it with :meth:`describe`, which checks them."""
+    """The sizes and options of one call. Build it with :meth:`describe`, which checks them (and
+    returns the same object for the same arguments: what is derived from a call is worked out
+    once)."""
     L: int
     B: int
     hidden_size: int
@@ -179,11 +195,27 @@ class RecurrenceCall:
     with_v: bool = False   #: V (per-step offsets of weight_c) is given
     store_c: bool = True   #: the forward keeps c (training); False: the inference variant
 
+    def __post_init__(self):
+        # What is derived from the call, worked out once (not a field: no part of its identity).
+        object.__setattr__(self, "memo", {})
+
     @classmethod
     def describe(cls, U_shape, dtype, hidden_size, bidirectional=False, has_skip_term=True,
                  use_tanh=False, scale_x=1.0, with_v=False, store_c=True):
         """The call for U of shape ``U_shape`` (L, B, D*k) holding ``dtype`` (a storage dtype
         name), checked: errors name the argument, what was expected and what was given."""
+        try:
+            return _described(cls, tuple(U_shape), dtype, hidden_size, bidirectional,
+                              has_skip_term, use_tanh, scale_x, with_v, store_c)
+        except TypeError as error:
+            if "unhashable" not in str(error):
+                raise
+        return cls._describe(U_shape, dtype, hidden_size, bidirectional, has_skip_term,
+                             use_tanh, scale_x, with_v, store_c)
+
+    @classmethod
+    def _describe(cls, U_shape, dtype, hidden_size, bidirectional=False, has_skip_term=True,
+                  use_tanh=False, scale_x=1.0, with_v=False, store_c=True):
         hidden_size = check_hidden_size(hidden_size)
         if dtype not in kernels.STORAGE_TYPES:
             raise TypeError(f"U: expected dtype float16, bfloat16, float32 or float64, got {dtype}")
@@ -279,33 +311,45 @@ class RecurrenceCall:
         kind = ARRAYS[name].kind
         return {DATA: self.dtype, PARAM: self.arith, PARTIAL: self.arith, MASK: "uint8"}[kind]
 
+    def arrays(self, kernel):
+        """The :class:`KernelArrays` of ``kernel`` in this call (worked out once)."""
+        found = self.memo.get(kernel)
+        if found is None:
+            def entries(names):
+                return tuple((n, self.shape(n), ARRAYS[n].kind, self.required(n))
+                             for n in names if self.takes_part(n))
+            found = self.memo[kernel] = KernelArrays(
+                entries(KERNEL_INPUTS[kernel]), entries(KERNEL_OUTPUTS[kernel]),
+                tuple(n if self.takes_part(n) else None
+                      for n in KERNEL_OUTPUTS[kernel] + KERNEL_INPUTS[kernel]))
+        return found
+
     def outputs(self, kernel):
         """The names of the arrays ``kernel`` writes in this call."""
-        return tuple(n for n in KERNEL_OUTPUTS[kernel] if self.takes_part(n))
+        return tuple(entry[0] for entry in self.arrays(kernel).outputs)
 
     def inputs(self, kernel):
         """The names of the arrays ``kernel`` may read in this call."""
-        return tuple(n for n in KERNEL_INPUTS[kernel] if self.takes_part(n))
+        return tuple(entry[0] for entry in self.arrays(kernel).inputs)
 
     def check(self, kernel, arrays, check_array=None):
         """Checks the given inputs of ``kernel`` (a mapping name -> array or None): the required
         ones present and every given one of its shape, then ``check_array(name, array, kind)``
         (dtype, device: what the caller's kind of array needs) on each given one. Arrays that do
         not take part in this call are not looked at."""
-        for name in self.inputs(kernel):
+        for name, expected, kind, required in self.arrays(kernel).inputs:
             array = arrays.get(name)
             if array is None:
-                if self.required(name):
+                if required:
                     raise ValueError(_missing_message(name))
                 continue
-            expected = self.shape(name)
             if tuple(array.shape) != expected:
                 # mask_pad's shape is named, as (L, B) in its B, L layout is an easy mistake
                 named = "(L, B) = " if name == "mask_pad" else ""
                 raise ValueError(f"{name}: expected shape {named}{expected}, got "
                                  f"{tuple(array.shape)}")
             if check_array is not None:
-                check_array(name, array, ARRAYS[name].kind)
+                check_array(name, array, kind)
 
     # -- the kernels --------------------------------------------------------------------------------
     def kernel_name(self, kernel, columns=kernels.GPU_COLUMNS_PER_THREAD):
@@ -325,12 +369,20 @@ class RecurrenceCall:
         """The argument list of ``kernel``: each array parameter taken from ``arrays`` by name
         (None where it does not take part or is not given), each converted by ``convert`` when
         given (an address, a ctypes value), then the scalars (``scalars``, or :meth:`scalars`)."""
-        values = []
-        for name in KERNEL_OUTPUTS[kernel] + KERNEL_INPUTS[kernel]:
-            value = arrays.get(name) if self.takes_part(name) else None
-            values.append(convert(value) if convert is not None else value)
+        values = [None if name is None else arrays.get(name)
+                  for name in self.arrays(kernel).parameters]
+        if convert is not None:
+            values = [convert(value) for value in values]
         scalars = self.scalars() if scalars is None else scalars
         return values + [scalars[name] for name in SCALARS]
+
+
+# typed: True and 1, or 3.0 and 3, are not the same hidden_size here
+@functools.lru_cache(maxsize=256, typed=True)
+def _described(cls, U_shape, dtype, hidden_size, bidirectional, has_skip_term, use_tanh, scale_x,
+               with_v, store_c):
+    return cls._describe(U_shape, dtype, hidden_size, bidirectional, has_skip_term, use_tanh,
+                         scale_x, with_v, store_c)
 
 
 def _missing_message(name):

@@ -305,8 +305,9 @@ def run_checked(kernel, call, addresses, backend, convert, stream=None):
     if call.empty:
         raise ValueError(f"call: expected L >= 1 and B >= 1 for a launch, got L={call.L}, "
                          f"B={call.B}")
-    for name in call.outputs(kernel) + call.inputs(kernel):
-        if call.required(name) and addresses.get(name) is None:
+    arrays = call.arrays(kernel)
+    for name, _, _, required in arrays.outputs + arrays.inputs:
+        if required and addresses.get(name) is None:
             raise ValueError(f"{name}: required for these options, got no address")
     name, grid, block, scalars = _launch_plan(kernel, call, backend)
     arguments = call.arguments(kernel, addresses, convert, scalars)
@@ -316,18 +317,13 @@ def run_checked(kernel, call, addresses, backend, convert, stream=None):
         backend.launch_on(name, grid, block, arguments, stream)
 
 
-_PLANS = {}
-
-
 def _launch_plan(kernel, call, backend):
-    """(kernel name, grid, block, scalar argument values) of a launch, made once per call shape
-    and backend (the scalars as the backend takes them)."""
-    key = (kernel, call, backend.name, backend.columns_per_thread())
-    plan = _PLANS.get(key)
+    """(kernel name, grid, block, scalar argument values) of a launch, made once per call and
+    backend (the scalars as the backend takes them), kept with the call."""
+    key = ("plan", kernel, backend.name, backend.columns_per_thread())
+    plan = call.memo.get(key)
     if plan is None:
-        if len(_PLANS) > 4096:
-            _PLANS.clear()
         columns, grid, block = launch_shape(backend, call.columns)
         scalars = {name: backend.scalar_argument(value) for name, value in call.scalars().items()}
-        plan = _PLANS[key] = (call.kernel_name(kernel, columns), grid, block, scalars)
+        plan = call.memo[key] = (call.kernel_name(kernel, columns), grid, block, scalars)
     return plan

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import implementation, launch, torch_fallback, tracing
 from .backends import host
-from .call import (ARRAYS, BACKWARD, DATA, FORWARD, KERNEL_OUTPUTS, MASK, OP_ARGUMENTS, OP_RESULTS,
+from .call import (BACKWARD, DATA, FORWARD, KERNEL_OUTPUTS, MASK, OP_ARGUMENTS, OP_RESULTS,
                    PARAM, PARTIAL, RecurrenceCall, bind_op_arguments, check_hidden_size, op_schema)
 from .interop import CUDA_STREAM_LEGACY
 
@@ -69,24 +69,24 @@ def _check_tensors(kernel, call, args):
     present where required, of their shapes; data tensors of U's dtype, parameters floating,
     mask_pad bool, integer or floating. Messages name the argument."""
     U = args["U"]
-    for name in call.inputs(kernel):
+    for name, _, _, _ in call.arrays(kernel).inputs:
         t = args.get(name)
-        if t is None:
-            continue
-        if not isinstance(t, Tensor):
+        if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+
+    def check_tensor(name, t, kind):
         if t.device != U.device:
             raise ValueError(f"{name}: expected a tensor on {U.device} like U, got {t.device}")
-
-    def check_dtype(name, t, kind):
-        if kind == DATA and t.dtype != U.dtype:
-            raise TypeError(f"{name}: expected dtype {U.dtype} like U, got {t.dtype}")
-        if kind == PARAM and not t.is_floating_point():
-            raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
-        if kind == MASK and t.is_complex():
+        if kind == DATA:
+            if t.dtype != U.dtype:
+                raise TypeError(f"{name}: expected dtype {U.dtype} like U, got {t.dtype}")
+        elif kind == PARAM:
+            if not t.is_floating_point():
+                raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
+        elif t.is_complex():
             raise TypeError(f"{name}: expected a bool, integer or floating dtype, got {t.dtype}")
 
-    call.check(kernel, args, check_dtype)
+    call.check(kernel, args, check_tensor)
 
 
 def _prepared(call, kernel, args):
@@ -96,11 +96,10 @@ def _prepared(call, kernel, args):
     capture."""
     arith = _arith_dtype(args["U"].dtype)
     prepared = {}
-    for name in call.inputs(kernel):
+    for name, _, kind, _ in call.arrays(kernel).inputs:
         t = args.get(name)
         if t is None:
             continue
-        kind = ARRAYS[name].kind
         if kind == PARAM:
             t = t.to(arith)
         elif kind == MASK and t.dtype not in (torch.bool, torch.uint8):
@@ -113,9 +112,12 @@ def _allocated(kernel, call, U):
     """The outputs of ``kernel``, by name: fresh tensors where they take part, empty (0,) ones
     where they do not (as the operators return them)."""
     arith = _arith_dtype(U.dtype)
-    return {name: U.new_empty(call.shape(name) if call.takes_part(name) else (0,),
-                              dtype=arith if ARRAYS[name].kind == PARTIAL else U.dtype)
-            for name in KERNEL_OUTPUTS[kernel]}
+    outputs = {name: U.new_empty(shape, dtype=arith if kind == PARTIAL else U.dtype)
+               for name, shape, kind, _ in call.arrays(kernel).outputs}
+    for name in KERNEL_OUTPUTS[kernel]:
+        if name not in outputs:
+            outputs[name] = U.new_empty((0,))
+    return outputs
 
 
 def _cpu_address(t):
@@ -137,7 +139,7 @@ def _current_raw_stream(index):
 
 def _run(kernel, call, arrays, device):
     """Runs ``kernel`` over ``arrays`` (contiguous tensors by name, checked) on their device."""
-    addresses = {name: t for name, t in arrays.items() if t is not None and t.numel() > 0}
+    addresses = {name: t for name, t in arrays.items() if t is not None}
     if device.type == "cpu":
         launch.run_checked(kernel, call, {n: _cpu_address(t) for n, t in addresses.items()},
                            host, None)
@@ -179,8 +181,7 @@ def _empty_call_results(kernel, call, args, outputs):
 
 def _implementation(kernel, args, kwargs):
     """The CPU and CUDA implementation of both operators."""
-    args = bind_op_arguments(kernel, args, kwargs)
-    check_hidden_size(args["hidden_size"], TypeError)
+    args = bind_op_arguments(kernel, args, kwargs)  # the schema makes hidden_size an int
     call = _describe(args)
     U = args["U"]
     _check_tensors(kernel, call, args)
