@@ -137,6 +137,7 @@ def recurrence_forward(U, x, weight_c, bias, c0=None, *, hidden_size, **options)
         bias: (2*D,) (or (2, D)) gate biases b_f, b_r.
         c0: (B, D) initial state, None for zeros.
         hidden_size: d; D = d * (2 if bidirectional else 1).
+        bidirectional, has_skip_term, use_tanh: the options (default False, True, False).
         scale_x: the skip scale (used when k == 3 and has_skip_term).
         mask_h: (B, D) variational dropout mask on h, None for none.
         mask_pad: (L, B) nonzero at padded steps, None for none.
