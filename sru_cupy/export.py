@@ -28,21 +28,19 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import torch_support
+
 __all__ = ["recurrence_scan", "onnx_exporting", "export_onnx"]
-
-
-def _needs(what: str) -> RuntimeError:
-    return RuntimeError(f"ONNX export of the SRU layers needs {what}, which torch "
-                        f"{torch.__version__} lacks (it is tested with torch 2.13): upgrade torch, "
-                        "or deploy with torch.export or TorchScript")
 
 
 def _scan_op():
     """PyTorch's scan operator (a private one: the ONNX exporter writes it as ONNX Scan)."""
+    torch_support.require("onnx_export")
     try:
         from torch._higher_order_ops.scan import scan_op
     except ImportError as error:
-        raise _needs("torch._higher_order_ops.scan.scan_op") from error
+        raise torch_support.missing("onnx_export", "torch._higher_order_ops.scan.scan_op") \
+            from error
     return scan_op
 
 
@@ -154,6 +152,7 @@ def export_onnx(model: torch.nn.Module, args: Sequence, path, *, dynamic: bool =
     """
     from .srupp import SRUpp, SRUppCell  # srupp imports modules, which imports this module
 
+    torch_support.require("onnx_export")
     args = tuple(args)
     attention = isinstance(model, (SRUpp, SRUppCell))
     arg_names = ["input", "c0", "mask_pad"] + (
@@ -193,7 +192,7 @@ def _dynamic_shapes(model: torch.nn.Module, given: dict) -> tuple:
     batch_first = bool(getattr(model, "batch_first", False))
     with_memory = given.get("memory") is not None
     if with_memory and not hasattr(Dim, "AUTO"):
-        raise _needs("torch.export.Dim.AUTO (for the memory length)")
+        raise torch_support.missing("onnx_export", "torch.export.Dim.AUTO (for the memory length)")
 
     def steps(time):  # a (steps, batch, ...) tensor in the module's layout
         return {0: batch, 1: time} if batch_first else {0: time, 1: batch}

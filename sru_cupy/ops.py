@@ -24,7 +24,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import launch
+from . import torch_support
+
+torch_support.require("layers", ImportError)  # before the torch.library calls below fail obscurely
+
+from . import launch  # noqa: E402
 from .backends import host
 from .numpy_fallback import user_stacklevel as _user_stacklevel
 
