@@ -24,13 +24,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import torch_support
-
-torch_support.require("layers", ImportError)  # before the torch.library calls below fail obscurely
-
-from . import launch  # noqa: E402
+from . import launch, torch_support
 from .backends import host
 from .numpy_fallback import user_stacklevel as _user_stacklevel
+
+torch_support.require("layers", ImportError)  # before the torch.library calls below fail obscurely
 
 #: Storage dtypes and their names in the kernels' instantiations.
 _STORAGE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
