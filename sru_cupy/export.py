@@ -21,15 +21,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import torch_support
 from .srupp import SRUpp, SRUppCell
 
 __all__ = ["export_onnx"]
-
-
-def _needs(what: str) -> RuntimeError:
-    return RuntimeError(f"ONNX export of the SRU layers needs {what}, which torch "
-                        f"{torch.__version__} lacks (it is tested with torch 2.13): upgrade torch, "
-                        "or deploy with torch.export or TorchScript")
 
 
 def export_onnx(model: torch.nn.Module, args: Sequence, path, *, dynamic: bool = True,
@@ -48,6 +43,7 @@ def export_onnx(model: torch.nn.Module, args: Sequence, path, *, dynamic: bool =
     ``torch.onnx.export``. Returns its ONNXProgram.
     """
 
+    torch_support.require("onnx_export")
     args = tuple(args)
     attention = isinstance(model, (SRUpp, SRUppCell))
     arg_names = ["input", "c0", "mask_pad"] + (
@@ -87,7 +83,7 @@ def _dynamic_shapes(model: torch.nn.Module, given: dict) -> tuple:
     batch_first = bool(getattr(model, "batch_first", False))
     with_memory = given.get("memory") is not None
     if with_memory and not hasattr(Dim, "AUTO"):
-        raise _needs("torch.export.Dim.AUTO (for the memory length)")
+        raise torch_support.missing("onnx_export", "torch.export.Dim.AUTO (for the memory length)")
 
     def steps(time):  # a (steps, batch, ...) tensor in the module's layout
         return {0: batch, 1: time} if batch_first else {0: time, 1: batch}

@@ -25,11 +25,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import implementation, launch, torch_fallback, tracing
+from . import implementation, launch, torch_fallback, torch_support, tracing
 from .backends import host
 from .call import (BACKWARD, DATA, FORWARD, KERNEL_OUTPUTS, MASK, OP_ARGUMENTS, OP_RESULTS,
                    PARAM, PARTIAL, RecurrenceCall, bind_op_arguments, check_hidden_size, op_schema)
 from .interop import CUDA_STREAM_LEGACY
+
+torch_support.require("layers", ImportError)  # before the torch.library calls below fail obscurely
 
 #: Storage dtypes and their names in the kernels' instantiations.
 STORAGE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",

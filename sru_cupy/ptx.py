@@ -68,6 +68,7 @@ NVRTC that wrote the PTX (``nvidia-cuda-nvcc`` for NVRTC 13, ``nvidia-cuda-nvcc-
 and report per kernel the registers, stack frame and spill bytes (``ptxas -v``).
 """
 
+import contextlib
 import ctypes
 import dataclasses
 import glob
@@ -393,23 +394,64 @@ def compile_source(source, name_expressions, arch, nvrtc=None, extra_options=(),
     from pynvrtc.interface import NVRTCException
 
     what = f"NVRTC {nvrtc.version_string} compile of {program_name} for sm_{arch}"
-    try:
-        prog = iface.nvrtcCreateProgram(source, program_name, [], [])
-    except NVRTCException as exc:
-        raise KernelCompileError(f"{what} ({exc})", "", options) from None
-    try:
-        for name in name_expressions:
-            iface.nvrtcAddNameExpression(prog, name)
+    with keeping_thread_locale():
         try:
-            iface.nvrtcCompileProgram(prog, options)
+            prog = iface.nvrtcCreateProgram(source, program_name, [], [])
         except NVRTCException as exc:
-            raise KernelCompileError(f"{what} ({exc})", _program_log(iface, prog), options) from None
-        log = _program_log(iface, prog)
-        ptx = iface.nvrtcGetPTX(prog)
-        lowered = {name: iface.nvrtcGetLoweredName(prog, name) for name in name_expressions}
-    finally:
-        iface.nvrtcDestroyProgram(prog)
+            raise KernelCompileError(f"{what} ({exc})", "", options) from None
+        try:
+            for name in name_expressions:
+                iface.nvrtcAddNameExpression(prog, name)
+            try:
+                iface.nvrtcCompileProgram(prog, options)
+            except NVRTCException as exc:
+                raise KernelCompileError(f"{what} ({exc})", _program_log(iface, prog),
+                                         options) from None
+            log = _program_log(iface, prog)
+            ptx = iface.nvrtcGetPTX(prog)
+            lowered = {name: iface.nvrtcGetLoweredName(prog, name) for name in name_expressions}
+        finally:
+            iface.nvrtcDestroyProgram(prog)
     return CompiledPTX(arch, ptx, lowered, nvrtc, options, log)
+
+
+_uselocale = None  # libc's uselocale once looked up, or False where there is none
+
+
+def _libc_uselocale():
+    global _uselocale
+    if _uselocale is None:
+        _uselocale = False
+        if sys.platform != "win32":
+            try:
+                function = ctypes.CDLL(None).uselocale
+            except (OSError, AttributeError):
+                pass
+            else:
+                function.restype = ctypes.c_void_p
+                function.argtypes = [ctypes.c_void_p]
+                _uselocale = function
+    return _uselocale or None
+
+
+@contextlib.contextmanager
+def keeping_thread_locale():
+    """Restores the calling thread's C locale (POSIX ``uselocale``) on exit if the body changed it.
+
+    ``nvrtcCompileProgram`` of NVRTC 12.0 switches the calling thread to the "C" locale and leaves
+    it there. Python's default text encoding (``locale.getpreferredencoding(False)``, what
+    ``open()`` uses without ``encoding=``) follows the thread's locale, so afterwards every such
+    read of a UTF-8 file fails with an 'ascii' codec error: PyTorch's inductor loads its kernel
+    templates that way, and ``torch.compile``, ``opcheck`` and AOT autograd break for the rest of
+    the process. The global locale (``setlocale``) is not touched by NVRTC and so not by this.
+    """
+    uselocale = _libc_uselocale()
+    saved = uselocale(None) if uselocale is not None else None  # NULL: query, change nothing
+    try:
+        yield
+    finally:
+        if uselocale is not None and uselocale(None) != saved:
+            uselocale(saved)
 
 
 def _program_log(iface, prog):

@@ -8,6 +8,8 @@ are flipped in time, so processing step s is time s for direction 0 and L-1-s fo
 
 import torch
 
+from . import torch_support
+
 
 def _processing_order(t, dirs):
     """(L, B, dirs, ...) in time order <-> processing order (an involution)."""
@@ -150,13 +152,12 @@ def recurrence_backward(call, arrays):
 
 def _scan_op():
     """PyTorch's scan operator (a private one: the ONNX exporter writes it as ONNX Scan)."""
+    torch_support.require("onnx_export")
     try:
         from torch._higher_order_ops.scan import scan_op
     except ImportError as error:
-        raise RuntimeError(f"ONNX export of the SRU layers needs "
-                           f"torch._higher_order_ops.scan.scan_op, which torch "
-                           f"{torch.__version__} lacks (it is tested with torch 2.13): upgrade "
-                           "torch, or deploy with torch.export or TorchScript") from error
+        raise torch_support.missing("onnx_export", "torch._higher_order_ops.scan.scan_op") \
+            from error
     return scan_op
 
 

@@ -9,18 +9,24 @@ Needs pynvrtc and libnvrtc (the `test` extras install both, with NVRTC 12 for sm
 the reason where they are missing. Each architecture is compiled once per session."""
 
 import contextlib
+import ctypes
 import importlib
 import io
 import json
+import locale
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from sru_cupy import kernels, ptx
 from sru_cupy.__main__ import main
 from sru_cupy.errors import KernelCompileError
+
+from child_env import child_env
 
 ARCHS = (70, 80, 90)
 # NVRTC 12 warns for every pre-Turing target; any other warning is a finding about the source.
@@ -355,3 +361,63 @@ def test_cli_failure_exits_nonzero(nvrtc, tmp_path, capsys):
 def test_parse_arch_rejects(value):
     with pytest.raises(ValueError):
         ptx.parse_arch(value)
+
+
+# NVRTC 12.0's nvrtcCompileProgram leaves the calling thread on the "C" locale (uselocale), which
+# turns Python's default text encoding to ASCII: inductor's template reads (torch.compile, opcheck)
+# then fail for the rest of the process. Run in a child so that a leak cannot spoil this one.
+_LOCALE_AFTER_COMPILE = r"""
+import ctypes, json, locale, sys
+from sru_cupy import ptx
+uselocale = ctypes.CDLL(None).uselocale
+uselocale.restype, uselocale.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+path = sys.argv[1]
+def state():
+    with open(path) as f:  # the default encoding, as inductor reads its templates
+        try:
+            text = f.read()
+        except UnicodeDecodeError as exc:
+            text = repr(exc)
+    return [uselocale(None), locale.getpreferredencoding(False), text]
+before = state()
+rows = []
+for nvrtc in ptx.available_nvrtcs():
+    arch = 80 if nvrtc.supports(80) else nvrtc.archs[-1]
+    ptx.compile_source('extern "C" __global__ void k(float* p) { *p = 1.0f; }', [], arch, nvrtc)
+    rows.append([nvrtc.version_string, before, state()])
+print(json.dumps(rows))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uselocale through glibc")
+def test_compiling_keeps_the_thread_locale_and_default_encoding(nvrtc, tmp_path):
+    sample = tmp_path / "utf8.txt"
+    sample.write_text("c\u2032 = (c - u0) f + u0\n", encoding="utf-8")
+    result = subprocess.run([sys.executable, "-c", _LOCALE_AFTER_COMPILE, str(sample)],
+                            capture_output=True, text=True, env=child_env(LC_ALL="C.UTF-8"),
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert rows, "no NVRTC was exercised"
+    for version, before, after in rows:
+        assert after == before, f"NVRTC {version} changed (thread locale, encoding, read)"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uselocale through glibc")
+def test_keeping_thread_locale_undoes_a_switch_to_c():
+    libc = ctypes.CDLL(None)
+    libc.uselocale.restype, libc.uselocale.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    libc.newlocale.restype = ctypes.c_void_p
+    libc.newlocale.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p]
+    libc.freelocale.argtypes = [ctypes.c_void_p]
+    c_locale = libc.newlocale(1 << locale.LC_CTYPE, b"C", None)  # glibc: mask bit = category
+    assert c_locale
+    before = libc.uselocale(None)
+    try:
+        with ptx.keeping_thread_locale():
+            libc.uselocale(c_locale)  # what NVRTC 12.0's compile does
+            assert libc.uselocale(None) == c_locale
+        assert libc.uselocale(None) == before
+    finally:
+        libc.uselocale(before)
+        libc.freelocale(c_locale)

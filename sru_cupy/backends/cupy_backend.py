@@ -143,9 +143,10 @@ def compile_for_arch(arch):
             return (*cached, path)
         compiler = cupy.cuda.compiler
         try:
-            binary, lowered = compiler.compile_using_nvrtc(
-                kernels.assembled_source(), options=options, arch=str(arch),
-                filename=kernels.SOURCE_FILE, name_expressions=names)
+            with _ptx().keeping_thread_locale():  # NVRTC 12.0 leaves the thread on "C"
+                binary, lowered = compiler.compile_using_nvrtc(
+                    kernels.assembled_source(), options=options, arch=str(arch),
+                    filename=kernels.SOURCE_FILE, name_expressions=names)
         except compiler.CompileException as error:
             log = error.get_message() if hasattr(error, "get_message") else str(error)
             if "cannot open source file" in log:  # a header NVRTC does not have
