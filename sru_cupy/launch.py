@@ -180,10 +180,11 @@ class _Problem:
             raise ValueError(f"out[{key!r}]: expected a C-contiguous array")
         return array
 
-    def kernel(self, kernel):
-        """(name, grid, block) of a kernel for this problem on this backend."""
+    def kernel(self, kernel, with_v):
+        """(name, grid, block) of a kernel for this problem on this backend; ``with_v``: V is
+        given (the kernel instantiation that reads it)."""
         columns, grid, block = _launch_shape(self.backend, self.B * self.D)
-        return kernels.kernel_name(kernel, self.dtype, self.k, columns), grid, block
+        return kernels.kernel_name(kernel, self.dtype, self.k, columns, with_v), grid, block
 
     def uses_numpy_fallback(self):
         """True for NumPy arrays where no C++ compiler can build the host kernels."""
@@ -233,7 +234,7 @@ def recurrence_forward(U, x, weight_c, bias, c0=None, *, hidden_size, bidirectio
             numpy_fallback.recurrence_forward(p, h, c, c_last, U, x, weight_c, bias, c0, mask_h,
                                               mask_pad, V)
             return h, c, c_last
-        name, grid, block = p.kernel("sru_recurrence_forward")
+        name, grid, block = p.kernel("sru_recurrence_forward", V is not None)
         p.backend.launch(name, grid, block,
                          [h, c, c_last, U, x, weight_c, V, bias, c0, mask_h, mask_pad, *p.sizes()],
                          work=L * B * D)
@@ -290,7 +291,7 @@ def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, *, hid
             numpy_fallback.recurrence_backward(p, grads, U, x, weight_c, bias, c0, mask_h, mask_pad,
                                                c, grad_h, grad_c_last, V)
         elif B > 0:
-            name, grid, block = p.kernel("sru_recurrence_backward")
+            name, grid, block = p.kernel("sru_recurrence_backward", V is not None)
             p.backend.launch(name, grid, block,
                              [grads["U"], grads["x"], grads["weight_c_partial"], grads["bias_partial"],
                               grads["c0"], grads["V"], U, x, weight_c, V, bias, c0, mask_h,
@@ -306,7 +307,7 @@ def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, *, hid
 
 
 @functools.lru_cache(maxsize=1024)
-def _host_arguments(kernel, dtype, k, columns, L, B, hidden_size, dirs, flags, scale_x):
+def _host_arguments(kernel, dtype, k, columns, L, B, hidden_size, dirs, flags, scale_x, with_v):
     """(kernel name, the size arguments as ctypes values) of a host launch, made once per
     problem."""
     from .backends import host
@@ -316,11 +317,15 @@ def _host_arguments(kernel, dtype, k, columns, L, B, hidden_size, dirs, flags, s
     sizes = tuple(host.as_ctypes_scalar(v) for v in (
         arith(scale_x), np.int64(L), np.int64(B), np.int32(hidden_size), np.int32(dirs),
         np.int32(flags)))
-    return kernels.kernel_name(kernel, dtype, k, columns), sizes
+    return kernels.kernel_name(kernel, dtype, k, columns, with_v), sizes
+
+
+#: Where V's address is in ``host_recurrence``'s ``addresses``, per kernel.
+_V_ADDRESS_INDEX = {"sru_recurrence_forward": 6, "sru_recurrence_backward": 9}
 
 
 def host_recurrence(kernel, addresses, *, dtype, k, L, B, hidden_size, bidirectional,
-                    has_skip_term, use_tanh, scale_x):
+                    has_skip_term, use_tanh, scale_x, with_v=None):
     """Runs ``kernel`` ("sru_recurrence_forward" or "sru_recurrence_backward") with the host
     backend over arrays given by address, which the caller has checked, allocated and made
     contiguous: the PyTorch op's CPU path, for which the checks and conversions of
@@ -333,11 +338,20 @@ def host_recurrence(kernel, addresses, *, dtype, k, L, B, hidden_size, bidirecti
     mask_h, mask_pad, c, grad_h, grad_c_last). Storage arrays hold ``dtype``, weight_c, bias,
     mask_h and the partials its arithmetic dtype, mask_pad one byte per step, with the shapes of
     ``recurrence_forward``; x is None unless the skip term reads it, c None for inference. Needs
-    L >= 1, B >= 1 and the host library (a C++ compiler)."""
+    L >= 1, B >= 1 and the host library (a C++ compiler). ``with_v`` picks the kernel
+    instantiation that reads V; by default, whether V's address is given (an instantiation
+    without it would ignore V)."""
     from .backends import host
+    if kernel not in _V_ADDRESS_INDEX:
+        raise ValueError(f"kernel: expected one of {tuple(_V_ADDRESS_INDEX)}, got {kernel!r}")
+    v_given = addresses[_V_ADDRESS_INDEX[kernel]] is not None
+    if with_v is None:
+        with_v = v_given
+    elif v_given and not with_v:
+        raise ValueError("with_v: expected True (or None) when V's address is given, got False")
     dirs = 2 if bidirectional else 1
     columns, grid, block = _launch_shape(host, B * dirs * hidden_size)
     flags = (kernels.FLAG_SKIP if has_skip_term else 0) | (kernels.FLAG_TANH if use_tanh else 0)
     name, sizes = _host_arguments(kernel, dtype, k, columns, L, B, hidden_size, dirs, flags,
-                                  float(scale_x))
+                                  float(scale_x), bool(with_v))
     host.launch(name, grid, block, [*addresses, *sizes], work=L * B * dirs * hidden_size)
