@@ -336,8 +336,10 @@ __device__ __forceinline__ void sru_forward_run(sru_forward_column<T, Lanes> (&c
     long long s = 0;
     for (; s + P <= length; s += P)
         sru_forward_steps<T, K, G, P, WITH_V>(cols, n, scale_x, s + P < length, length - s - P);
-    for (; s < length; ++s)
-        sru_forward_steps<T, K, G, 1, WITH_V>(cols, n, scale_x, s + 1 < length, length - s - 1);
+    if constexpr (P > 1) {  // the steps left over (none when P = 1)
+        for (; s < length; ++s)
+            sru_forward_steps<T, K, G, 1, WITH_V>(cols, n, scale_x, s + 1 < length, length - s - 1);
+    }
 }
 
 // Whether the n columns from first_col are all columns (< B * D) of one direction of one batch
@@ -585,8 +587,10 @@ __device__ __forceinline__ void sru_backward_run(sru_backward_column<T, Lanes> (
     long long remaining = length;  // steps not yet processed
     for (; remaining >= P; remaining -= P)
         sru_backward_steps<T, K, G, P, WITH_V>(cols, n, remaining, scale_x);
-    for (; remaining > 0; --remaining)
-        sru_backward_steps<T, K, G, 1, WITH_V>(cols, n, remaining, scale_x);
+    if constexpr (P > 1) {  // the steps left over (none when P = 1)
+        for (; remaining > 0; --remaining)
+            sru_backward_steps<T, K, G, 1, WITH_V>(cols, n, remaining, scale_x);
+    }
 }
 
 // Where a column (or lanes of columns) starts in the backward pass: its constants, c0, dL/dc_last
