@@ -24,6 +24,23 @@
 // Storage type T is float, double, sru_half or sru_bfloat16; arithmetic A is float (double for
 // double). Indices are 64-bit: L * B * D * K may pass 2^31. No shared memory, barriers or warp
 // intrinsics, so the host emulation runs the same source faithfully.
+//
+// V is a template flag (WITH_V) of both kernels, not a run-time test: the instantiations without it
+// have no code for V and keep the register count they had before V existed (ptxas, NVRTC 13.0,
+// sm_90: 77-80 for the forward in float, half and bfloat16, against 87-96 with both step loops in
+// one kernel). The WITH_V ones take their steps one at a time (V is rare; its loads then need no
+// registers held ahead). What a launch passes must match the instantiation, which the launch layer
+// ensures (it picks WITH_V exactly when V is given); otherwise the result is still defined: WITH_V
+// with a null V runs with zero offsets and writes no grad_V, and an instantiation without WITH_V
+// ignores V and grad_V.
+//
+// Fused multiply-adds: the GPU build lets NVRTC contract a * b + c into one FMA (--fmad=true, said
+// explicitly in the compile options): faster, and each contracted operation is rounded once instead
+// of twice. The host build compiles with -ffp-contract=off, so that a SIMD lane computes bit for bit
+// what a scalar column computes. GPU results therefore differ from the host build's by the rounding
+// of the contracted operations, a few ulps per step that the recurrence carries on: GPU-vs-host
+// comparisons need a tolerance (relative about 1e-5 in float32 at the tested lengths), not bit
+// equality, while host lanes and host scalar columns stay bit-exact.
 #include "sru_numeric.cuh"
 
 // Option bits of the `flags` argument (uniform across the grid, so the branches do not diverge).
@@ -42,6 +59,14 @@
 // register spills around the vector exp calls (AVX-512, one core: 2.1 -> 1.6 ns per element
 // forward, 3.8 -> 2.3 backward); with 8 (AVX2) loading ahead still pays (3.8 -> 3.5, 5.6 -> 4.8).
 #define SRU_HOST_PREFETCH_DISTANCE 16
+
+// Steps a column loads together (P): `prefetch`, but one with 16 host lanes (see above) and in the
+// WITH_V instantiations, a rare option, whose registers are then spent on V.
+template <typename Lanes, bool WITH_V>
+__host__ __device__ constexpr int sru_steps_loaded_together(int prefetch)
+{
+    return Lanes::width >= 16 || WITH_V ? 1 : prefetch;
+}
 
 // Host: asks the CPU to bring the cache lines of p[0 .. values) in (for writing when WRITE).
 // Nothing on the GPU.
@@ -80,7 +105,7 @@ __device__ __forceinline__ void sru_advance(sru_input_cursor<T>& in, int steps)
     in.up += steps * in.step * K;
     if (in.xp) in.xp += steps * in.step;
     if (in.padp) in.padp += steps * in.pad_step;
-    if (WITH_V) in.vp += steps * in.step * 2;
+    if (WITH_V && in.vp) in.vp += steps * in.step * 2;
 }
 
 // Where one column sits (or, for lanes, the first of Lanes' W consecutive columns of one direction
@@ -124,7 +149,7 @@ __device__ __forceinline__ long long sru_locate_column(
     in.up = u + first * K;
     in.xp = (column.skip && K == 3) ? x + first : 0;
     in.padp = mask_pad ? mask_pad + t0 * batch + b : 0;
-    in.vp = V ? V + first * 2 : 0;
+    in.vp = V ? V + first * 2 : 0;  // the kernels pass null unless WITH_V
     in.step = time_down ? -ncols : ncols;
     in.pad_step = time_down ? -batch : batch;
     return first;
@@ -168,9 +193,8 @@ __device__ __forceinline__ sru_step_inputs<typename Lanes::type> sru_load_step(
 }
 
 // The gate coefficients of one step: weight_c, plus the step's offsets V_t when V is given (vp not
-// null). V is read here, not prefetched with U. The kernels run steps with V (a rare option) through
-// their own instantiation of the step loops (WITH_V) without prefetching, so that the common path
-// keeps its register count.
+// null; always null in a kernel instantiated without WITH_V, so the test folds away there). V is
+// read here, when the step is computed, not loaded ahead with U.
 template <typename T, typename Lanes>
 __device__ __forceinline__ void sru_step_weights(const sru_column<typename Lanes::type>& col,
                                                  const T* vp, typename Lanes::type& v_f,
@@ -285,7 +309,7 @@ __device__ __forceinline__ void sru_forward_steps(sru_forward_column<T, Lanes> (
         for (int j = 0; j < G; ++j) {
             if (j >= n) break;
             sru_forward_column<T, Lanes>& q = cols[j];
-            const T* vp = WITH_V ? q.in.vp + i * q.in.step * 2 : 0;
+            const T* vp = WITH_V && q.in.vp ? q.in.vp + i * q.in.step * 2 : 0;
             Lanes::template store<1>(q.hp + i * q.in.step,
                                      sru_forward_step<T, Lanes>(q.column, in[j][i], vp, q.state));
             if (q.cp) Lanes::template store<1>(q.cp + i * q.in.step, q.state);
@@ -302,24 +326,19 @@ __device__ __forceinline__ void sru_forward_steps(sru_forward_column<T, Lanes> (
     }
 }
 
-// All steps of the n (<= G) columns: P at a time, then one at a time (one at a time throughout
-// with V).
-template <typename T, int K, int G, typename Lanes>
+// All steps of the n (<= G) columns: P at a time, then one at a time.
+template <typename T, int K, bool WITH_V, int G, typename Lanes>
 __device__ __forceinline__ void sru_forward_run(sru_forward_column<T, Lanes> (&cols)[G], int n,
-                                                typename sru_acc<T>::type scale_x, bool with_v,
-                                                long long length)
+                                                typename sru_acc<T>::type scale_x, long long length)
 {
-    const int P = Lanes::width >= 16 ? 1 : SRU_FORWARD_PREFETCH;
+    constexpr int P = sru_steps_loaded_together<Lanes, WITH_V>(SRU_FORWARD_PREFETCH);
     if constexpr (Lanes::width > 1) sru_prefetch_first_steps<K>(cols[0], length);
     long long s = 0;
-    if (with_v) {
+    for (; s + P <= length; s += P)
+        sru_forward_steps<T, K, G, P, WITH_V>(cols, n, scale_x, s + P < length, length - s - P);
+    if constexpr (P > 1) {  // the steps left over (none when P = 1)
         for (; s < length; ++s)
-            sru_forward_steps<T, K, G, 1, true>(cols, n, scale_x, s + 1 < length, length - s - 1);
-    } else {
-        for (; s + P <= length; s += P)
-            sru_forward_steps<T, K, G, P, false>(cols, n, scale_x, s + P < length, length - s - P);
-        for (; s < length; ++s)
-            sru_forward_steps<T, K, G, 1, false>(cols, n, scale_x, s + 1 < length, length - s - 1);
+            sru_forward_steps<T, K, G, 1, WITH_V>(cols, n, scale_x, s + 1 < length, length - s - 1);
     }
 }
 
@@ -336,10 +355,10 @@ __device__ __forceinline__ bool sru_columns_are_lanes(long long first_col, int n
 }
 
 // Forward kernel: writes h (L, B, D), c (L, B, D; null for inference) and c_last (B, D).
-// V (L, B, D, 2) may be null (no per-step offsets of weight_c).
+// V (L, B, D, 2) is read only by the WITH_V instantiations, where a null V means zero offsets.
 // Thread i runs columns i*N .. i*N+N-1: on the host as the lanes of one vector where they can be
 // (sru_columns_are_lanes), else, as on the GPU, as N scalar columns.
-template <typename T, int K, int N>
+template <typename T, int K, bool WITH_V, int N>
 __global__ void sru_recurrence_forward(
     T* __restrict__ h,
     T* __restrict__ c,
@@ -361,6 +380,7 @@ __global__ void sru_recurrence_forward(
 {
     typedef typename sru_acc<T>::type A;
     const long long first_col = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * N;
+    if (!WITH_V) V = 0;  // a V given to an instantiation without WITH_V is ignored
 #ifndef __CUDA_ARCH__
     if constexpr (N > 1 && sru_is_power_of_two(N)) {
         typedef sru_lanes<A, N> Lanes;
@@ -373,7 +393,7 @@ __global__ void sru_recurrence_forward(
             q.state = c0 ? Lanes::template load<1>(c0 + first_col) : Lanes::splat(A(0));
             q.hp = h + first;
             q.cp = c ? c + first : 0;
-            sru_forward_run<T, K, 1>(lanes, 1, scale_x, V != 0, length);
+            sru_forward_run<T, K, WITH_V, 1>(lanes, 1, scale_x, length);
             Lanes::template store<1>(c_last + first_col, q.state);
             return;
         }
@@ -396,7 +416,7 @@ __global__ void sru_recurrence_forward(
         ++n;
     }
     if (n == 0) return;
-    sru_forward_run<T, K, N>(cols, n, scale_x, V != 0, length);
+    sru_forward_run<T, K, WITH_V, N>(cols, n, scale_x, length);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
         if (j >= n) break;
@@ -535,9 +555,10 @@ __device__ __forceinline__ void sru_backward_steps(sru_backward_column<T, Lanes>
             sru_backward_column<T, Lanes>& q = cols[j];
             const long long step = q.in.step;
             sru_backward_step<T, K, Lanes>(q.column, in[j][i], c_prev[j][i], c_cur[j][i], gh[j][i],
-                                           scale_x, q.gc, q.grads, WITH_V ? q.in.vp + i * step * 2 : 0,
+                                           scale_x, q.gc, q.grads,
+                                           WITH_V && q.in.vp ? q.in.vp + i * step * 2 : 0,
                                            q.gup + i * step * K, q.gxp ? q.gxp + i * step : 0,
-                                           WITH_V ? q.gvp + i * step * 2 : 0);
+                                           WITH_V && q.gvp ? q.gvp + i * step * 2 : 0);
         }
     }
     if (remaining == P) return;
@@ -551,28 +572,24 @@ __device__ __forceinline__ void sru_backward_steps(sru_backward_column<T, Lanes>
         q.ghp += P * step;
         q.gup += P * step * K;
         if (q.gxp) q.gxp += P * step;
-        if (WITH_V) q.gvp += P * step * 2;
+        if (WITH_V && q.gvp) q.gvp += P * step * 2;
     }
 }
 
-// All steps of the n (<= G) columns, against time: P at a time, then one at a time (one at a time
-// throughout with V).
-template <typename T, int K, int G, typename Lanes>
+// All steps of the n (<= G) columns, against time: P at a time, then one at a time.
+template <typename T, int K, bool WITH_V, int G, typename Lanes>
 __device__ __forceinline__ void sru_backward_run(sru_backward_column<T, Lanes> (&cols)[G], int n,
-                                                 typename sru_acc<T>::type scale_x, bool with_v,
+                                                 typename sru_acc<T>::type scale_x,
                                                  long long length)
 {
-    const int P = Lanes::width >= 16 ? 1 : SRU_BACKWARD_PREFETCH;
+    constexpr int P = sru_steps_loaded_together<Lanes, WITH_V>(SRU_BACKWARD_PREFETCH);
     if constexpr (Lanes::width > 1) sru_prefetch_first_steps<K>(cols[0], length);
     long long remaining = length;  // steps not yet processed
-    if (with_v) {
+    for (; remaining >= P; remaining -= P)
+        sru_backward_steps<T, K, G, P, WITH_V>(cols, n, remaining, scale_x);
+    if constexpr (P > 1) {  // the steps left over (none when P = 1)
         for (; remaining > 0; --remaining)
-            sru_backward_steps<T, K, G, 1, true>(cols, n, remaining, scale_x);
-    } else {
-        for (; remaining >= P; remaining -= P)
-            sru_backward_steps<T, K, G, P, false>(cols, n, remaining, scale_x);
-        for (; remaining > 0; --remaining)
-            sru_backward_steps<T, K, G, 1, false>(cols, n, remaining, scale_x);
+            sru_backward_steps<T, K, G, 1, WITH_V>(cols, n, remaining, scale_x);
     }
 }
 
@@ -599,7 +616,7 @@ __device__ __forceinline__ bool sru_backward_locate(
     q.ghp = grad_h + first;
     q.gup = grad_u + first * K;
     q.gxp = grad_x ? grad_x + first : 0;
-    q.gvp = V ? grad_V + first * 2 : 0;
+    q.gvp = V && grad_V ? grad_V + first * 2 : 0;
     return true;
 }
 
@@ -619,10 +636,10 @@ __device__ __forceinline__ void sru_backward_finish(const sru_backward_column<T,
 
 // Backward kernel, in reverse processing order. Writes grad_u (L, B, D, K), grad_x (L, B, D; null
 // unless the skip term reads x, i.e. K = 3 with skip), grad_c0 (B, D), and per-column partial sums
-// grad_weight_c, grad_bias (2, B, D) that the caller sums over B, and grad_V (L, B, D, 2) when V
-// is given (null otherwise). grad_c_last may be null (zero).
+// grad_weight_c, grad_bias (2, B, D) that the caller sums over B, and, in the WITH_V instantiations
+// when V and grad_V are given, grad_V (L, B, D, 2). grad_c_last may be null (zero).
 // Thread i runs columns i*N .. i*N+N-1, as lanes or as scalar columns as in the forward kernel.
-template <typename T, int K, int N>
+template <typename T, int K, bool WITH_V, int N>
 __global__ void sru_recurrence_backward(
     T* __restrict__ grad_u,
     T* __restrict__ grad_x,
@@ -651,6 +668,7 @@ __global__ void sru_recurrence_backward(
     typedef typename sru_acc<T>::type A;
     const long long ncols = batch * dirs * d;
     const long long first_col = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * N;
+    if (!WITH_V) V = 0;  // a V given to an instantiation without WITH_V is ignored (grad_V too)
 #ifndef __CUDA_ARCH__
     if constexpr (N > 1 && sru_is_power_of_two(N)) {
         typedef sru_lanes<A, N> Lanes;
@@ -659,7 +677,7 @@ __global__ void sru_recurrence_backward(
             sru_backward_locate<T, K, Lanes>(grad_u, grad_x, grad_V, u, x, weight_c, V, bias, c0,
                                              mask_h, mask_pad, c, grad_h, grad_c_last, length,
                                              batch, d, dirs, flags, first_col, lanes[0]);
-            sru_backward_run<T, K, 1>(lanes, 1, scale_x, V != 0, length);
+            sru_backward_run<T, K, WITH_V, 1>(lanes, 1, scale_x, length);
             sru_backward_finish(lanes[0], first_col, ncols, grad_weight_c, grad_bias, grad_c0);
             return;
         }
@@ -677,7 +695,7 @@ __global__ void sru_recurrence_backward(
         ++n;
     }
     if (n == 0) return;
-    sru_backward_run<T, K, N>(cols, n, scale_x, V != 0, length);
+    sru_backward_run<T, K, WITH_V, N>(cols, n, scale_x, length);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
         if (j >= n) break;

@@ -69,9 +69,14 @@ def _add_compile_arguments(parser):
                              "architecture is built by the newest NVRTC not newer than it (default: "
                              "the oldest NVRTC of the newest CUDA major supporting the "
                              "architecture, so every driver of that major loads it)")
-    parser.add_argument("--ptxas", action="store_true",
-                        help="also assemble each PTX with a ptxas matching its NVRTC (if one is "
-                             "found) and print registers and spills")
+    assembly = parser.add_mutually_exclusive_group()
+    assembly.add_argument("--ptxas", action="store_true",
+                          help="fail when no ptxas matching an architecture's NVRTC is found (by "
+                               "default each PTX is assembled, and one line per kernel variant "
+                               "gives its registers, spills and stack, when such a ptxas is found, "
+                               "and a note says so when none is)")
+    assembly.add_argument("--no-ptxas", action="store_true",
+                          help="do not assemble the PTX with ptxas (no register report)")
 
 
 def _run_compile(args):
@@ -80,7 +85,7 @@ def _run_compile(args):
     archs = args.arch or list(ptx.DEFAULT_ARCHS)
     out = args.out or os.path.join(cache.cache_root(), "ptx")
     manifest = ptx.build(out, archs, libraries=args.nvrtc, cuda=args.cuda)
-    tools = ptx.find_ptxas() if args.ptxas else None
+    tools = None if args.no_ptxas else ptx.find_ptxas()
     failed = False
     for arch in sorted(set(archs)):
         entry = manifest["archs"][ptx.arch_key(arch)]
@@ -92,34 +97,42 @@ def _run_compile(args):
         for line in entry["log"].splitlines():
             print(f"  {line}")
         if tools is not None:
-            failed |= not _report_ptxas(ptx, path, arch, entry, tools)
+            failed |= not _report_ptxas(ptx, path, arch, entry, tools, args.ptxas)
     print(f"manifest: {os.path.join(out, ptx.MANIFEST_FILE)} (source hash {manifest['source_hash'][:16]}...)")
     if failed:
-        raise CommandError("ptxas failed to assemble the PTX (output above)")
+        raise CommandError("ptxas did not assemble every architecture's PTX (output above)")
     return 0
 
 
-def _report_ptxas(ptx, path, arch, entry, tools):
-    """Prints one architecture's ptxas summary; False when ptxas failed."""
+def _report_ptxas(ptx, path, arch, entry, tools, required):
+    """Assembles one architecture's PTX with ptxas -v and prints, per kernel variant, its
+    registers, spill bytes and stack frame. False when ptxas failed or said nothing of a kernel,
+    or (``required``) when no ptxas matches the PTX's NVRTC."""
     tool = ptx.ptxas_for(entry["nvrtc_version"], tools)
     if tool is None:
         found = ", ".join(f"{t.version_string} ({t.path})" for t in tools) or "none"
-        print(f"  ptxas: none matching NVRTC {entry['nvrtc_version']} found (found: {found}); not assembled")
-        return True
+        print(f"  ptxas: none matching NVRTC {entry['nvrtc_version']} found (found: {found}); "
+              "not assembled, no register report (pip install nvidia-cuda-nvcc of that release)")
+        return not required
     result = ptx.assemble(path, arch, tool)
     if result.returncode != 0:
         print(f"  ptxas {tool.version_string} ({tool.path}) failed, exit code {result.returncode}:")
         for line in result.output.splitlines():
             print(f"    {line}")
         return False
-    functions = [result.functions.get(name, {}) for name in entry["lowered_names"].values()]
-    registers = [f.get("registers", 0) for f in functions]
-    stores = sum(f.get("spill_stores", 0) for f in functions)
-    loads = sum(f.get("spill_loads", 0) for f in functions)
-    stack = max((f.get("stack", 0) for f in functions), default=0)
-    print(f"  ptxas {tool.version_string}: {min(registers)}-{max(registers)} registers, spill stores "
-          f"{stores} bytes, spill loads {loads} bytes, max stack frame {stack} bytes")
-    return True
+    print(f"  ptxas {tool.version_string} ({tool.path}), per kernel variant:")
+    width = max(len(name) for name in entry["lowered_names"])
+    complete = True
+    for name, lowered in entry["lowered_names"].items():
+        info = result.functions.get(lowered, {})
+        if "registers" not in info:
+            print(f"    {name:<{width}}  not in ptxas's report ({lowered})")
+            complete = False
+            continue
+        print(f"    {name:<{width}}  {info['registers']:3d} registers, spills "
+              f"{info.get('spill_stores', 0)} bytes stored {info.get('spill_loads', 0)} loaded, "
+              f"stack {info.get('stack', 0)} bytes")
+    return complete
 
 
 # ---------------------------------------------------------------------------------------------

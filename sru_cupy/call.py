@@ -353,8 +353,9 @@ class RecurrenceCall:
 
     # -- the kernels --------------------------------------------------------------------------------
     def kernel_name(self, kernel, columns=kernels.GPU_COLUMNS_PER_THREAD):
-        """The instantiation of ``kernel`` for this call with ``columns`` columns per thread."""
-        return kernels.kernel_name(kernel, self.dtype, self.k, columns)
+        """The instantiation of ``kernel`` for this call with ``columns`` columns per thread (the
+        one that reads V exactly when V is given)."""
+        return kernels.kernel_name(kernel, self.dtype, self.k, columns, self.with_v)
 
     def scalars(self):
         """The scalar arguments by name, typed as the kernels declare them (scale_x in the

@@ -36,6 +36,10 @@ K_VALUES = (3, 4)
 
 KERNELS = ("sru_recurrence_forward", "sru_recurrence_backward")
 
+#: Values of the template parameter WITH_V: whether an instantiation reads V (the per-step offsets
+#: of weight_c). Kernels without it have no code for V, which keeps their register count down.
+WITH_V_VALUES = (False, True)
+
 #: Columns one thread runs (template parameter N): 1 on the GPU, where neighbouring threads reading
 #: neighbouring columns coalesce. The host runs more, as the lanes of SIMD vectors (its backend
 #: chooses how many for the CPU's instruction set).
@@ -101,8 +105,12 @@ def source_hash(*extra):
     return digest.hexdigest()
 
 
-def kernel_name(kernel, dtype, k, columns=GPU_COLUMNS_PER_THREAD):
-    """The name expression of one instantiation, e.g. ``sru_recurrence_forward<float, 3, 1>``."""
+def kernel_name(kernel, dtype, k, columns=GPU_COLUMNS_PER_THREAD, with_v=False):
+    """The name expression of one instantiation, e.g. ``sru_recurrence_forward<float, 3, false, 1>``.
+
+    ``with_v``: the instantiation that reads V, the per-step offsets of weight_c (template
+    parameter WITH_V); the launch layer picks it exactly when V is given. The columns per thread
+    stay the last template argument (the host backend reads them from there)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     if dtype not in STORAGE_TYPES:
@@ -111,12 +119,16 @@ def kernel_name(kernel, dtype, k, columns=GPU_COLUMNS_PER_THREAD):
         raise ValueError(f"k: expected one of {K_VALUES}, got {k!r}")
     if not isinstance(columns, int) or isinstance(columns, bool) or not 1 <= columns <= 64:
         raise ValueError(f"columns: expected an int from 1 to 64, got {columns!r}")
-    return f"{kernel}<{STORAGE_TYPES[dtype]}, {k}, {columns}>"
+    if not isinstance(with_v, bool):
+        raise TypeError(f"with_v: expected a bool, got {with_v!r}")
+    return f"{kernel}<{STORAGE_TYPES[dtype]}, {k}, {'true' if with_v else 'false'}, {columns}>"
 
 
 def all_kernel_names(columns=(GPU_COLUMNS_PER_THREAD,)):
-    """Every instantiation the package launches, for each columns-per-thread value in ``columns``.
+    """Every instantiation the package launches, for each columns-per-thread value in ``columns``:
+    both kernels, every storage type and k, without and with V.
 
     The default is the GPU set (what NVRTC and the PTX builds compile)."""
-    return [kernel_name(kernel, dtype, k, n)
-            for n in columns for kernel in KERNELS for dtype in STORAGE_TYPES for k in K_VALUES]
+    return [kernel_name(kernel, dtype, k, n, with_v)
+            for n in columns for kernel in KERNELS for dtype in STORAGE_TYPES for k in K_VALUES
+            for with_v in WITH_V_VALUES]

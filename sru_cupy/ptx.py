@@ -65,7 +65,9 @@ ptxas (optional check)
 ----------------------
 :func:`find_ptxas`, :func:`ptxas_for` and :func:`assemble` run a ptxas whose release matches the
 NVRTC that wrote the PTX (``nvidia-cuda-nvcc`` for NVRTC 13, ``nvidia-cuda-nvcc-cu12`` for NVRTC 12)
-and report per kernel the registers, stack frame and spill bytes (``ptxas -v``).
+and report per kernel the registers, stack frame and spill bytes (``ptxas -v``). ``python -m
+sru_cupy compile`` prints them per kernel variant when it finds such a ptxas (``--ptxas``: fail
+when it finds none; ``--no-ptxas``: do not assemble).
 """
 
 import contextlib
@@ -99,7 +101,10 @@ DEFAULT_ARCHS = (70, 80, 90)
 #: same IEEE division, square root and subnormals as the host build. ``cupy.RawModule`` would append
 #: ``-ftz=true`` after these (NVRTC takes the last one), which is why the CuPy backend compiles
 #: through ``cupy.cuda.compiler.compile_using_nvrtc`` with exactly these options instead.
-BASE_OPTIONS = ("-std=c++17", "-ftz=false")
+#: ``--fmad=true`` (also the default, chosen on purpose): a * b + c contracts into one fused
+#: multiply-add, faster and rounded once. The host build does not contract (``-ffp-contract=off``),
+#: so GPU and host results differ by a few ulps per step; compare them with a tolerance.
+BASE_OPTIONS = ("-std=c++17", "-ftz=false", "--fmad=true")
 
 _PROGRAM_NAME = kernels.SOURCE_FILE
 _ARCH_PATTERN = re.compile(r"^(?:sm_?|compute_?)?(\d{2,3})$", re.IGNORECASE)

@@ -148,6 +148,7 @@ def test_compile_options_keep_float32_subnormals(fake_cupy):
     (call,) = fake_cupy.compiles
     assert call["options"] == ptx.BASE_OPTIONS == cupy_backend.compile_options()
     assert "-ftz=false" in call["options"] and "-ftz=true" not in call["options"]
+    assert "--fmad=true" in call["options"]  # contraction into FMAs, chosen on purpose
     assert call["arch"] == "90" and call["names"] == NAMES and call["filename"] == kernels.SOURCE_FILE
     assert call["source_hash"] == hashlib.sha256(kernels.assembled_source().encode()).hexdigest()
 

@@ -330,17 +330,135 @@ def test_library_exports_every_kernel_name(columns):
     lib = host.library(columns)
     names = [lib.sru_host_kernel_name(i).decode() for i in range(lib.sru_host_kernel_count())]
     expected = kernels.all_kernel_names((columns,))
-    assert len(expected) == 16  # 2 kernels x 4 storage types x K = 3, 4
+    assert len(expected) == 32  # 2 kernels x 4 storage types x K = 3, 4 x without and with V
     assert all(name.endswith(f", {columns}>") for name in expected)
     assert sorted(names) == sorted(expected)
     assert len(set(names)) == len(names)
+    # Every instantiation without V has its WITH_V twin, and the other way round.
+    without_v = {n.replace(", false, ", ", WITH_V, ") for n in names if ", false, " in n}
+    with_v = {n.replace(", true, ", ", WITH_V, ") for n in names if ", true, " in n}
+    assert len(without_v) == len(with_v) == 16 and without_v == with_v
+
+
+def test_kernel_name_places_with_v_before_the_columns():
+    assert kernels.kernel_name("sru_recurrence_forward", "float32", 3) == \
+        "sru_recurrence_forward<float, 3, false, 1>"
+    assert kernels.kernel_name("sru_recurrence_backward", "bfloat16", 4, 8, with_v=True) == \
+        "sru_recurrence_backward<sru_bfloat16, 4, true, 8>"
+    for value in (1, None, np.bool_(True), "true"):
+        with pytest.raises(TypeError, match="with_v: expected a bool"):
+            kernels.kernel_name("sru_recurrence_forward", "float32", 3, with_v=value)
+
+
+def _recorded_launches(monkeypatch):
+    """The kernel names host.launch is asked for, from here on (the launches still run)."""
+    names = []
+    launch = host.launch
+
+    def recording(name, *args, **kwargs):
+        names.append(name)
+        return launch(name, *args, **kwargs)
+
+    monkeypatch.setattr(host, "launch", recording)
+    return names
+
+
+def _v_problem(rng, dtype=np.float32, L=5, B=3, d=4):
+    D = 2 * d
+    data = lambda *shape: rng.uniform(-1, 1, shape).astype(dtype)  # noqa: E731
+    return dict(U=data(L, B, 3 * D), x=data(L, B, D), weight_c=data(2 * D), bias=data(2 * D),
+                c0=data(B, D), V=data(L, B, 2 * D), grad_h=data(L, B, D), grad_c_last=data(B, D),
+                hidden_size=d)
 
 
 @needs_compiler
-@pytest.mark.parametrize("name", ["sru_recurrence_forward<int, 3, 1>",
-                                  "sru_recurrence_forward<float, 5, 1>",
-                                  "sru_recurrence_forward<float, 3, 0>",
-                                  "sru_recurrence_forward<float, 3, 65>",
+def test_a_launch_with_v_runs_a_with_v_instantiation(monkeypatch):
+    """The launch layer picks the WITH_V instantiation exactly when V is given, forward and
+    backward, through the checked launches and over addresses (the PyTorch op's CPU path)."""
+    import ctypes
+    from sru_cupy.call import RecurrenceCall
+    from sru_cupy.launch import run_checked
+    names = _recorded_launches(monkeypatch)
+    p = _v_problem(np.random.default_rng(3))
+    options = dict(hidden_size=p["hidden_size"], bidirectional=True)
+    args = (p["U"], p["x"], p["weight_c"], p["bias"], p["c0"])
+    columns = host.COLUMNS_PER_THREAD
+    for V in (None, p["V"]):
+        names.clear()
+        _, c, _ = recurrence_forward(*args, V=V, **options)
+        recurrence_backward(p["grad_h"], p["grad_c_last"], *args, c, V=V, **options)
+        assert names == [kernels.kernel_name(kernel, "float32", 3, columns, with_v=V is not None)
+                         for kernel in kernels.KERNELS]
+
+    L, B, D = p["U"].shape[0], p["U"].shape[1], 2 * p["hidden_size"]
+    address = lambda a: None if a is None else ctypes.c_void_p(a.ctypes.data)  # noqa: E731
+    for V in (None, p["V"]):
+        names.clear()
+        call = RecurrenceCall.describe((L, B, 3 * D), "float32", p["hidden_size"], True,
+                                       with_v=V is not None)
+        h, c, c_last = (np.empty((L, B, D), np.float32) for _ in range(3))
+        arrays = dict(h=h, c=c, c_last=c_last[0], U=p["U"], x=p["x"], weight_c=p["weight_c"],
+                      V=V, bias=p["bias"], c0=p["c0"])
+        run_checked("sru_recurrence_forward", call, {n: address(a) for n, a in arrays.items()},
+                    host, None)
+        assert names == [kernels.kernel_name("sru_recurrence_forward", "float32", 3, columns,
+                                             with_v=V is not None)]
+
+
+@needs_compiler
+@pytest.mark.parametrize("columns", [host.COLUMNS_PER_THREAD, 1], ids=["host", "gpu"])
+def test_a_variant_given_the_other_variants_arguments_is_defined(columns):
+    """WITH_V with a null V runs with zero offsets and writes no grad_V; an instantiation without
+    WITH_V ignores a V (and grad_V) it is given: both give what the matching variant gives."""
+    rng = np.random.default_rng(4)
+    p = _v_problem(rng)
+    L, B, d = p["U"].shape[0], p["U"].shape[1], p["hidden_size"]
+    D = 2 * d
+    grid, block = (B * D + 1, 1, 1), (1, 1, 1)  # one thread per block: enough for any columns
+    sizes = [np.float32(1.0), np.int64(L), np.int64(B), np.int32(d), np.int32(2),
+             np.int32(kernels.FLAG_SKIP)]
+
+    def forward(with_v, V):
+        h, c, c_last = np.empty((L, B, D), np.float32), np.empty((L, B, D), np.float32), \
+            np.empty((B, D), np.float32)
+        host.launch(kernels.kernel_name("sru_recurrence_forward", "float32", 3, columns, with_v),
+                    grid, block, [h, c, c_last, p["U"], p["x"], p["weight_c"], V, p["bias"],
+                                  p["c0"], None, None, *sizes])
+        return h, c, c_last
+
+    def backward(with_v, V, c, grad_V):
+        grads = [np.empty((L, B, 3 * D), np.float32), np.empty((L, B, D), np.float32),
+                 np.empty((2, B, D), np.float32), np.empty((2, B, D), np.float32),
+                 np.empty((B, D), np.float32)]
+        host.launch(kernels.kernel_name("sru_recurrence_backward", "float32", 3, columns, with_v),
+                    grid, block, [*grads, grad_V, p["U"], p["x"], p["weight_c"], V, p["bias"],
+                                  p["c0"], None, None, c, p["grad_h"], p["grad_c_last"], *sizes])
+        return grads
+
+    plain = forward(False, None)
+    with_v = forward(True, p["V"])
+    assert not np.array_equal(plain[0], with_v[0])  # V matters in this problem
+    for got, want in zip(forward(True, None), plain):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(forward(False, p["V"]), plain):
+        np.testing.assert_array_equal(got, want)
+
+    c = plain[1]
+    want = backward(False, None, c, None)
+    untouched = np.full((L, B, 2 * D), 7.0, np.float32)
+    for got in (backward(True, None, c, untouched), backward(False, p["V"], c, untouched)):
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+        assert np.all(untouched == 7.0)  # no grad_V written
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["sru_recurrence_forward<int, 3, false, 1>",
+                                  "sru_recurrence_forward<float, 5, false, 1>",
+                                  "sru_recurrence_forward<float, 3, 1>",  # no WITH_V argument
+                                  "sru_recurrence_forward<float, 3, 1, 1>",
+                                  "sru_recurrence_forward<float, 3, false, 0>",
+                                  "sru_recurrence_forward<float, 3, false, 65>",
                                   "sru_recurrence_forward<float, 3>", "sru_recurrence_forward", ""])
 def test_launching_an_unknown_kernel_raises(name):
     with pytest.raises(RuntimeError, match="not in the library|not a kernel instantiation"):
@@ -352,7 +470,8 @@ def test_launching_an_unknown_kernel_raises(name):
 def test_launch_rejects_scalars_without_an_exact_c_type(value):
     """A Python float would be passed as a double where the kernel may expect a float."""
     with pytest.raises(TypeError, match="kernel argument"):
-        host.launch("sru_recurrence_forward<float, 3, 1>", (1, 1, 1), (1, 1, 1), [value])
+        host.launch(kernels.kernel_name("sru_recurrence_forward", "float32", 3), (1, 1, 1),
+                    (1, 1, 1), [value])
 
 
 # -- 16-bit conversions ------------------------------------------------------------------------

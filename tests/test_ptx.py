@@ -230,6 +230,92 @@ def test_ptxas_assembles_without_spills(built, ptxas_tools, arch):
         assert info["spill_stores"] == 0 and info["spill_loads"] == 0, f"{name} spills on sm_{arch}: {info}"
 
 
+_VARIANT_LINE = re.compile(r"^    (\S.*?)\s+(\d+) registers, spills (\d+) bytes stored (\d+) loaded, "
+                           r"stack (\d+) bytes$")
+
+
+def _arch_section(out, arch):
+    """The lines `compile` printed for one architecture (up to the next one or the manifest)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"sm_{arch}:"))
+    end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith(" ")), len(lines))
+    return lines[start + 1:end]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cli_reports_registers_and_spills_per_variant(built, ptxas_tools, arch):
+    """By default `compile` assembles each architecture's PTX with the matching ptxas and prints
+    one line per kernel variant (with and without V) with the figures ptxas -v gives for it."""
+    folder, out, manifest = built
+    entry = manifest["archs"][f"sm_{arch}"]
+    section = _arch_section(out, arch)
+    tool = ptx.ptxas_for(entry["nvrtc_version"], ptxas_tools)
+    if tool is None:  # the command says why it reports nothing
+        assert any(f"ptxas: none matching NVRTC {entry['nvrtc_version']}" in l for l in section)
+        pytest.skip(f"no ptxas matching NVRTC {entry['nvrtc_version']}; the note was checked")
+    rows = {m.group(1): tuple(int(g) for g in m.groups()[1:])
+            for m in map(_VARIANT_LINE.match, section) if m}
+    assert sorted(rows) == sorted(kernels.all_kernel_names()), "\n".join(section)
+    assert {name.split(", ")[2] for name in rows} == {"false", "true"}
+    result = ptx.assemble(os.path.join(folder, entry["file"]), arch, tool)
+    for name, lowered in entry["lowered_names"].items():
+        info = result.functions[lowered]
+        assert rows[name] == (info["registers"], info["spill_stores"], info["spill_loads"],
+                              info["stack"]), name
+
+
+def _compile_output(built, monkeypatch, capsys, *options):
+    """`compile` over the already built folder (ptx.build reads its manifest instead of building
+    again): (exit code, stdout, stderr)."""
+    folder, _, manifest = built
+    monkeypatch.setattr(ptx, "build", lambda out, archs, **kwargs: ptx.read_manifest(out))
+    argv = ["compile", "--out", folder, *options]
+    for arch in ARCHS:
+        argv += ["--arch", f"sm_{arch}"]
+    rc = main(argv)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_cli_without_a_matching_ptxas_says_so_and_fails_only_with_ptxas(built, monkeypatch,
+                                                                        capsys):
+    monkeypatch.setattr(ptx, "find_ptxas", lambda: [])
+    rc, out, _ = _compile_output(built, monkeypatch, capsys)
+    assert rc == 0
+    for arch in ARCHS:
+        section = _arch_section(out, arch)
+        assert any("ptxas: none matching NVRTC" in line for line in section), out
+        assert not any(_VARIANT_LINE.match(line) for line in section), out
+    rc, out, err = _compile_output(built, monkeypatch, capsys, "--ptxas")
+    assert rc == 1 and "ptxas did not assemble" in err and "ptxas: none matching" in out
+
+
+def test_cli_no_ptxas_skips_the_report(built, monkeypatch, capsys):
+    def no_search():
+        raise AssertionError("--no-ptxas looked for ptxas")
+
+    monkeypatch.setattr(ptx, "find_ptxas", no_search)
+    rc, out, _ = _compile_output(built, monkeypatch, capsys, "--no-ptxas")
+    assert rc == 0 and "ptxas" not in out and not any(map(_VARIANT_LINE.match, out.splitlines()))
+    with pytest.raises(SystemExit) as info:
+        main(["compile", "--ptxas", "--no-ptxas"])
+    assert info.value.code == 2
+
+
+def test_fused_multiply_add_is_chosen_explicitly(built):
+    """Both GPU builds pass --fmad=true: NVRTC contracts a * b + c into one fma (the host build
+    does not: -ffp-contract=off), and the option is in every architecture's manifest entry."""
+    assert "--fmad=true" in ptx.BASE_OPTIONS
+    _, _, manifest = built
+    for entry in manifest["archs"].values():
+        assert "--fmad=true" in entry["options"]
+    source = 'extern "C" __global__ void axpy(float* p) { p[0] = p[1] * p[2] + p[3]; }\n'
+    contracted = ptx.compile_source(source, [], 80).ptx
+    assert re.search(r"\bfma\.rn\.f32", contracted), contracted
+    separate = ptx.compile_source(source, [], 80, extra_options=("--fmad=false",)).ptx
+    assert not re.search(r"\bfma\.", separate) and re.search(r"\bmul\.rn\.f32", separate)
+
+
 def test_parse_ptxas_verbose():
     text = """ptxas info    : 0 bytes gmem
 ptxas info    : Compiling entry function '_Z1kPf' for 'sm_80'
