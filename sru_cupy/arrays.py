@@ -44,6 +44,7 @@ import numbers
 import numpy as np
 
 from . import functional, launch
+from .layout import LayerLayout, StackLayout, convert_sru3_keys
 
 __all__ = ["SRU", "SRUCell", "load", "layer_norm_forward", "layer_norm_backward"]
 
@@ -90,24 +91,20 @@ def _resolve_device(device, xp):
     raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
-_INT_OPTIONS = ("input_size", "hidden_size", "num_layers", "n_proj", "projection_size")
+_INT_OPTIONS = ("input_size", "hidden_size", "num_layers", "n_proj")
 _FLOAT_OPTIONS = ("dropout", "rnn_dropout", "highway_bias")
 
 
 def _config(**options):
-    """Constructor options checked (sizes positive ints, dropout probabilities in [0, 1)) and
-    normalised to plain int, float, bool or None: the saved ``__config__``."""
-    for name in ("input_size", "hidden_size", "num_layers"):
-        value = options.get(name, 1)
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    for name in ("dropout", "rnn_dropout"):
-        if not 0.0 <= options[name] < 1.0:
-            raise ValueError(f"{name}: expected a probability in [0, 1), got {options[name]!r}")
+    """Constructor options (checked by the layouts) normalised to plain int, float, bool, None or
+    a list of ints (per-layer projection sizes): the saved ``__config__``."""
     config = {}
     for name, value in options.items():
         if name in _INT_OPTIONS:
             config[name] = int(value)
+        elif name == "projection_size":
+            config[name] = ([int(v) for v in value] if isinstance(value, (list, tuple))
+                            else int(value))
         elif name in _FLOAT_OPTIONS:
             config[name] = float(value)
         elif name == "weight_c_init":
@@ -422,8 +419,15 @@ class SRUCell(_ArrayModule):
                  rescale=True, v1=False, amp_recurrence_fp16=True, normalize_after=False,
                  weight_c_init=None, batch_first=False, projection_size=None, *, device=None,
                  xp=None, dtype="float32", seed=None, _params=None, _prefix="", _init_rng=None):
+        projection_name = "n_proj"
         if projection_size is not None:
-            n_proj = projection_size
+            n_proj, projection_name = projection_size, "projection_size"
+        # Sizes, parameter shapes and the initialisation recipe, shared with the torch SRUCell.
+        self.layout = LayerLayout(
+            input_size, hidden_size, bidirectional=bidirectional, projection_size=n_proj,
+            has_skip_term=has_skip_term, layer_norm=layer_norm, normalize_after=normalize_after,
+            rescale=rescale, highway_bias=highway_bias, v1=v1, dropout=dropout,
+            rnn_dropout=rnn_dropout, weight_c_init=weight_c_init, projection_name=projection_name)
         config = _config(input_size=input_size, hidden_size=hidden_size, dropout=dropout,
                          rnn_dropout=rnn_dropout, bidirectional=bidirectional, n_proj=n_proj,
                          use_tanh=use_tanh, highway_bias=highway_bias, has_skip_term=has_skip_term,
@@ -434,11 +438,9 @@ class SRUCell(_ArrayModule):
         for name, value in config.items():
             if name != "n_proj":
                 setattr(self, name, value)
-        n_proj = config["n_proj"]
-        self.output_size = self.hidden_size * (2 if self.bidirectional else 1)
-        # A projection only when it makes the GEMM smaller (as in `sru`).
-        self.projection_size = n_proj if 0 < n_proj < min(self.input_size, self.output_size) else 0
-        self.num_matrices = 4 if self.has_skip_term and self.input_size != self.output_size else 3
+        self.output_size = self.layout.output_size
+        self.projection_size = self.layout.projection_size
+        self.num_matrices = self.layout.num_matrices
         self._prefix = _prefix
         self.params = {} if _params is None else _params
         self._scale_cache = None
@@ -448,20 +450,7 @@ class SRUCell(_ArrayModule):
         return self._prefix + name
 
     def param_shapes(self):
-        shapes = {}
-        fan_in = self.input_size
-        if self.projection_size:
-            shapes["weight_proj"] = (self.input_size, self.projection_size)
-            fan_in = self.projection_size
-        shapes["weight"] = (fan_in, self.output_size * self.num_matrices)
-        shapes["weight_c"] = (2 * self.output_size,)
-        shapes["bias"] = (2 * self.output_size,)
-        shapes["scale_x"] = (1,)
-        if self.layer_norm:
-            n = self.output_size if self.normalize_after else self.input_size
-            shapes["layer_norm.weight"] = (n,)
-            shapes["layer_norm.bias"] = (n,)
-        return {self._key(name): shape for name, shape in shapes.items()}
+        return {self._key(name): shape for name, shape in self.layout.param_shapes().items()}
 
     def trainable_names(self):
         skip = {self._key("scale_x")} | ({self._key("weight_c")} if self.v1 else set())
@@ -472,43 +461,28 @@ class SRUCell(_ArrayModule):
         on the host, then cast and moved): Var[w] = 1/fan_in, the highway bias, weight_c of variance
         1/2 scaled with the gate weights by sqrt(1/2), compensation for dropout and layer norm."""
         rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
-        out, d, k = self.output_size, self.hidden_size, self.num_matrices
+        layout, out = self.layout, self.output_size
         values = {}
         bias = np.zeros(2 * out)
-        bias[out:] = self.highway_bias
+        bias[out:] = layout.highway_bias
         values["bias"] = bias
-        scale = math.sqrt(1 + 2 * math.exp(self.highway_bias))
-        values["scale_x"] = np.array([scale if self.rescale and self.has_skip_term else 1.0])
-        fan_in = self.projection_size or self.input_size
-        weight = rng.uniform(-math.sqrt(3.0 / fan_in), math.sqrt(3.0 / fan_in),
-                             size=(fan_in, out * k))
-        if self.projection_size:
-            bound = math.sqrt(3.0 / self.input_size)
-            values["weight_proj"] = rng.uniform(-bound, bound, size=(self.input_size,
-                                                                     self.projection_size))
-        w = weight.reshape(fan_in, -1, d, k)  # a view: (fan_in, dirs, d, k)
-        if self.dropout > 0:
-            w[..., 0] *= math.sqrt(1 - self.dropout)
-        if self.rnn_dropout > 0:
-            w *= math.sqrt(1 - self.rnn_dropout)
-        if self.layer_norm:
-            w *= 0.1
-        if self.rescale and self.has_skip_term and k == 4:
-            w[..., 3] *= scale
-        if not self.v1:
-            w[..., 1:3] *= math.sqrt(0.5)
+        values["scale_x"] = np.array([layout.scale_x])
+        fan_in = layout.weight_fan_in
+        weight = rng.uniform(-layout.weight_bound, layout.weight_bound,
+                             size=(fan_in, out * layout.num_matrices))
+        if layout.projection_size:
+            values["weight_proj"] = rng.uniform(-layout.weight_proj_bound, layout.weight_proj_bound,
+                                                size=(self.input_size, layout.projection_size))
+        layout.scale_weight(weight.reshape(layout.weight_slots_shape()))  # a view
         values["weight"] = weight
-        if self.v1:
+        if layout.v1:
             values["weight_c"] = np.zeros(2 * out)
-        elif self.weight_c_init is None:
-            values["weight_c"] = rng.uniform(-math.sqrt(3.0), math.sqrt(3.0),
-                                             size=2 * out) * math.sqrt(0.5)
         else:
-            values["weight_c"] = rng.uniform(-self.weight_c_init, self.weight_c_init, size=2 * out)
-        if self.layer_norm:
-            n = self.output_size if self.normalize_after else self.input_size
-            values["layer_norm.weight"] = np.ones(n)
-            values["layer_norm.bias"] = np.zeros(n)
+            values["weight_c"] = rng.uniform(-layout.weight_c_bound, layout.weight_c_bound,
+                                             size=2 * out) * layout.weight_c_scale
+        if layout.layer_norm:
+            values["layer_norm.weight"] = np.ones(layout.layer_norm_size)
+            values["layer_norm.bias"] = np.zeros(layout.layer_norm_size)
         with self.device_guard():
             for name, value in values.items():
                 self.params[self._key(name)] = self.xp.asarray(value.astype(self.dtype))
@@ -707,6 +681,9 @@ class SRU(_ArrayModule):
                  nn_rnn_compatible_return=False, proj_input_to_hidden_first=False,
                  amp_recurrence_fp16=True, normalize_after=False, weight_c_init=None,
                  batch_first=False, *, device=None, xp=None, dtype="float32", seed=None):
+        stack = StackLayout(input_size, hidden_size, num_layers, bidirectional=bidirectional,
+                            proj_input_to_hidden_first=proj_input_to_hidden_first,
+                            dropout=dropout, projection_size=projection_size)
         config = _config(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers,
                          dropout=dropout, rnn_dropout=rnn_dropout, bidirectional=bidirectional,
                          projection_size=projection_size, use_tanh=use_tanh, layer_norm=layer_norm,
@@ -716,31 +693,24 @@ class SRU(_ArrayModule):
                          amp_recurrence_fp16=amp_recurrence_fp16, normalize_after=normalize_after,
                          weight_c_init=weight_c_init, batch_first=batch_first)
         self._setup(config, device, xp, dtype, seed)
-        self.input_size = int(input_size)
-        self.hidden_size = int(hidden_size)
-        self.num_layers = int(num_layers)
+        for name in ("input_size", "hidden_size", "num_layers", "num_directions", "output_size",
+                     "has_input_to_hidden"):
+            setattr(self, name, getattr(stack, name))
         self.bidirectional = bool(bidirectional)
-        self.num_directions = 2 if bidirectional else 1
-        self.output_size = self.hidden_size * self.num_directions
         self.batch_first = bool(batch_first)
         self.nn_rnn_compatible_return = bool(nn_rnn_compatible_return)
         self.params = {}
         init_rng = np.random.default_rng(seed)
-        self.has_input_to_hidden = bool(proj_input_to_hidden_first) and \
-            self.input_size != self.output_size
-        first_input = self.input_size
-        if self.has_input_to_hidden:
-            first_input = self.output_size
         self.rnn_lst = [
-            SRUCell(first_input if i == 0 else self.output_size, self.hidden_size,
-                    dropout=dropout if i + 1 != self.num_layers else 0.0,
+            SRUCell(stack.layer_input_sizes[i], self.hidden_size, dropout=stack.layer_dropouts[i],
                     rnn_dropout=rnn_dropout, bidirectional=bidirectional,
-                    n_proj=projection_size, use_tanh=use_tanh, layer_norm=layer_norm,
-                    highway_bias=highway_bias, has_skip_term=has_skip_term, rescale=rescale,
-                    v1=v1, amp_recurrence_fp16=amp_recurrence_fp16,
-                    normalize_after=normalize_after, weight_c_init=weight_c_init,
-                    device=self.device, xp=self.xp, dtype=self.dtype,
-                    _params=self.params, _prefix=f"rnn_lst.{i}.", _init_rng=init_rng)
+                    n_proj=stack.layer_projection_sizes[i], use_tanh=use_tanh,
+                    layer_norm=layer_norm, highway_bias=highway_bias,
+                    has_skip_term=has_skip_term, rescale=rescale, v1=v1,
+                    amp_recurrence_fp16=amp_recurrence_fp16, normalize_after=normalize_after,
+                    weight_c_init=weight_c_init, device=self.device, xp=self.xp,
+                    dtype=self.dtype, _params=self.params, _prefix=f"rnn_lst.{i}.",
+                    _init_rng=init_rng)
             for i in range(self.num_layers)]
         self._reset_input_to_hidden(init_rng)
 
