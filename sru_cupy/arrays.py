@@ -44,7 +44,8 @@ import numbers
 import numpy as np
 
 from . import functional, launch
-from .layout import LayerLayout, StackLayout, convert_sru3_keys
+from .layout import (SRU3_LINEAR, SRU3_PROJECTED, LayerLayout, StackLayout,
+                     convert_sru3_keys)
 
 __all__ = ["SRU", "SRUCell", "load", "layer_norm_forward", "layer_norm_backward"]
 
@@ -269,13 +270,16 @@ class _ArrayModule:
         Values may be NumPy arrays, CuPy arrays, DLPack producers or array-likes. A torch
         state_dict can be given as it is (its tensors are read through DLPack; torch is not
         imported here) or converted by the caller with
-        ``{k: v.detach().cpu().numpy() for k, v in sd.items()}``. Checks the names (missing or
-        unexpected keys are errors unless ``strict=False``) and every shape; values are copied and
-        cast to the model's dtype. Raises KeyError/ValueError/TypeError naming the entry.
+        ``{k: v.detach().cpu().numpy() for k, v in sd.items()}``. A state_dict of ``sru``
+        3.0's ``SRU`` (U's matrices in ``transform_module``) loads too (see
+        ``layout.convert_sru3_keys``). Checks the names (missing or unexpected keys are errors
+        unless ``strict=False``) and every shape; values are copied and cast to the model's dtype.
+        Raises KeyError/ValueError/TypeError naming the entry.
         """
         if not hasattr(state, "keys") or not hasattr(state, "__getitem__"):
             raise TypeError(f"state: expected a mapping of names to arrays, got "
                             f"{type(state).__name__}")
+        state = self._from_sru3(state)
         shapes = self.param_shapes()
         names = [k for k in state.keys() if k != CONFIG_KEY]
         missing = [k for k in shapes if k not in state]
@@ -290,13 +294,7 @@ class _ArrayModule:
         for name in names:
             if name not in shapes:
                 continue
-            value = state[name]
-            if hasattr(value, "__dlpack__") and not isinstance(value, np.ndarray):
-                value, bits = functional._convert(value, name)
-                if bits:  # bfloat16 on a GPU, as uint16 bits
-                    value = functional._bf16_bits_to_float32(value)
-            elif not (isinstance(value, np.ndarray) or functional._is_cupy(value)):
-                value = np.asarray(value)
+            value = _read_array(state[name], name)
             if tuple(value.shape) != tuple(shapes[name]):
                 raise ValueError(f"{name}: expected shape {tuple(shapes[name])}, got "
                                  f"{tuple(value.shape)}")
@@ -317,6 +315,23 @@ class _ArrayModule:
                 self.params[name] = self.xp.array(value, dtype=self.dtype)  # a copy, contiguous
         self._scale_cache = None
         return self
+
+    def _layers(self):
+        """The SRUCell objects whose parameters this model holds."""
+        raise NotImplementedError
+
+    def _from_sru3(self, state):
+        """``state``, or a dict copy of it with each layer's ``sru`` 3.0 transform_module
+        entries read as arrays and converted to this model's names."""
+        if not any("transform_module." in key for key in state.keys()):
+            return state
+        state = {key: state[key] for key in state.keys()}
+        for cell in self._layers():
+            for name in (SRU3_LINEAR,) + SRU3_PROJECTED:
+                if cell._key(name) in state:
+                    state[cell._key(name)] = _read_array(state[cell._key(name)], cell._key(name))
+            convert_sru3_keys(state, cell._prefix, cell.layout)
+        return state
 
     def _config_entry(self):
         return json.dumps({"format": FORMAT_VERSION, "class": type(self).__name__,
@@ -373,6 +388,18 @@ class _ArrayModule:
             raise ValueError(f"{path}: {CONFIG_KEY} has options {target.__name__} does not take: "
                              f"{error}") from error
         return model.load_state_dict(entries, strict=True)
+
+
+def _read_array(value, name):
+    """A state entry as a NumPy or CuPy array: DLPack producers (torch tensors) read through
+    DLPack (a GPU bfloat16 tensor as float32), array-likes through np.asarray."""
+    if hasattr(value, "__dlpack__") and not isinstance(value, np.ndarray):
+        value, bits = functional._convert(value, name)
+        if bits:  # bfloat16 on a GPU, as uint16 bits
+            value = functional._bf16_bits_to_float32(value)
+    elif not (isinstance(value, np.ndarray) or functional._is_cupy(value)):
+        value = np.asarray(value)
+    return value
 
 
 def _read_meta(entry, path):
@@ -448,6 +475,9 @@ class SRUCell(_ArrayModule):
 
     def _key(self, name):
         return self._prefix + name
+
+    def _layers(self):
+        return [self]
 
     def param_shapes(self):
         return {self._key(name): shape for name, shape in self.layout.param_shapes().items()}
@@ -594,7 +624,7 @@ class SRUCell(_ArrayModule):
             U = xp.matmul(projected, P[k("weight")])
         else:
             U = xp.matmul(flat, P[k("weight")])
-        U = U.reshape(L, B, -1)
+        U = U.reshape(L, B, U.shape[-1])  # explicit: L or B may be 0
         mask_h = None
         if training and self.dropout > 0:
             mask_h = _dropout_mask(xp, rng, (B, self.output_size), self.dropout, self.dtype)
@@ -630,7 +660,7 @@ class SRUCell(_ArrayModule):
         weight_c = None if self.v1 else P[k("weight_c")]
         g = launch.recurrence_backward(grad_h, grad_c_last, cache["U"], cache["skip_x"], weight_c,
                                        P[k("bias")], cache["c0"], cache["c"], **cache["options"])
-        grad_U = g["U"].reshape(L * B, -1)
+        grad_U = g["U"].reshape(L * B, g["U"].shape[-1])
         if self.projection_size:
             grads[k("weight")] = xp.matmul(cache["projected"].T, grad_U)
             grad_projected = xp.matmul(grad_U, P[k("weight")].T)
@@ -742,6 +772,9 @@ class SRU(_ArrayModule):
         for cell in self.rnn_lst:
             names += cell.trainable_names()
         return names
+
+    def _layers(self):
+        return self.rnn_lst
 
     def load_state_dict(self, state, strict=True):
         super().load_state_dict(state, strict=strict)
