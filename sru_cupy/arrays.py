@@ -16,8 +16,8 @@ The model mirrors the PyTorch ``sru_cupy.SRU`` / ``SRUCell`` (the ``sru`` 2.6 la
 constructor options (minus ``transform_module``), the same initialisation recipe, the same forward
 (pre or post layer norm, the skip input is the un-normalised layer input, ``rnn_dropout`` on the
 GEMM input, variational dropout on h in every layer but the last, ``weight_proj``,
-``input_to_hidden``, k = 4 when has_skip_term and n_in != output_size) and parameters named like
-its ``state_dict()``:
+``input_to_hidden``, k = 4 when has_skip_term and n_in != output_size, ``projection_size`` an int
+or one per layer) and parameters named like its ``state_dict()``:
 
     rnn_lst.{i}.weight (n_in, out*k) or rnn_lst.{i}.weight_proj (n_in, p) + .weight (p, out*k)
     rnn_lst.{i}.weight_c (2*out,)   rnn_lst.{i}.bias (2*out,)   rnn_lst.{i}.scale_x (1,) (buffer)
@@ -31,6 +31,8 @@ DLPack):
     model.load_state_dict(torch_sru.state_dict())   # tensors read through DLPack, or convert:
     model.load_state_dict({k: v.detach().cpu().numpy() for k, v in torch_sru.state_dict().items()})
     torch_sru.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
+
+A state_dict of ``sru`` 3.0's ``SRU`` (U's matrices in ``transform_module``) loads as well.
 
 ``save(path)`` writes a .npz with those names plus ``__config__`` (a JSON string with the class and
 constructor options), so ``SRU.load(path)`` (or ``sru_cupy.arrays.load(path)``) restores the model.
@@ -438,7 +440,9 @@ class SRUCell(_ArrayModule):
 
     The constructor takes the options of the torch ``SRUCell`` (minus transform_module / custom_m),
     plus ``device``/``xp`` ("cpu" -> NumPy, "cuda[:N]" -> CuPy), ``dtype`` (float32 or float64) and
-    ``seed`` for the initialisation and the default dropout generator.
+    ``seed`` for the initialisation and the default dropout generator. ``layout`` is the
+    ``layout.LayerLayout`` of those options, as in the torch layer (sizes, parameter shapes, the
+    initialisation recipe).
     """
 
     def __init__(self, input_size, hidden_size, dropout=0.0, rnn_dropout=0.0, bidirectional=False,

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 __all__ = ["LayerLayout", "StackLayout", "check_positive_int", "check_probability",
            "check_projection_size", "layer_projection_sizes", "num_matrices",
-           "convert_sru3_keys"]
+           "convert_sru3_keys", "SRU3_LINEAR", "SRU3_PROJECTED"]
 
 
 # -- constructor checks ----------------------------------------------------------------------------

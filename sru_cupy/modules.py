@@ -7,7 +7,11 @@ scale and the variational dropout mask on h are applied inside the kernel, not i
 Parameter names and shapes match ``sru`` 2.6: ``weight`` (n_in, out*k) or ``weight_proj`` (n_in,
 projection) with ``weight`` (projection, out*k); ``weight_c`` and ``bias`` (2*out,); the buffer
 ``scale_x`` (1,); ``layer_norm.*``; in ``SRU`` the layers are ``rnn_lst.{i}`` and the optional
-``input_to_hidden`` Linear. A state_dict saved by ``sru`` 2.6 loads as it is.
+``input_to_hidden`` Linear. A state_dict saved by ``sru`` 2.6 loads as it is, and one of ``sru``
+3.0's ``SRU`` too (its ``transform_module`` keys are converted: ``layout.convert_sru3_keys``).
+
+Sizes, parameter shapes and the initialisation recipe come from ``layout.LayerLayout`` (shared
+with the array layer, arrays.py); ``LayerStack`` is what ``SRU`` and ``SRUpp`` (srupp.py) share.
 """
 
 import warnings
@@ -80,6 +84,9 @@ class SRUCell(nn.Module):
     input_size) with ``batch_first``, or (B, input_size) for one step; c0 (B, output_size);
     mask_pad (L, B) ((B, L) with ``batch_first``), nonzero at padding. h (L, B, output_size) and
     c (B, output_size), output_size = hidden_size * (2 if bidirectional else 1).
+
+    ``layout`` is the ``layout.LayerLayout`` of the constructor options: sizes, parameter names
+    and shapes, and the initialisation recipe that ``reset_parameters`` draws with.
     """
 
     # For TorchScript: the parameters that may be None.

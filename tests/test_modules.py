@@ -287,7 +287,7 @@ def test_state_dict_with_sru_custom_m_keys_loads():
     torch.testing.assert_close(b(x)[0], a(x)[0], rtol=0, atol=0)
 
 
-# -- sru 3.0 checkpoints -----------------------------------------------------------------------------
+# -- sru 3.0 checkpoints ---------------------------------------------------------------------------
 # (Against sru 3.0 itself in test_sru_parity.py.)
 
 def _as_sru3(state, prefixes):

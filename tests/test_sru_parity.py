@@ -328,7 +328,7 @@ def test_custom_m_returning_u_and_v_parity(name, mask):
              oracle_names=lambda name: name.replace("custom_m.", "transform_module."))
 
 
-# -- sru 3.0.0.dev6 checkpoints ----------------------------------------------------------------------
+# -- sru 3.0.0.dev6 checkpoints --------------------------------------------------------------------
 # sru 3.0's SRU keeps U's matrices in transform_module (a Linear, or a Sequential of two for any
 # projection_size > 0); its state_dict loads into sru_cupy.SRU and arrays.SRU. sru 3.0 runs in a
 # child process (sru3_child.py) with sru3_oracle.py; compared in float64.
