@@ -392,6 +392,15 @@ class _ArrayModule:
         return model.load_state_dict(entries, strict=True)
 
 
+def _time_major(x, mask_pad):
+    """Batch-first x (B, L, n) and mask_pad (B, L) as time-major views (L, B, n), (L, B)."""
+    if mask_pad is not None:
+        if mask_pad.ndim != 2:
+            raise ValueError(f"mask_pad: expected shape (B, L), got {tuple(mask_pad.shape)}")
+        mask_pad = mask_pad.T
+    return x.transpose(1, 0, 2), mask_pad
+
+
 def _read_array(value, name):
     """A state entry as a NumPy or CuPy array: DLPack producers (torch tensors) read through
     DLPack (a GPU bfloat16 tensor as float32), array-likes through np.asarray."""
@@ -450,18 +459,17 @@ class SRUCell(_ArrayModule):
                  rescale=True, v1=False, amp_recurrence_fp16=True, normalize_after=False,
                  weight_c_init=None, batch_first=False, projection_size=None, *, device=None,
                  xp=None, dtype="float32", seed=None, _params=None, _prefix="", _init_rng=None):
-        projection_name = "n_proj"
-        if projection_size is not None:
-            n_proj, projection_name = projection_size, "projection_size"
-        # Sizes, parameter shapes and the initialisation recipe, shared with the torch SRUCell.
-        self.layout = LayerLayout(
-            input_size, hidden_size, bidirectional=bidirectional, projection_size=n_proj,
-            has_skip_term=has_skip_term, layer_norm=layer_norm, normalize_after=normalize_after,
-            rescale=rescale, highway_bias=highway_bias, v1=v1, dropout=dropout,
-            rnn_dropout=rnn_dropout, weight_c_init=weight_c_init, projection_name=projection_name)
+        # Sizes, parameter shapes and the initialisation recipe (and the options' checks), shared
+        # with the torch SRUCell.
+        self.layout = layout = LayerLayout(input_size, hidden_size, bidirectional=bidirectional, n_proj=n_proj,
+                             projection_size=projection_size, has_skip_term=has_skip_term,
+                             layer_norm=layer_norm, normalize_after=normalize_after,
+                             rescale=rescale, highway_bias=highway_bias, v1=v1, dropout=dropout,
+                             rnn_dropout=rnn_dropout, weight_c_init=weight_c_init)
         config = _config(input_size=input_size, hidden_size=hidden_size, dropout=dropout,
-                         rnn_dropout=rnn_dropout, bidirectional=bidirectional, n_proj=n_proj,
-                         use_tanh=use_tanh, highway_bias=highway_bias, has_skip_term=has_skip_term,
+                         rnn_dropout=rnn_dropout, bidirectional=bidirectional,
+                         n_proj=layout.requested_projection_size, use_tanh=use_tanh,
+                         highway_bias=highway_bias, has_skip_term=has_skip_term,
                          layer_norm=layer_norm, rescale=rescale, v1=v1,
                          amp_recurrence_fp16=amp_recurrence_fp16, normalize_after=normalize_after,
                          weight_c_init=weight_c_init, batch_first=batch_first)
@@ -469,9 +477,9 @@ class SRUCell(_ArrayModule):
         for name, value in config.items():
             if name != "n_proj":
                 setattr(self, name, value)
-        self.output_size = self.layout.output_size
-        self.projection_size = self.layout.projection_size
-        self.num_matrices = self.layout.num_matrices
+        self.output_size = layout.output_size
+        self.projection_size = layout.projection_size
+        self.num_matrices = layout.num_matrices
         self._prefix = _prefix
         self.params = {} if _params is None else _params
         self._scale_cache = None
@@ -550,12 +558,7 @@ class SRUCell(_ArrayModule):
             raise ValueError(f"x: expected rank 3 {layout} or rank 2 (B, n_in), got shape "
                              f"{tuple(x.shape)}")
         if self.batch_first:
-            x = x.transpose(1, 0, 2)
-            if mask_pad is not None:
-                if mask_pad.ndim != 2:
-                    raise ValueError(f"mask_pad: expected shape (B, L), got "
-                                     f"{tuple(mask_pad.shape)}")
-                mask_pad = mask_pad.T
+            x, mask_pad = _time_major(x, mask_pad)
         c0 = self._asarray(c0, "c0", self.dtype)
         with self.device_guard():
             h, c, cache = self._forward_time_major(x, c0, mask_pad, training, self._rng_for(rng),
@@ -797,12 +800,7 @@ class SRU(_ArrayModule):
                              f"{tuple(x.shape)}")
         mask_pad = self._asarray(mask_pad, "mask_pad")
         if self.batch_first:
-            x = x.transpose(1, 0, 2)
-            if mask_pad is not None:
-                if mask_pad.ndim != 2:
-                    raise ValueError(f"mask_pad: expected shape (B, L), got "
-                                     f"{tuple(mask_pad.shape)}")
-                mask_pad = mask_pad.T
+            x, mask_pad = _time_major(x, mask_pad)
         B = int(x.shape[1])
         if x.shape[-1] != self.input_size:
             raise ValueError(f"x: expected last axis input_size = {self.input_size}, got "

@@ -76,23 +76,28 @@ def num_matrices(input_size: int, output_size: int, has_skip_term: bool = True) 
 class LayerLayout:
     """Sizes, parameters and initialisation recipe of one SRU layer (see the module docstring).
 
-    Options as in the ``SRUCell`` constructors (``projection_size`` is the requested one, ``n_proj``
-    in ``sru`` 2.6); ``transform_module``: whether a module of the caller's makes U (then there is
-    no ``weight`` / ``weight_proj``). Attributes: the options, and ``output_size``,
+    Options as in the ``SRUCell`` constructors: the requested projection is ``n_proj`` (the
+    ``sru`` 2.6 name), or ``projection_size`` (3.x's) when that is given; ``transform_module``:
+    whether a module of the caller's makes U (then there is no ``weight`` / ``weight_proj``).
+    Attributes: the options, ``requested_projection_size``, and ``output_size``,
     ``num_directions``, ``num_matrices``, ``projection_size`` (the one used: a projection only
     when 0 < requested < min(input_size, output_size), as in ``sru`` 2.6), ``layer_norm_size``
     (0 without layer norm), ``scale_x`` (the buffer's value), ``weight_fan_in``.
     """
 
     def __init__(self, input_size: int, hidden_size: int, bidirectional: bool = False,
-                 projection_size: int = 0, has_skip_term: bool = True, layer_norm: bool = False,
+                 n_proj: int = 0, has_skip_term: bool = True, layer_norm: bool = False,
                  normalize_after: bool = False, rescale: bool = True, highway_bias: float = 0.0,
                  v1: bool = False, dropout: float = 0.0, rnn_dropout: float = 0.0,
                  weight_c_init: Optional[float] = None, transform_module: bool = False,
-                 projection_name: str = "projection_size"):
+                 projection_size: Optional[int] = None):
         check_positive_int(input_size=input_size, hidden_size=hidden_size)
         check_probability(dropout=dropout, rnn_dropout=rnn_dropout)
-        requested = check_projection_size(projection_size, projection_name)
+        if projection_size is None:
+            requested = check_projection_size(n_proj, "n_proj")
+        else:
+            requested = check_projection_size(projection_size)
+        self.requested_projection_size = requested
         self.input_size = int(input_size)
         self.hidden_size = int(hidden_size)
         self.bidirectional = bool(bidirectional)

@@ -103,16 +103,13 @@ class SRUCell(nn.Module):
                  custom_m: Optional[nn.Module] = None):
         super().__init__()
         transform_module = _resolve_transform_module(transform_module, custom_m)
-        projection_name = "n_proj"
-        if projection_size is not None:
-            n_proj, projection_name = projection_size, "projection_size"
         # Sizes, parameter shapes and the initialisation recipe, shared with arrays.SRUCell.
         self.layout = LayerLayout(
-            input_size, hidden_size, bidirectional=bidirectional, projection_size=n_proj,
-            has_skip_term=has_skip_term, layer_norm=layer_norm, normalize_after=normalize_after,
-            rescale=rescale, highway_bias=highway_bias, v1=v1, dropout=dropout,
-            rnn_dropout=rnn_dropout, weight_c_init=weight_c_init,
-            transform_module=transform_module is not None, projection_name=projection_name)
+            input_size, hidden_size, bidirectional=bidirectional, n_proj=n_proj,
+            projection_size=projection_size, has_skip_term=has_skip_term, layer_norm=layer_norm,
+            normalize_after=normalize_after, rescale=rescale, highway_bias=highway_bias, v1=v1,
+            dropout=dropout, rnn_dropout=rnn_dropout, weight_c_init=weight_c_init,
+            transform_module=transform_module is not None)
         layout = self.layout
         for name in ("input_size", "hidden_size", "output_size", "dropout", "rnn_dropout",
                      "projection_size", "num_matrices"):  # checked or derived there

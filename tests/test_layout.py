@@ -33,8 +33,9 @@ def test_num_matrices(n_in, hidden, bidirectional, skip, k):
     (8, 3, True, 5, 5), (8, 3, True, 6, 0), (8, 6, False, 0, 0),
 ])
 def test_projection_only_when_smaller(n_in, hidden, bidirectional, proj, used):
-    layout = LayerLayout(n_in, hidden, bidirectional=bidirectional, projection_size=proj)
+    layout = LayerLayout(n_in, hidden, bidirectional=bidirectional, n_proj=proj)
     assert layout.projection_size == used
+    assert layout.requested_projection_size == proj
     assert layout.weight_fan_in == (used or n_in)
 
 
@@ -118,7 +119,16 @@ def test_layer_checks_name_the_argument():
     with pytest.raises(ValueError, match="^rnn_dropout"):
         LayerLayout(3, 2, rnn_dropout=1.0)
     with pytest.raises(ValueError, match="^n_proj: expected an int >= 0"):
-        LayerLayout(3, 2, projection_size=-1, projection_name="n_proj")
+        LayerLayout(3, 2, n_proj=-1)
+    with pytest.raises(ValueError, match="^projection_size: expected an int >= 0"):
+        LayerLayout(3, 2, n_proj=1, projection_size=[1])
+
+
+def test_projection_size_replaces_n_proj():
+    """As in the SRUCell constructors: projection_size (3.x's name), when given, wins."""
+    assert LayerLayout(9, 4, n_proj=2, projection_size=3).projection_size == 3
+    assert LayerLayout(9, 4, n_proj=2, projection_size=0).projection_size == 0
+    assert LayerLayout(9, 4, n_proj=2).projection_size == 2
 
 
 def test_layer_projection_sizes():
