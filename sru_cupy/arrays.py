@@ -16,8 +16,8 @@ The model mirrors the PyTorch ``sru_cupy.SRU`` / ``SRUCell`` (the ``sru`` 2.6 la
 constructor options (minus ``transform_module``), the same initialisation recipe, the same forward
 (pre or post layer norm, the skip input is the un-normalised layer input, ``rnn_dropout`` on the
 GEMM input, variational dropout on h in every layer but the last, ``weight_proj``,
-``input_to_hidden``, k = 4 when has_skip_term and n_in != output_size) and parameters named like
-its ``state_dict()``:
+``input_to_hidden``, k = 4 when has_skip_term and n_in != output_size, ``projection_size`` an int
+or one per layer) and parameters named like its ``state_dict()``:
 
     rnn_lst.{i}.weight (n_in, out*k) or rnn_lst.{i}.weight_proj (n_in, p) + .weight (p, out*k)
     rnn_lst.{i}.weight_c (2*out,)   rnn_lst.{i}.bias (2*out,)   rnn_lst.{i}.scale_x (1,) (buffer)
@@ -32,6 +32,8 @@ DLPack):
     model.load_state_dict({k: v.detach().cpu().numpy() for k, v in torch_sru.state_dict().items()})
     torch_sru.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
 
+A state_dict of ``sru`` 3.0's ``SRU`` (U's matrices in ``transform_module``) loads as well.
+
 ``save(path)`` writes a .npz with those names plus ``__config__`` (a JSON string with the class and
 constructor options), so ``SRU.load(path)`` (or ``sru_cupy.arrays.load(path)``) restores the model.
 ``amp_recurrence_fp16`` is accepted for compatibility and has no effect (there is no autocast).
@@ -43,7 +45,9 @@ import numbers
 
 import numpy as np
 
-from . import functional, launch
+from . import interop, launch
+from .layout import (SRU3_LINEAR, SRU3_PROJECTED, LayerLayout, StackLayout,
+                     convert_sru3_keys)
 
 __all__ = ["SRU", "SRUCell", "load", "layer_norm_forward", "layer_norm_backward"]
 
@@ -90,24 +94,20 @@ def _resolve_device(device, xp):
     raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
-_INT_OPTIONS = ("input_size", "hidden_size", "num_layers", "n_proj", "projection_size")
+_INT_OPTIONS = ("input_size", "hidden_size", "num_layers", "n_proj")
 _FLOAT_OPTIONS = ("dropout", "rnn_dropout", "highway_bias")
 
 
 def _config(**options):
-    """Constructor options checked (sizes positive ints, dropout probabilities in [0, 1)) and
-    normalised to plain int, float, bool or None: the saved ``__config__``."""
-    for name in ("input_size", "hidden_size", "num_layers"):
-        value = options.get(name, 1)
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    for name in ("dropout", "rnn_dropout"):
-        if not 0.0 <= options[name] < 1.0:
-            raise ValueError(f"{name}: expected a probability in [0, 1), got {options[name]!r}")
+    """Constructor options (checked by the layouts) normalised to plain int, float, bool, None or
+    a list of ints (per-layer projection sizes): the saved ``__config__``."""
     config = {}
     for name, value in options.items():
         if name in _INT_OPTIONS:
             config[name] = int(value)
+        elif name == "projection_size":
+            config[name] = ([int(v) for v in value] if isinstance(value, (list, tuple))
+                            else int(value))
         elif name in _FLOAT_OPTIONS:
             config[name] = float(value)
         elif name == "weight_c_init":
@@ -232,7 +232,7 @@ class _ArrayModule:
         conversion allocates on the model's device, whichever device is current."""
         if value is None:
             return None
-        array = functional.as_array(value, argname)
+        array = interop.as_array(value, argname)
         if self.xp is np and not isinstance(array, np.ndarray):
             raise TypeError(f"{argname}: the model is on the CPU (NumPy arrays), got a "
                             f"{type(array).__module__}.{type(array).__name__} on a GPU; "
@@ -272,13 +272,16 @@ class _ArrayModule:
         Values may be NumPy arrays, CuPy arrays, DLPack producers or array-likes. A torch
         state_dict can be given as it is (its tensors are read through DLPack; torch is not
         imported here) or converted by the caller with
-        ``{k: v.detach().cpu().numpy() for k, v in sd.items()}``. Checks the names (missing or
-        unexpected keys are errors unless ``strict=False``) and every shape; values are copied and
-        cast to the model's dtype. Raises KeyError/ValueError/TypeError naming the entry.
+        ``{k: v.detach().cpu().numpy() for k, v in sd.items()}``. A state_dict of ``sru``
+        3.0's ``SRU`` (U's matrices in ``transform_module``) loads too (see
+        ``layout.convert_sru3_keys``). Checks the names (missing or unexpected keys are errors
+        unless ``strict=False``) and every shape; values are copied and cast to the model's dtype.
+        Raises KeyError/ValueError/TypeError naming the entry.
         """
         if not hasattr(state, "keys") or not hasattr(state, "__getitem__"):
             raise TypeError(f"state: expected a mapping of names to arrays, got "
                             f"{type(state).__name__}")
+        state = self._from_sru3(state)
         shapes = self.param_shapes()
         names = [k for k in state.keys() if k != CONFIG_KEY]
         missing = [k for k in shapes if k not in state]
@@ -293,13 +296,7 @@ class _ArrayModule:
         for name in names:
             if name not in shapes:
                 continue
-            value = state[name]
-            if hasattr(value, "__dlpack__") and not isinstance(value, np.ndarray):
-                value, bits = functional._convert(value, name)
-                if bits:  # bfloat16 on a GPU, as uint16 bits
-                    value = functional._bf16_bits_to_float32(value)
-            elif not (isinstance(value, np.ndarray) or functional._is_cupy(value)):
-                value = np.asarray(value)
+            value = _read_array(state[name], name)
             if tuple(value.shape) != tuple(shapes[name]):
                 raise ValueError(f"{name}: expected shape {tuple(shapes[name])}, got "
                                  f"{tuple(value.shape)}")
@@ -314,12 +311,29 @@ class _ArrayModule:
                     value = _to_numpy(value)
                 if np.dtype(value.dtype).name == "bfloat16":
                     value = np.asarray(value, dtype=np.float32)
-                elif functional._is_cupy(value) and self.xp is not np \
+                elif interop.is_cupy(value) and self.xp is not np \
                         and value.device.id != self.device_id:
                     value = value.get()  # through the host: no peer access needed
                 self.params[name] = self.xp.array(value, dtype=self.dtype)  # a copy, contiguous
         self._scale_cache = None
         return self
+
+    def _layers(self):
+        """The SRUCell objects whose parameters this model holds."""
+        raise NotImplementedError
+
+    def _from_sru3(self, state):
+        """``state``, or a dict copy of it with each layer's ``sru`` 3.0 transform_module
+        entries read as arrays and converted to this model's names."""
+        if not any("transform_module." in key for key in state.keys()):
+            return state
+        state = {key: state[key] for key in state.keys()}
+        for cell in self._layers():
+            for name in (SRU3_LINEAR,) + SRU3_PROJECTED:
+                if cell._key(name) in state:
+                    state[cell._key(name)] = _read_array(state[cell._key(name)], cell._key(name))
+            convert_sru3_keys(state, cell._prefix, cell.layout)
+        return state
 
     def _config_entry(self):
         return json.dumps({"format": FORMAT_VERSION, "class": type(self).__name__,
@@ -378,6 +392,27 @@ class _ArrayModule:
         return model.load_state_dict(entries, strict=True)
 
 
+def _time_major(x, mask_pad):
+    """Batch-first x (B, L, n) and mask_pad (B, L) as time-major views (L, B, n), (L, B)."""
+    if mask_pad is not None:
+        if mask_pad.ndim != 2:
+            raise ValueError(f"mask_pad: expected shape (B, L), got {tuple(mask_pad.shape)}")
+        mask_pad = mask_pad.T
+    return x.transpose(1, 0, 2), mask_pad
+
+
+def _read_array(value, name):
+    """A state entry as a NumPy or CuPy array: DLPack producers (torch tensors) read through
+    DLPack (a GPU bfloat16 tensor as float32), array-likes through np.asarray."""
+    if hasattr(value, "__dlpack__") and not isinstance(value, np.ndarray):
+        value, bits = interop.convert(value, name)
+        if bits:  # bfloat16 on a GPU, as uint16 bits
+            value = interop.bf16_bits_to_float32(value)
+    elif not (isinstance(value, np.ndarray) or interop.is_cupy(value)):
+        value = np.asarray(value)
+    return value
+
+
 def _read_meta(entry, path):
     try:
         meta = json.loads(str(np.asarray(entry)[()]))
@@ -414,7 +449,9 @@ class SRUCell(_ArrayModule):
 
     The constructor takes the options of the torch ``SRUCell`` (minus transform_module / custom_m),
     plus ``device``/``xp`` ("cpu" -> NumPy, "cuda[:N]" -> CuPy), ``dtype`` (float32 or float64) and
-    ``seed`` for the initialisation and the default dropout generator.
+    ``seed`` for the initialisation and the default dropout generator. ``layout`` is the
+    ``layout.LayerLayout`` of those options, as in the torch layer (sizes, parameter shapes, the
+    initialisation recipe).
     """
 
     def __init__(self, input_size, hidden_size, dropout=0.0, rnn_dropout=0.0, bidirectional=False,
@@ -422,11 +459,17 @@ class SRUCell(_ArrayModule):
                  rescale=True, v1=False, amp_recurrence_fp16=True, normalize_after=False,
                  weight_c_init=None, batch_first=False, projection_size=None, *, device=None,
                  xp=None, dtype="float32", seed=None, _params=None, _prefix="", _init_rng=None):
-        if projection_size is not None:
-            n_proj = projection_size
+        # Sizes, parameter shapes and the initialisation recipe (and the options' checks), shared
+        # with the torch SRUCell.
+        self.layout = layout = LayerLayout(input_size, hidden_size, bidirectional=bidirectional, n_proj=n_proj,
+                             projection_size=projection_size, has_skip_term=has_skip_term,
+                             layer_norm=layer_norm, normalize_after=normalize_after,
+                             rescale=rescale, highway_bias=highway_bias, v1=v1, dropout=dropout,
+                             rnn_dropout=rnn_dropout, weight_c_init=weight_c_init)
         config = _config(input_size=input_size, hidden_size=hidden_size, dropout=dropout,
-                         rnn_dropout=rnn_dropout, bidirectional=bidirectional, n_proj=n_proj,
-                         use_tanh=use_tanh, highway_bias=highway_bias, has_skip_term=has_skip_term,
+                         rnn_dropout=rnn_dropout, bidirectional=bidirectional,
+                         n_proj=layout.requested_projection_size, use_tanh=use_tanh,
+                         highway_bias=highway_bias, has_skip_term=has_skip_term,
                          layer_norm=layer_norm, rescale=rescale, v1=v1,
                          amp_recurrence_fp16=amp_recurrence_fp16, normalize_after=normalize_after,
                          weight_c_init=weight_c_init, batch_first=batch_first)
@@ -434,11 +477,9 @@ class SRUCell(_ArrayModule):
         for name, value in config.items():
             if name != "n_proj":
                 setattr(self, name, value)
-        n_proj = config["n_proj"]
-        self.output_size = self.hidden_size * (2 if self.bidirectional else 1)
-        # A projection only when it makes the GEMM smaller (as in `sru`).
-        self.projection_size = n_proj if 0 < n_proj < min(self.input_size, self.output_size) else 0
-        self.num_matrices = 4 if self.has_skip_term and self.input_size != self.output_size else 3
+        self.output_size = layout.output_size
+        self.projection_size = layout.projection_size
+        self.num_matrices = layout.num_matrices
         self._prefix = _prefix
         self.params = {} if _params is None else _params
         self._scale_cache = None
@@ -447,21 +488,11 @@ class SRUCell(_ArrayModule):
     def _key(self, name):
         return self._prefix + name
 
+    def _layers(self):
+        return [self]
+
     def param_shapes(self):
-        shapes = {}
-        fan_in = self.input_size
-        if self.projection_size:
-            shapes["weight_proj"] = (self.input_size, self.projection_size)
-            fan_in = self.projection_size
-        shapes["weight"] = (fan_in, self.output_size * self.num_matrices)
-        shapes["weight_c"] = (2 * self.output_size,)
-        shapes["bias"] = (2 * self.output_size,)
-        shapes["scale_x"] = (1,)
-        if self.layer_norm:
-            n = self.output_size if self.normalize_after else self.input_size
-            shapes["layer_norm.weight"] = (n,)
-            shapes["layer_norm.bias"] = (n,)
-        return {self._key(name): shape for name, shape in shapes.items()}
+        return {self._key(name): shape for name, shape in self.layout.param_shapes().items()}
 
     def trainable_names(self):
         skip = {self._key("scale_x")} | ({self._key("weight_c")} if self.v1 else set())
@@ -472,43 +503,28 @@ class SRUCell(_ArrayModule):
         on the host, then cast and moved): Var[w] = 1/fan_in, the highway bias, weight_c of variance
         1/2 scaled with the gate weights by sqrt(1/2), compensation for dropout and layer norm."""
         rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
-        out, d, k = self.output_size, self.hidden_size, self.num_matrices
+        layout, out = self.layout, self.output_size
         values = {}
         bias = np.zeros(2 * out)
-        bias[out:] = self.highway_bias
+        bias[out:] = layout.highway_bias
         values["bias"] = bias
-        scale = math.sqrt(1 + 2 * math.exp(self.highway_bias))
-        values["scale_x"] = np.array([scale if self.rescale and self.has_skip_term else 1.0])
-        fan_in = self.projection_size or self.input_size
-        weight = rng.uniform(-math.sqrt(3.0 / fan_in), math.sqrt(3.0 / fan_in),
-                             size=(fan_in, out * k))
-        if self.projection_size:
-            bound = math.sqrt(3.0 / self.input_size)
-            values["weight_proj"] = rng.uniform(-bound, bound, size=(self.input_size,
-                                                                     self.projection_size))
-        w = weight.reshape(fan_in, -1, d, k)  # a view: (fan_in, dirs, d, k)
-        if self.dropout > 0:
-            w[..., 0] *= math.sqrt(1 - self.dropout)
-        if self.rnn_dropout > 0:
-            w *= math.sqrt(1 - self.rnn_dropout)
-        if self.layer_norm:
-            w *= 0.1
-        if self.rescale and self.has_skip_term and k == 4:
-            w[..., 3] *= scale
-        if not self.v1:
-            w[..., 1:3] *= math.sqrt(0.5)
+        values["scale_x"] = np.array([layout.scale_x])
+        fan_in = layout.weight_fan_in
+        weight = rng.uniform(-layout.weight_bound, layout.weight_bound,
+                             size=(fan_in, out * layout.num_matrices))
+        if layout.projection_size:
+            values["weight_proj"] = rng.uniform(-layout.weight_proj_bound, layout.weight_proj_bound,
+                                                size=(self.input_size, layout.projection_size))
+        layout.scale_weight(weight.reshape(layout.weight_slots_shape()))  # a view
         values["weight"] = weight
-        if self.v1:
+        if layout.v1:
             values["weight_c"] = np.zeros(2 * out)
-        elif self.weight_c_init is None:
-            values["weight_c"] = rng.uniform(-math.sqrt(3.0), math.sqrt(3.0),
-                                             size=2 * out) * math.sqrt(0.5)
         else:
-            values["weight_c"] = rng.uniform(-self.weight_c_init, self.weight_c_init, size=2 * out)
-        if self.layer_norm:
-            n = self.output_size if self.normalize_after else self.input_size
-            values["layer_norm.weight"] = np.ones(n)
-            values["layer_norm.bias"] = np.zeros(n)
+            values["weight_c"] = rng.uniform(-layout.weight_c_bound, layout.weight_c_bound,
+                                             size=2 * out) * layout.weight_c_scale
+        if layout.layer_norm:
+            values["layer_norm.weight"] = np.ones(layout.layer_norm_size)
+            values["layer_norm.bias"] = np.zeros(layout.layer_norm_size)
         with self.device_guard():
             for name, value in values.items():
                 self.params[self._key(name)] = self.xp.asarray(value.astype(self.dtype))
@@ -542,12 +558,7 @@ class SRUCell(_ArrayModule):
             raise ValueError(f"x: expected rank 3 {layout} or rank 2 (B, n_in), got shape "
                              f"{tuple(x.shape)}")
         if self.batch_first:
-            x = x.transpose(1, 0, 2)
-            if mask_pad is not None:
-                if mask_pad.ndim != 2:
-                    raise ValueError(f"mask_pad: expected shape (B, L), got "
-                                     f"{tuple(mask_pad.shape)}")
-                mask_pad = mask_pad.T
+            x, mask_pad = _time_major(x, mask_pad)
         c0 = self._asarray(c0, "c0", self.dtype)
         with self.device_guard():
             h, c, cache = self._forward_time_major(x, c0, mask_pad, training, self._rng_for(rng),
@@ -620,7 +631,7 @@ class SRUCell(_ArrayModule):
             U = xp.matmul(projected, P[k("weight")])
         else:
             U = xp.matmul(flat, P[k("weight")])
-        U = U.reshape(L, B, -1)
+        U = U.reshape(L, B, U.shape[-1])  # explicit: L or B may be 0
         mask_h = None
         if training and self.dropout > 0:
             mask_h = _dropout_mask(xp, rng, (B, self.output_size), self.dropout, self.dtype)
@@ -656,7 +667,7 @@ class SRUCell(_ArrayModule):
         weight_c = None if self.v1 else P[k("weight_c")]
         g = launch.recurrence_backward(grad_h, grad_c_last, cache["U"], cache["skip_x"], weight_c,
                                        P[k("bias")], cache["c0"], cache["c"], **cache["options"])
-        grad_U = g["U"].reshape(L * B, -1)
+        grad_U = g["U"].reshape(L * B, g["U"].shape[-1])
         if self.projection_size:
             grads[k("weight")] = xp.matmul(cache["projected"].T, grad_U)
             grad_projected = xp.matmul(grad_U, P[k("weight")].T)
@@ -707,6 +718,9 @@ class SRU(_ArrayModule):
                  nn_rnn_compatible_return=False, proj_input_to_hidden_first=False,
                  amp_recurrence_fp16=True, normalize_after=False, weight_c_init=None,
                  batch_first=False, *, device=None, xp=None, dtype="float32", seed=None):
+        stack = StackLayout(input_size, hidden_size, num_layers, bidirectional=bidirectional,
+                            proj_input_to_hidden_first=proj_input_to_hidden_first,
+                            dropout=dropout, projection_size=projection_size)
         config = _config(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers,
                          dropout=dropout, rnn_dropout=rnn_dropout, bidirectional=bidirectional,
                          projection_size=projection_size, use_tanh=use_tanh, layer_norm=layer_norm,
@@ -716,31 +730,24 @@ class SRU(_ArrayModule):
                          amp_recurrence_fp16=amp_recurrence_fp16, normalize_after=normalize_after,
                          weight_c_init=weight_c_init, batch_first=batch_first)
         self._setup(config, device, xp, dtype, seed)
-        self.input_size = int(input_size)
-        self.hidden_size = int(hidden_size)
-        self.num_layers = int(num_layers)
+        for name in ("input_size", "hidden_size", "num_layers", "num_directions", "output_size",
+                     "has_input_to_hidden"):
+            setattr(self, name, getattr(stack, name))
         self.bidirectional = bool(bidirectional)
-        self.num_directions = 2 if bidirectional else 1
-        self.output_size = self.hidden_size * self.num_directions
         self.batch_first = bool(batch_first)
         self.nn_rnn_compatible_return = bool(nn_rnn_compatible_return)
         self.params = {}
         init_rng = np.random.default_rng(seed)
-        self.has_input_to_hidden = bool(proj_input_to_hidden_first) and \
-            self.input_size != self.output_size
-        first_input = self.input_size
-        if self.has_input_to_hidden:
-            first_input = self.output_size
         self.rnn_lst = [
-            SRUCell(first_input if i == 0 else self.output_size, self.hidden_size,
-                    dropout=dropout if i + 1 != self.num_layers else 0.0,
+            SRUCell(stack.layer_input_sizes[i], self.hidden_size, dropout=stack.layer_dropouts[i],
                     rnn_dropout=rnn_dropout, bidirectional=bidirectional,
-                    n_proj=projection_size, use_tanh=use_tanh, layer_norm=layer_norm,
-                    highway_bias=highway_bias, has_skip_term=has_skip_term, rescale=rescale,
-                    v1=v1, amp_recurrence_fp16=amp_recurrence_fp16,
-                    normalize_after=normalize_after, weight_c_init=weight_c_init,
-                    device=self.device, xp=self.xp, dtype=self.dtype,
-                    _params=self.params, _prefix=f"rnn_lst.{i}.", _init_rng=init_rng)
+                    n_proj=stack.layer_projection_sizes[i], use_tanh=use_tanh,
+                    layer_norm=layer_norm, highway_bias=highway_bias,
+                    has_skip_term=has_skip_term, rescale=rescale, v1=v1,
+                    amp_recurrence_fp16=amp_recurrence_fp16, normalize_after=normalize_after,
+                    weight_c_init=weight_c_init, device=self.device, xp=self.xp,
+                    dtype=self.dtype, _params=self.params, _prefix=f"rnn_lst.{i}.",
+                    _init_rng=init_rng)
             for i in range(self.num_layers)]
         self._reset_input_to_hidden(init_rng)
 
@@ -773,6 +780,9 @@ class SRU(_ArrayModule):
             names += cell.trainable_names()
         return names
 
+    def _layers(self):
+        return self.rnn_lst
+
     def load_state_dict(self, state, strict=True):
         super().load_state_dict(state, strict=strict)
         for cell in self.rnn_lst:
@@ -790,12 +800,7 @@ class SRU(_ArrayModule):
                              f"{tuple(x.shape)}")
         mask_pad = self._asarray(mask_pad, "mask_pad")
         if self.batch_first:
-            x = x.transpose(1, 0, 2)
-            if mask_pad is not None:
-                if mask_pad.ndim != 2:
-                    raise ValueError(f"mask_pad: expected shape (B, L), got "
-                                     f"{tuple(mask_pad.shape)}")
-                mask_pad = mask_pad.T
+            x, mask_pad = _time_major(x, mask_pad)
         B = int(x.shape[1])
         if x.shape[-1] != self.input_size:
             raise ValueError(f"x: expected last axis input_size = {self.input_size}, got "

@@ -7,18 +7,22 @@ scale and the variational dropout mask on h are applied inside the kernel, not i
 Parameter names and shapes match ``sru`` 2.6: ``weight`` (n_in, out*k) or ``weight_proj`` (n_in,
 projection) with ``weight`` (projection, out*k); ``weight_c`` and ``bias`` (2*out,); the buffer
 ``scale_x`` (1,); ``layer_norm.*``; in ``SRU`` the layers are ``rnn_lst.{i}`` and the optional
-``input_to_hidden`` Linear. A state_dict saved by ``sru`` 2.6 loads as it is.
+``input_to_hidden`` Linear. A state_dict saved by ``sru`` 2.6 loads as it is, and one of ``sru``
+3.0's ``SRU`` too (its ``transform_module`` keys are converted: ``layout.convert_sru3_keys``).
+
+Sizes, parameter shapes and the initialisation recipe come from ``layout.LayerLayout`` (shared
+with the array layer, arrays.py); ``LayerStack`` is what ``SRU`` and ``SRUpp`` (srupp.py) share.
 """
 
-import math
 import warnings
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import cpu_gemm, ops
+from .layout import LayerLayout, StackLayout, convert_sru3_keys
 
 
 def _dropout_mask(reference: Tensor, shape: List[int], p: float) -> Tensor:
@@ -35,21 +39,7 @@ def _resolve_transform_module(transform_module, custom_m):
     return custom_m
 
 
-def _check_positive_int(**values):
-    """Constructor arguments that must be positive ints (bool is not one), by name."""
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
-
-
-def _check_probability(**values):
-    """Constructor arguments that must be dropout probabilities, in [0, 1), by name."""
-    for name, value in values.items():
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
-
-
-def _shape(sizes: List[int]) -> str:
+def format_shape(sizes: List[int]) -> str:
     """Sizes as the error messages write shapes, e.g. (3, 2) (TorchScript has no tuple(shape))."""
     return "(" + ", ".join([str(n) for n in sizes]) + ")"
 
@@ -60,72 +50,31 @@ def _time_major(input: Tensor, mask_pad: Optional[Tensor]) -> Tuple[Tensor, Opti
     would otherwise copy the transposed view itself); mask_pad as a view."""
     if mask_pad is not None:
         if mask_pad.dim() != 2:
-            raise ValueError(f"mask_pad: expected shape (B, L), got {_shape(mask_pad.shape)}")
+            raise ValueError(f"mask_pad: expected shape (B, L), got "
+                             f"{format_shape(mask_pad.shape)}")
         mask_pad = mask_pad.transpose(0, 1)
     return input.transpose(0, 1).contiguous(), mask_pad
-
-
-def _stack_input(input: Tensor, c0: Optional[Tensor], mask_pad: Optional[Tensor],
-                 batch_first: bool, input_size: int, num_layers: int, output_size: int,
-                 device: torch.device) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """A stack's (SRU, SRUpp) input, checked: (input (L, B, n) time-major, mask_pad (L, B) or
-    None, the lengths of a PackedSequence input (whose lengths give mask_pad) or None)."""
-    lengths: Optional[Tensor] = None
-    if not torch.jit.is_scripting():  # TorchScript takes tensors only
-        if isinstance(input, PackedSequence):
-            if mask_pad is not None:
-                raise ValueError("mask_pad: must be None for PackedSequence input (the lengths "
-                                 "give the padding)")
-            input, lengths = pad_packed_sequence(input)  # (L, B, n), batch in original order
-            steps = torch.arange(input.shape[0], device=input.device).unsqueeze(1)
-            mask_pad = steps >= lengths.to(input.device).unsqueeze(0)
-        elif not isinstance(input, Tensor):
-            raise TypeError(f"input: expected a torch.Tensor or PackedSequence, got "
-                            f"{type(input).__name__}")
-    if lengths is None:
-        if input.dim() != 3:
-            layout = "(B, L, n_in)" if batch_first else "(L, B, n_in)"
-            raise ValueError(f"input: expected rank 3 {layout}, got shape {_shape(input.shape)}")
-        if batch_first:
-            input, mask_pad = _time_major(input, mask_pad)
-    if input.shape[-1] != input_size:
-        raise ValueError(f"input: expected last axis input_size = {input_size}, got "
-                         f"{input.shape[-1]}")
-    if not input.is_floating_point():
-        raise TypeError(f"input: expected a floating dtype, got {input.dtype}")
-    if input.device != device:
-        raise ValueError(f"input: expected a tensor on the module's device {device}, got "
-                         f"{input.device}")
-    if c0 is not None:
-        expected = [num_layers, input.shape[1], output_size]
-        if list(c0.shape) != expected:
-            raise ValueError(f"c0: expected shape (num_layers, B, output_size) = "
-                             f"{_shape(expected)}, got {_shape(c0.shape)}")
-    return input, mask_pad, lengths
-
-
-def _stack_final_c(finals: List[Tensor], nn_rnn_compatible_return: bool,
-                   hidden_size: int) -> Tensor:
-    """The layers' last c (B, output_size) each as (num_layers, B, output_size), or as
-    (num_layers * directions, B, hidden_size) like nn.LSTM's with nn_rnn_compatible_return."""
-    c_all = torch.stack(finals)
-    if nn_rnn_compatible_return:
-        layers, B, dirs = c_all.shape[0], c_all.shape[1], c_all.shape[2] // hidden_size
-        c_all = (c_all.view(layers, B, dirs, hidden_size).transpose(1, 2)
-                 .reshape(layers * dirs, B, hidden_size))
-    return c_all
 
 
 def _refresh_scale_x(module, incompatible_keys):
     module._scale_x_value = float(module.scale_x.reshape(-1)[0])
 
 
-def _rename_custom_m_keys(module, state_dict, prefix, local_metadata, strict, missing_keys,
-                          unexpected_keys, error_msgs):
-    """`sru` 2.6 stores the transform module as ``custom_m``: its keys load as ours."""
+def _load_other_layouts(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                        unexpected_keys, error_msgs):
+    """The `sru` package's other layouts load as ours: 2.6 stores the transform module as
+    ``custom_m``; 3.0 keeps U's matrices in a ``transform_module`` of its own (see
+    ``layout.convert_sru3_keys``; contiguous copies, so that ``assign=True`` gets them too)."""
     old = prefix + "custom_m."
     for key in [k for k in state_dict if k.startswith(old)]:
         state_dict[prefix + "transform_module." + key[len(old):]] = state_dict.pop(key)
+    try:
+        converted = convert_sru3_keys(state_dict, prefix, module.layout)
+    except ValueError as error:
+        error_msgs.append(str(error))
+        return
+    for key in converted:
+        state_dict[key] = state_dict[key].contiguous()
 
 
 class SRUCell(nn.Module):
@@ -135,6 +84,9 @@ class SRUCell(nn.Module):
     input_size) with ``batch_first``, or (B, input_size) for one step; c0 (B, output_size);
     mask_pad (L, B) ((B, L) with ``batch_first``), nonzero at padding. h (L, B, output_size) and
     c (B, output_size), output_size = hidden_size * (2 if bidirectional else 1).
+
+    ``layout`` is the ``layout.LayerLayout`` of the constructor options: sizes, parameter names
+    and shapes, and the initialisation recipe that ``reset_parameters`` draws with.
     """
 
     # For TorchScript: the parameters that may be None.
@@ -150,16 +102,18 @@ class SRUCell(nn.Module):
                  batch_first: bool = False, projection_size: Optional[int] = None,
                  custom_m: Optional[nn.Module] = None):
         super().__init__()
-        _check_positive_int(input_size=input_size, hidden_size=hidden_size)
-        _check_probability(dropout=dropout, rnn_dropout=rnn_dropout)
         transform_module = _resolve_transform_module(transform_module, custom_m)
-        if projection_size is not None:
-            n_proj = projection_size
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.output_size = hidden_size * 2 if bidirectional else hidden_size
-        self.dropout = float(dropout)
-        self.rnn_dropout = float(rnn_dropout)
+        # Sizes, parameter shapes and the initialisation recipe, shared with arrays.SRUCell.
+        self.layout = LayerLayout(
+            input_size, hidden_size, bidirectional=bidirectional, n_proj=n_proj,
+            projection_size=projection_size, has_skip_term=has_skip_term, layer_norm=layer_norm,
+            normalize_after=normalize_after, rescale=rescale, highway_bias=highway_bias, v1=v1,
+            dropout=dropout, rnn_dropout=rnn_dropout, weight_c_init=weight_c_init,
+            transform_module=transform_module is not None)
+        layout = self.layout
+        for name in ("input_size", "hidden_size", "output_size", "dropout", "rnn_dropout",
+                     "projection_size", "num_matrices"):  # checked or derived there
+            setattr(self, name, getattr(layout, name))
         self.bidirectional = bidirectional
         self.has_skip_term = has_skip_term
         self.highway_bias = highway_bias
@@ -172,67 +126,48 @@ class SRUCell(nn.Module):
         self.weight_c_init = weight_c_init
         self.batch_first = batch_first
         self.transform_module = transform_module
-        # A projection only when it makes the GEMM smaller (as in `sru`).
-        self.projection_size = n_proj if 0 < n_proj < min(input_size, self.output_size) else 0
-        self.num_matrices = 4 if has_skip_term and input_size != self.output_size else 3
 
+        shapes = layout.param_shapes()
         self.weight_proj = None
         self.weight = None
-        if transform_module is None:
-            fan_in = input_size
-            if self.projection_size:
-                self.weight_proj = nn.Parameter(torch.empty(input_size, self.projection_size))
-                fan_in = self.projection_size
-            self.weight = nn.Parameter(torch.empty(fan_in, self.output_size * self.num_matrices))
-        self.weight_c = nn.Parameter(torch.empty(2 * self.output_size))
-        self.bias = nn.Parameter(torch.empty(2 * self.output_size))
-        self.register_buffer("scale_x", torch.ones(1))
+        for name in ("weight_proj", "weight", "weight_c", "bias"):
+            if name in shapes:
+                setattr(self, name, nn.Parameter(torch.empty(shapes[name])))
+        self.register_buffer("scale_x", torch.ones(shapes["scale_x"]))
         # scale_x as a Python float for the kernel: reading the buffer in forward would sync the
         # device and break torch.compile(fullgraph=True). Kept equal to the buffer by
         # reset_parameters and after load_state_dict.
         self._scale_x_value = 1.0
         self.register_load_state_dict_post_hook(_refresh_scale_x)
-        self.register_load_state_dict_pre_hook(_rename_custom_m_keys)
+        self.register_load_state_dict_pre_hook(_load_other_layouts)
         self.layer_norm = None
-        if layer_norm:
-            self.layer_norm = nn.LayerNorm(self.output_size if normalize_after else input_size)
+        if layout.layer_norm:
+            self.layer_norm = nn.LayerNorm(layout.layer_norm_size)
         self.reset_parameters()
 
     def reset_parameters(self):
-        """The `sru` initialisation: Var[w] = 1/fan_in, the highway bias, weight_c of variance 1/2
-        scaled with the gate weights by sqrt(1/2), and compensation for dropout and layer norm."""
+        """The `sru` initialisation (``layout``'s recipe): Var[w] = 1/fan_in, the highway bias,
+        weight_c of variance 1/2 scaled with the gate weights by sqrt(1/2), and compensation for
+        dropout and layer norm."""
+        layout = self.layout
         with torch.no_grad():
             self.bias.zero_()
-            self.bias[self.output_size:] = self.highway_bias
-            scale = math.sqrt(1 + 2 * math.exp(self.highway_bias))
-            self.scale_x.fill_(scale if self.rescale and self.has_skip_term else 1.0)
+            self.bias[self.output_size:] = layout.highway_bias
+            self.scale_x.fill_(layout.scale_x)
             self._scale_x_value = float(self.scale_x[0])
             if self.weight is not None:
-                fan_in = self.weight.shape[0]
-                self.weight.uniform_(-math.sqrt(3.0 / fan_in), math.sqrt(3.0 / fan_in))
+                self.weight.uniform_(-layout.weight_bound, layout.weight_bound)
                 if self.weight_proj is not None:
-                    bound = math.sqrt(3.0 / self.weight_proj.shape[0])
-                    self.weight_proj.uniform_(-bound, bound)
-                w = self.weight.view(fan_in, -1, self.hidden_size, self.num_matrices)
-                if self.dropout > 0:
-                    w[..., 0] *= math.sqrt(1 - self.dropout)
-                if self.rnn_dropout > 0:
-                    w *= math.sqrt(1 - self.rnn_dropout)
-                if self.layer_norm is not None:
-                    w *= 0.1
-                if self.rescale and self.has_skip_term and self.num_matrices == 4:
-                    w[..., 3] *= scale
-                if not self.v1:
-                    w[..., 1:3] *= math.sqrt(0.5)
+                    self.weight_proj.uniform_(-layout.weight_proj_bound, layout.weight_proj_bound)
+                layout.scale_weight(self.weight.view(layout.weight_slots_shape()))
             elif hasattr(self.transform_module, "reset_parameters"):
                 self.transform_module.reset_parameters()
-            if self.v1:
+            if layout.v1:
                 self.weight_c.zero_()
                 self.weight_c.requires_grad_(False)
-            elif self.weight_c_init is None:
-                self.weight_c.uniform_(-math.sqrt(3.0), math.sqrt(3.0)).mul_(math.sqrt(0.5))
             else:
-                self.weight_c.uniform_(-self.weight_c_init, self.weight_c_init)
+                self.weight_c.uniform_(-layout.weight_c_bound, layout.weight_c_bound)
+                self.weight_c.mul_(layout.weight_c_scale)
             if self.layer_norm is not None:
                 self.layer_norm.reset_parameters()
 
@@ -265,7 +200,7 @@ class SRUCell(nn.Module):
             expected_V = list(U.shape[:-1]) + [2 * self.output_size]
             if list(V.shape) != expected_V:
                 raise ValueError(f"transform_module: expected V of shape (L, B, 2 * output_size) "
-                                 f"= {_shape(expected_V)}, got {_shape(V.shape)}")
+                                 f"= {format_shape(expected_V)}, got {format_shape(V.shape)}")
         return U, V
 
     def _check_U(self, U: Tensor):
@@ -273,7 +208,7 @@ class SRUCell(nn.Module):
         expected = self.output_size * self.num_matrices
         if U.shape[-1] != expected:
             raise ValueError(f"transform_module: expected U with last axis {expected}, got "
-                             f"shape {_shape(U.shape)}")
+                             f"shape {format_shape(U.shape)}")
 
     def _transform(self, input: Tensor, mask_pad: Optional[Tensor], attn_mask: Optional[Tensor],
                    memory: Optional[Tensor], memory_mask_pad: Optional[Tensor]
@@ -288,7 +223,7 @@ class SRUCell(nn.Module):
         if input.dim() != 3:
             layout = "(B, L, n_in)" if self.batch_first else "(L, B, n_in)"
             raise ValueError(f"input: expected rank 3 {layout} or rank 2 (B, n_in), got shape "
-                             f"{_shape(input.shape)}")
+                             f"{format_shape(input.shape)}")
         if input.shape[-1] != self.input_size:
             raise ValueError(f"input: expected last axis input_size = {self.input_size}, got "
                              f"{input.shape[-1]}")
@@ -335,7 +270,8 @@ class SRUCell(nn.Module):
         if c0 is not None:
             if list(c0.shape) != [B, self.output_size]:
                 raise ValueError(f"c0: expected shape (B, output_size) = "
-                                 f"{_shape([B, self.output_size])}, got {_shape(c0.shape)}")
+                                 f"{format_shape([B, self.output_size])}, got "
+                                 f"{format_shape(c0.shape)}")
             if c0.device != input.device:
                 raise ValueError(f"c0: expected a tensor on {input.device} like input, got "
                                  f"{c0.device}")
@@ -344,7 +280,8 @@ class SRUCell(nn.Module):
                 expected, got = [L, B], list(mask_pad.shape)
                 if self.batch_first:  # as the caller gave it, (B, L)
                     expected, got = [B, L], got[::-1]
-                raise ValueError(f"mask_pad: expected shape {_shape(expected)}, got {_shape(got)}")
+                raise ValueError(f"mask_pad: expected shape {format_shape(expected)}, got "
+                                 f"{format_shape(got)}")
             if mask_pad.device != input.device:
                 raise ValueError(f"mask_pad: expected a tensor on {input.device} like input, got "
                                  f"{mask_pad.device}")
@@ -427,7 +364,115 @@ class SRUCell(nn.Module):
         return s
 
 
-class SRU(nn.Module):
+class LayerStack(nn.Module):
+    """What the stacks ``SRU`` and ``SRUpp`` (srupp.py) share: the options of the stack, the
+    optional ``input_to_hidden`` map before the first layer, the checks and time-major conversion
+    of their input (batch_first, PackedSequence), and their h and final c in the caller's layout.
+
+    A subclass builds ``rnn_lst`` (its layers, each with ``_forward_time_major``) and runs them
+    between ``_stack_input`` and ``_stack_output``."""
+
+    def __init__(self, stack: StackLayout, bidirectional: bool, dropout: float, layer_norm: bool,
+                 nn_rnn_compatible_return: bool, batch_first: bool):
+        super().__init__()
+        for name in ("input_size", "hidden_size", "output_size", "num_layers", "num_directions"):
+            setattr(self, name, getattr(stack, name))
+        self.bidirectional = bidirectional
+        self.dropout = dropout
+        self.use_layer_norm = layer_norm
+        self.nn_rnn_compatible_return = nn_rnn_compatible_return
+        self.batch_first = batch_first
+        self.input_to_hidden = None
+
+    def _add_input_to_hidden(self, stack: StackLayout):
+        """Registers ``input_to_hidden`` (a bias-free Linear, with nn.Linear's initialisation)
+        when the layout has one; the subclass calls it where the module order of its state_dict
+        wants it."""
+        if stack.has_input_to_hidden:
+            self.input_to_hidden = nn.Linear(self.input_size, self.output_size, bias=False)
+
+    def _reset_input_to_hidden(self):
+        if self.input_to_hidden is not None:
+            self.input_to_hidden.reset_parameters()
+
+    def reset_parameters(self):
+        for layer in self.rnn_lst:
+            layer.reset_parameters()
+        self._reset_input_to_hidden()
+
+    def __getitem__(self, n: int):
+        """Layer ``n`` (as in ``sru`` 3.0)."""
+        return self.rnn_lst[n]
+
+    def _stack_input(self, input: Tensor, c0: Optional[Tensor], mask_pad: Optional[Tensor]
+                     ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """The stack's input, checked: (input (L, B, n) time-major, mask_pad (L, B) or None, the
+        lengths of a PackedSequence input (whose lengths give mask_pad) or None)."""
+        batch_first = self.batch_first
+        lengths: Optional[Tensor] = None
+        if not torch.jit.is_scripting():  # TorchScript takes tensors only
+            if isinstance(input, PackedSequence):
+                if mask_pad is not None:
+                    raise ValueError("mask_pad: must be None for PackedSequence input (the "
+                                     "lengths give the padding)")
+                input, lengths = pad_packed_sequence(input)  # (L, B, n), batch in original order
+                steps = torch.arange(input.shape[0], device=input.device).unsqueeze(1)
+                mask_pad = steps >= lengths.to(input.device).unsqueeze(0)
+            elif not isinstance(input, Tensor):
+                raise TypeError(f"input: expected a torch.Tensor or PackedSequence, got "
+                                f"{type(input).__name__}")
+        if lengths is None:
+            if input.dim() != 3:
+                layout = "(B, L, n_in)" if batch_first else "(L, B, n_in)"
+                raise ValueError(f"input: expected rank 3 {layout}, got shape "
+                                 f"{format_shape(input.shape)}")
+            if batch_first:
+                input, mask_pad = _time_major(input, mask_pad)
+        if input.shape[-1] != self.input_size:
+            raise ValueError(f"input: expected last axis input_size = {self.input_size}, got "
+                             f"{input.shape[-1]}")
+        if not input.is_floating_point():
+            raise TypeError(f"input: expected a floating dtype, got {input.dtype}")
+        device = self.rnn_lst[0].bias.device
+        if input.device != device:
+            raise ValueError(f"input: expected a tensor on the module's device {device}, got "
+                             f"{input.device}")
+        if c0 is not None:
+            expected = [self.num_layers, input.shape[1], self.output_size]
+            if list(c0.shape) != expected:
+                raise ValueError(f"c0: expected shape (num_layers, B, output_size) = "
+                                 f"{format_shape(expected)}, got {format_shape(c0.shape)}")
+        return input, mask_pad, lengths
+
+    def _first_layer_input(self, input: Tensor) -> Tensor:
+        """input_to_hidden(input) when the stack has that map, else input."""
+        if self.input_to_hidden is not None:
+            if torch.jit.is_scripting():
+                return self.input_to_hidden(input)
+            return cpu_gemm.apply_linear(self.input_to_hidden, input)
+        return input
+
+    def _stack_output(self, h: Tensor, finals: List[Tensor], lengths: Optional[Tensor]
+                      ) -> Tuple[Tensor, Tensor]:
+        """(h, c) as the caller gets them: h of the last layer (L, B, output_size) time-major in,
+        a PackedSequence for packed input (not under TorchScript, which takes tensors only) or
+        batch-first with ``batch_first``; c the layers' final states ``finals`` (B,
+        output_size) each, stacked as (num_layers, B, output_size), or as (num_layers * dirs, B,
+        hidden_size) like nn.LSTM's with ``nn_rnn_compatible_return``."""
+        c = torch.stack(finals)
+        if self.nn_rnn_compatible_return:
+            layers, B, dirs = c.shape[0], c.shape[1], c.shape[2] // self.hidden_size
+            c = (c.view(layers, B, dirs, self.hidden_size).transpose(1, 2)
+                 .reshape(layers * dirs, B, self.hidden_size))
+        if not torch.jit.is_scripting():
+            if lengths is not None:
+                return pack_padded_sequence(h, lengths, enforce_sorted=False), c
+        if self.batch_first:
+            h = h.transpose(0, 1)
+        return h, c
+
+
+class SRU(LayerStack):
     """A stack of SRU layers, with the constructor and forward of the ``sru`` package.
 
     forward(input, c0=None, mask_pad=None) -> (h, c): input (L, B, input_size), (B, L, input_size)
@@ -435,40 +480,33 @@ class SRU(nn.Module):
     ((B, L) with batch_first), nonzero at padding. h (L, B, output_size) (a PackedSequence for
     packed input) and c (num_layers, B, output_size), or (num_layers * dirs, B, hidden_size) like
     nn.LSTM's with ``nn_rnn_compatible_return``.
+
+    ``projection_size`` is an int for every layer or one size per layer (as in ``sru`` 3.0); a
+    layer projects only when its size is below min(its input size, output_size) (as in 2.6).
+    State dicts of ``sru`` 2.6 and of 3.0's ``SRU`` (U's matrices in ``transform_module``) load.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 2,
                  dropout: float = 0.0, rnn_dropout: float = 0.0, bidirectional: bool = False,
-                 projection_size: int = 0, use_tanh: bool = False, layer_norm: bool = False,
-                 highway_bias: float = 0.0, has_skip_term: bool = True, rescale: bool = False,
-                 v1: bool = False, nn_rnn_compatible_return: bool = False,
+                 projection_size: Union[int, Sequence[int]] = 0, use_tanh: bool = False,
+                 layer_norm: bool = False, highway_bias: float = 0.0, has_skip_term: bool = True,
+                 rescale: bool = False, v1: bool = False, nn_rnn_compatible_return: bool = False,
                  transform_module=None, proj_input_to_hidden_first: bool = False,
                  amp_recurrence_fp16: bool = True, normalize_after: bool = False,
                  weight_c_init: Optional[float] = None, batch_first: bool = False,
                  custom_m=None):
-        super().__init__()
-        _check_positive_int(num_layers=num_layers)
+        stack = StackLayout(input_size, hidden_size, num_layers, bidirectional=bidirectional,
+                            proj_input_to_hidden_first=proj_input_to_hidden_first,
+                            dropout=dropout, projection_size=projection_size)
+        super().__init__(stack, bidirectional, dropout, layer_norm, nn_rnn_compatible_return,
+                         batch_first)
         transform_module = _resolve_transform_module(transform_module, custom_m)
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.output_size = hidden_size * 2 if bidirectional else hidden_size
-        self.num_layers = num_layers
-        self.dropout = dropout
         self.rnn_dropout = rnn_dropout
         self.projection_size = projection_size
-        self.bidirectional = bidirectional
-        self.num_directions = 2 if bidirectional else 1
-        self.use_layer_norm = layer_norm
         self.has_skip_term = has_skip_term
-        self.nn_rnn_compatible_return = nn_rnn_compatible_return
-        self.batch_first = batch_first
         if rnn_dropout > 0:
             warnings.warn("rnn_dropout > 0 is deprecated in the sru package; prefer dropout")
-        self.input_to_hidden = None
-        first_input = input_size
-        if proj_input_to_hidden_first and input_size != self.output_size:
-            self.input_to_hidden = nn.Linear(input_size, self.output_size, bias=False)
-            first_input = self.output_size
+        self._add_input_to_hidden(stack)  # before rnn_lst: sru 2.6's state_dict order
         layers = []
         for i in range(num_layers):
             module = transform_module
@@ -478,46 +516,23 @@ class SRU(nn.Module):
                 import copy
                 module = copy.deepcopy(transform_module)
             layers.append(SRUCell(
-                first_input if i == 0 else self.output_size, hidden_size,
-                dropout=dropout if i + 1 != num_layers else 0.0, rnn_dropout=rnn_dropout,
-                bidirectional=bidirectional, n_proj=projection_size, use_tanh=use_tanh,
-                layer_norm=layer_norm, highway_bias=highway_bias, has_skip_term=has_skip_term,
-                rescale=rescale, v1=v1, transform_module=module,
-                amp_recurrence_fp16=amp_recurrence_fp16, normalize_after=normalize_after,
-                weight_c_init=weight_c_init))
+                stack.layer_input_sizes[i], hidden_size, dropout=stack.layer_dropouts[i],
+                rnn_dropout=rnn_dropout, bidirectional=bidirectional,
+                n_proj=stack.layer_projection_sizes[i], use_tanh=use_tanh, layer_norm=layer_norm,
+                highway_bias=highway_bias, has_skip_term=has_skip_term, rescale=rescale, v1=v1,
+                transform_module=module, amp_recurrence_fp16=amp_recurrence_fp16,
+                normalize_after=normalize_after, weight_c_init=weight_c_init))
         self.rnn_lst = nn.ModuleList(layers)
-
-    def reset_parameters(self):
-        for layer in self.rnn_lst:
-            layer.reset_parameters()
-        if self.input_to_hidden is not None:
-            self.input_to_hidden.reset_parameters()
 
     def forward(self, input: Tensor, c0: Optional[Tensor] = None,
                 mask_pad: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        input, mask_pad, lengths = _stack_input(
-            input, c0, mask_pad, self.batch_first, self.input_size, self.num_layers,
-            self.output_size, self.rnn_lst[0].bias.device)
-        h, c = self._forward_time_major(input, c0, mask_pad)
-        if not torch.jit.is_scripting():  # TorchScript takes tensors only
-            if lengths is not None:
-                return pack_padded_sequence(h, lengths, enforce_sorted=False), c
-        if self.batch_first:
-            h = h.transpose(0, 1)
-        return h, c
-
-    def _forward_time_major(self, input: Tensor, c0: Optional[Tensor],
-                            mask_pad: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        """The layers over time-major input already checked by ``_stack_input``."""
-        prev = input
-        if self.input_to_hidden is not None:
-            prev = self.input_to_hidden(input) if torch.jit.is_scripting() else \
-                cpu_gemm.apply_linear(self.input_to_hidden, input)
+        input, mask_pad, lengths = self._stack_input(input, c0, mask_pad)
+        prev = self._first_layer_input(input)
         finals: List[Tensor] = []
         for i, layer in enumerate(self.rnn_lst):
             prev, c = layer._forward_time_major(prev, None if c0 is None else c0[i], mask_pad)
             finals.append(c)
-        return prev, _stack_final_c(finals, self.nn_rnn_compatible_return, self.hidden_size)
+        return self._stack_output(prev, finals, lengths)
 
     def extra_repr(self):
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"

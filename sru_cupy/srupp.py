@@ -51,11 +51,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.nn.utils.rnn import pack_padded_sequence
 
 from . import cpu_gemm
-from .modules import (SRUCell, _check_positive_int, _check_probability, _shape, _stack_final_c,
-                      _stack_input)
+from .layout import StackLayout, check_positive_int, check_probability, num_matrices
+from .modules import LayerStack, SRUCell, format_shape
 
 __all__ = ["SRUppProjectedLinear", "SRUppAttention", "SRUppCell", "SRUpp"]
 
@@ -70,9 +69,9 @@ class SRUppProjectedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, proj_features: int,
                  dropout: float = 0.0, layer_norm: bool = False):
         super().__init__()
-        _check_positive_int(in_features=in_features, out_features=out_features,
+        check_positive_int(in_features=in_features, out_features=out_features,
                             proj_features=proj_features)
-        _check_probability(dropout=dropout)
+        check_probability(dropout=dropout)
         self.in_features = in_features
         self.out_features = out_features
         self.proj_features = proj_features
@@ -119,9 +118,9 @@ class SRUppAttention(nn.Module):
                  rezero_init_alpha: float = 0.0, layer_norm: bool = False,
                  normalize_after: bool = True):
         super().__init__()
-        _check_positive_int(in_features=in_features, out_features=out_features,
+        check_positive_int(in_features=in_features, out_features=out_features,
                             proj_features=proj_features, num_heads=num_heads)
-        _check_probability(dropout=dropout, attn_dropout=attn_dropout)
+        check_probability(dropout=dropout, attn_dropout=attn_dropout)
         if proj_features % num_heads != 0:
             raise ValueError(f"proj_features, num_heads: proj_features must be a multiple of "
                              f"num_heads, got {proj_features} and {num_heads}")
@@ -156,14 +155,14 @@ class SRUppAttention(nn.Module):
                 memory_mask_pad: Optional[Tensor] = None) -> Tensor:
         if input.dim() != 3:
             raise ValueError(f"input: expected rank 3 (L, B, in_features), got shape "
-                             f"{_shape(input.shape)}")
+                             f"{format_shape(input.shape)}")
         L, B = input.shape[0], input.shape[1]
         M = 0
         source = input
         if memory is not None:
             if memory.dim() != 3 or list(memory.shape[1:]) != [B, self.in_features]:
                 raise ValueError(f"memory: expected shape (M, B, in_features) = "
-                                 f"(M, {B}, {self.in_features}), got {_shape(memory.shape)}")
+                                 f"(M, {B}, {self.in_features}), got {format_shape(memory.shape)}")
             M = memory.shape[0]
             source = torch.cat([memory, input], dim=0)
         z = self.linear1(source) if torch.jit.is_scripting() else \
@@ -214,8 +213,8 @@ class SRUppAttention(nn.Module):
                                 f"to block), got {attn_mask.dtype}")
             if list(attn_mask.shape) != [L, M + L]:
                 raise ValueError(f"attn_mask: expected shape (L, M + L) = "
-                                 f"{_shape([L, M + L])} (M memory steps), got "
-                                 f"{_shape(attn_mask.shape)}")
+                                 f"{format_shape([L, M + L])} (M memory steps), got "
+                                 f"{format_shape(attn_mask.shape)}")
             attn_mask = attn_mask.to(dtype)
         if mask_pad is None and (M == 0 or memory_mask_pad is None):
             return attn_mask
@@ -226,7 +225,8 @@ class SRUppAttention(nn.Module):
             else:
                 if list(memory_mask_pad.shape) != [M, B]:
                     raise ValueError(f"memory_mask_pad: expected shape (M, B) = "
-                                     f"{_shape([M, B])}, got {_shape(memory_mask_pad.shape)}")
+                                     f"{format_shape([M, B])}, got "
+                                     f"{format_shape(memory_mask_pad.shape)}")
                 pads.append(memory_mask_pad.to(torch.bool))
         if mask_pad is None:
             pads.append(torch.zeros(L, B, dtype=torch.bool, device=device))
@@ -292,7 +292,7 @@ class SRUppCell(SRUCell):
         return self._forward(input, c0, mask_pad, attn_mask, memory, memory_mask_pad)
 
 
-class SRUpp(nn.Module):
+class SRUpp(LayerStack):
     """A stack of SRU++ layers, with the constructor and forward of ``sru`` 3.0's ``SRUpp``.
 
     forward(input, c0=None, mask_pad=None, attn_mask=None, memory=None, memory_mask_pad=None)
@@ -318,36 +318,25 @@ class SRUpp(nn.Module):
                  attention_last_n_layers: int = -1, rescale: bool = False,
                  nn_rnn_compatible_return: bool = False, proj_input_to_hidden_first: bool = False,
                  weight_c_init: float = 1.0, batch_first: bool = False):
-        super().__init__()
-        _check_positive_int(input_size=input_size, hidden_size=hidden_size, proj_size=proj_size,
-                            num_layers=num_layers,
-                            attention_every_n_layers=attention_every_n_layers)
+        stack = StackLayout(input_size, hidden_size, num_layers, bidirectional=bidirectional,
+                            proj_input_to_hidden_first=proj_input_to_hidden_first,
+                            dropout=dropout)
+        check_positive_int(proj_size=proj_size,
+                           attention_every_n_layers=attention_every_n_layers)
         if attention_every_n_layers != 1 and attention_last_n_layers != -1:
             raise ValueError(f"attention_every_n_layers, attention_last_n_layers: give at most "
                              f"one of them, got {attention_every_n_layers} and "
                              f"{attention_last_n_layers}")
-        self.input_size = input_size
-        self.hidden_size = hidden_size
+        super().__init__(stack, bidirectional, dropout, layer_norm, nn_rnn_compatible_return,
+                         batch_first)
         self.proj_size = proj_size
-        self.output_size = hidden_size * 2 if bidirectional else hidden_size
-        self.num_layers = num_layers
         self.num_heads = num_heads
-        self.dropout = dropout
-        self.bidirectional = bidirectional
-        self.use_layer_norm = layer_norm
-        self.num_directions = 2 if bidirectional else 1
-        self.nn_rnn_compatible_return = nn_rnn_compatible_return
-        self.batch_first = batch_first
         self.rnn_lst = nn.ModuleList()  # registered first: its keys come first in state_dict
-        self.input_to_hidden: Optional[nn.Linear] = None
-        first_input = input_size
-        if proj_input_to_hidden_first and input_size != self.output_size:
-            self.input_to_hidden = nn.Linear(input_size, self.output_size, bias=False)
-            nn.init.xavier_uniform_(self.input_to_hidden.weight)
-            first_input = self.output_size
+        self._add_input_to_hidden(stack)
+        self._reset_input_to_hidden()
         for i in range(num_layers):
-            in_features = first_input if i == 0 else self.output_size
-            out_features = self.output_size * (3 if in_features == self.output_size else 4)
+            in_features = stack.layer_input_sizes[i]
+            out_features = self.output_size * num_matrices(in_features, self.output_size)
             if self.layer_has_attention(i, num_layers, attention_every_n_layers,
                                         attention_last_n_layers):
                 transform = SRUppAttention(in_features, out_features, proj_size,
@@ -357,7 +346,7 @@ class SRUpp(nn.Module):
                 transform = SRUppProjectedLinear(in_features, out_features, proj_size,
                                                  dropout=dropout, layer_norm=attn_layer_norm)
             self.rnn_lst.append(SRUppCell(
-                in_features, hidden_size, dropout=dropout if i + 1 != num_layers else 0.0,
+                in_features, hidden_size, dropout=stack.layer_dropouts[i],
                 bidirectional=bidirectional, layer_norm=layer_norm,
                 normalize_after=normalize_after, highway_bias=highway_bias, rescale=rescale,
                 transform_module=transform, weight_c_init=weight_c_init))
@@ -370,12 +359,8 @@ class SRUpp(nn.Module):
             return num_layers - index <= attention_last_n_layers
         return (index + 1) % attention_every_n_layers == 0
 
-    def __getitem__(self, n: int) -> SRUppCell:
-        return self.rnn_lst[n]
-
-    def reset_parameters(self):
-        for layer in self.rnn_lst:
-            layer.reset_parameters()
+    def _reset_input_to_hidden(self):
+        """Xavier-uniform (as in ``sru`` 3.0), not nn.Linear's default."""
         if self.input_to_hidden is not None:
             nn.init.xavier_uniform_(self.input_to_hidden.weight)
 
@@ -415,10 +400,7 @@ class SRUpp(nn.Module):
                 memory: Optional[List[Optional[Tensor]]] = None,
                 memory_mask_pad: Optional[Tensor] = None
                 ) -> Tuple[Tensor, Tensor, Dict[str, List[Tensor]]]:
-        first = self.rnn_lst[0]
-        input, mask_pad, lengths = _stack_input(input, c0, mask_pad, self.batch_first,
-                                                self.input_size, self.num_layers,
-                                                self.output_size, first.bias.device)
+        input, mask_pad, lengths = self._stack_input(input, c0, mask_pad)
         batch_first = self.batch_first
         if batch_first and memory_mask_pad is not None:
             memory_mask_pad = memory_mask_pad.transpose(0, 1)
@@ -428,10 +410,7 @@ class SRUpp(nn.Module):
                        else type(memory).__name__)
                 raise ValueError(f"memory: expected a list of {self.num_layers} tensors (or None),"
                                  f" one per layer, got {got}")
-        x = input
-        if self.input_to_hidden is not None:
-            x = self.input_to_hidden(input) if torch.jit.is_scripting() else \
-                cpu_gemm.apply_linear(self.input_to_hidden, input)
+        x = self._first_layer_input(input)
         saved_inputs = []
         finals = []
         for i, layer in enumerate(self.rnn_lst):
@@ -442,14 +421,8 @@ class SRUpp(nn.Module):
             x, c = layer._forward_time_major(x, None if c0 is None else c0[i], mask_pad,
                                              attn_mask, memory_i, memory_mask_pad)
             finals.append(c)
-        c_all = _stack_final_c(finals, self.nn_rnn_compatible_return, self.hidden_size)
-        if not torch.jit.is_scripting():  # TorchScript takes tensors only
-            if lengths is not None:
-                return pack_padded_sequence(x, lengths, enforce_sorted=False), c_all, \
-                    {"saved_inputs": saved_inputs}
-        if batch_first:
-            x = x.transpose(0, 1)
-        return x, c_all, {"saved_inputs": saved_inputs}
+        h, c_all = self._stack_output(x, finals, lengths)
+        return h, c_all, {"saved_inputs": saved_inputs}
 
     def extra_repr(self):
         return (f"{self.input_size}, {self.hidden_size}, proj_size={self.proj_size}, "

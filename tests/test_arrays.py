@@ -12,6 +12,7 @@
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -48,6 +49,8 @@ FD_CASES = {
                                      highway_bias=-0.7), {}),
     "k4-rescale": (SRU, dict(input_size=4, hidden_size=2, num_layers=1, rescale=True), {}),
     "projection": (SRU, dict(input_size=6, hidden_size=5, num_layers=2, projection_size=2), {}),
+    "projection-per-layer": (SRU, dict(input_size=6, hidden_size=3, num_layers=2,
+                                       projection_size=[2, 1]), {}),
     "layer-norm-pre": (SRU, dict(input_size=3, hidden_size=3, num_layers=2, layer_norm=True), {}),
     "layer-norm-post-bi": (SRU, dict(input_size=3, hidden_size=2, num_layers=2, layer_norm=True,
                                      normalize_after=True, bidirectional=True), {}),
@@ -152,6 +155,8 @@ TORCH_CASES = {
                              proj_input_to_hidden_first=True, batch_first=True,
                              nn_rnn_compatible_return=True),
     "no-skip": dict(input_size=4, hidden_size=3, num_layers=2, has_skip_term=False),
+    "projection-per-layer": dict(input_size=6, hidden_size=3, num_layers=3,
+                                 projection_size=[2, 0, 1]),
 }
 
 
@@ -212,7 +217,8 @@ def test_torch_state_dict_loads_directly():
         np.testing.assert_array_equal(model32.params[name], value.float().numpy(), err_msg=name)
 
 
-@pytest.mark.parametrize("case", ["bi-layer-norm", "projection-tanh", "v1-bf-i2h-compat"])
+@pytest.mark.parametrize("case", ["bi-layer-norm", "projection-tanh", "v1-bf-i2h-compat",
+                                  "projection-per-layer"])
 def test_matches_torch_sru_loading_array_npz(case, tmp_path):
     """array layer .npz -> torch load_state_dict(strict=True): same outputs and gradients."""
     torch = pytest.importorskip("torch")
@@ -253,6 +259,39 @@ def test_initialisation_recipe_matches_torch():
                 assert np.abs(a).max() <= np.abs(b).max() * 1.05, f"{name} slot {slot}"
         elif name.endswith("weight_c"):
             assert abs(ours[name].std() / ref[name].std() - 1) < 0.2, name
+
+
+def test_projection_size_per_layer():
+    """An int for every layer or one size per layer, each under 2.6's rule (a projection only
+    below min(n_in, output_size)); the list survives save/load; bad values name the argument."""
+    model = SRU(6, 3, num_layers=3, projection_size=(2, 0, 3), seed=0)
+    assert [cell.projection_size for cell in model.rnn_lst] == [2, 0, 0]
+    assert "rnn_lst.0.weight_proj" in model.params and "rnn_lst.1.weight_proj" not in model.params
+    assert model.config["projection_size"] == [2, 0, 3]
+    with pytest.raises(ValueError, match=r"^projection_size: expected an int or one size per "
+                                         r"layer \(num_layers = 3\), got 2 sizes"):
+        SRU(6, 3, num_layers=3, projection_size=[2, 0])
+    with pytest.raises(ValueError, match=r"^projection_size\[2\]: expected an int >= 0"):
+        SRU(6, 3, num_layers=3, projection_size=[2, 0, -1])
+    with pytest.raises(ValueError, match=r"^n_proj: expected an int >= 0"):
+        SRUCell(6, 3, n_proj=1.5)
+
+
+def test_initialisation_follows_the_layout():
+    """Bounds and per-slot scalings of layout.LayerLayout: each slot's largest |w| stays within
+    its bound times its scaling and comes close to it (1920 draws per slot)."""
+    cell = SRUCell(48, 20, dropout=0.2, rnn_dropout=0.1, layer_norm=True, rescale=True,
+                   highway_bias=-1.0, bidirectional=True, dtype="float64", seed=0)
+    layout = cell.layout
+    w = cell.params["weight"].reshape(layout.weight_slots_shape())
+    common = math.sqrt(1 - 0.1) * 0.1 * layout.weight_bound
+    expected = [common * math.sqrt(1 - 0.2), common * math.sqrt(0.5), common * math.sqrt(0.5),
+                common * layout.scale_x]
+    for slot, bound in enumerate(expected):
+        peak = np.abs(w[..., slot]).max()
+        assert 0.99 * bound < peak <= bound * (1 + 1e-12), f"slot {slot}"
+    np.testing.assert_array_equal(cell.params["scale_x"], [layout.scale_x])
+    assert np.abs(cell.params["weight_c"]).max() <= layout.weight_c_bound * layout.weight_c_scale
 
 
 # -- save / load ----------------------------------------------------------------------------------
@@ -377,6 +416,97 @@ def test_torch_tensors_are_accepted_as_inputs():
     np.testing.assert_array_equal(h, model.forward(x)[0])
     grad_x, _, _ = model.backward(cache, torch.ones(5, 2, 4, dtype=torch.float64))
     assert type(grad_x) is np.ndarray
+
+
+# -- empty input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls, kwargs", [
+    (SRU, dict(num_layers=2, bidirectional=True, layer_norm=True, projection_size=2,
+               proj_input_to_hidden_first=True)),
+    (SRU, dict(num_layers=2, layer_norm=True, normalize_after=True, dropout=0.3, rnn_dropout=0.2,
+               batch_first=True)),
+    (SRUCell, dict(bidirectional=True, layer_norm=True)),
+], ids=["sru-bi", "sru-batch-first-dropout", "cell"])
+def test_no_steps_returns_c0_and_its_gradient(cls, kwargs):
+    """L = 0: h (0, B, out), c = c0 (zeros without c0); backward: grad_c0 = grad_c, zero
+    parameter gradients, grad_x empty like x (as the torch layer does)."""
+    model = _perturbed_model(cls, dict(input_size=5, hidden_size=3, **kwargs))
+    x, c0, _ = _inputs(model, L=0, B=2)
+    h, c, cache = model.forward(x, c0, training=True, rng=0)
+    assert h.shape == ((2, 0, model.output_size) if model.batch_first
+                       else (0, 2, model.output_size))
+    np.testing.assert_array_equal(c, c0)
+    grad_c = np.random.default_rng(3).standard_normal(c.shape)
+    grad_x, grad_c0, grads = model.backward(cache, np.zeros(h.shape), grad_c)
+    assert grad_x.shape == x.shape
+    np.testing.assert_array_equal(grad_c0, grad_c)
+    assert set(grads) == set(model.trainable_names())
+    for name, grad in grads.items():
+        assert grad.shape == model.params[name].shape and not grad.any(), name
+    np.testing.assert_array_equal(model.forward(x)[1], np.zeros_like(c0))
+
+
+@pytest.mark.parametrize("cls, kwargs", [
+    (SRU, dict(num_layers=2, bidirectional=True, layer_norm=True, nn_rnn_compatible_return=True)),
+    (SRUCell, dict(n_proj=2, layer_norm=True, normalize_after=True)),
+], ids=["sru-bi-compat", "cell"])
+def test_empty_batch_gives_empty_outputs_and_gradients(cls, kwargs):
+    """B = 0: h (L, 0, out), c with a batch axis of 0; backward gives empty grad_x and grad_c0
+    and zero parameter gradients."""
+    model = _perturbed_model(cls, dict(input_size=5, hidden_size=3, **kwargs))
+    x, c0, _ = _inputs(model, L=4, B=0)
+    h, c, cache = model.forward(x, c0)
+    assert h.shape == (4, 0, model.output_size) and c.size == 0
+    grad_x, grad_c0, grads = model.backward(cache, np.zeros(h.shape), np.zeros(c.shape))
+    assert grad_x.shape == x.shape and grad_c0.shape == c0.shape
+    assert set(grads) == set(model.trainable_names())
+    for name, grad in grads.items():
+        assert grad.shape == model.params[name].shape and not grad.any(), name
+
+
+# -- sru 3.0 checkpoints ---------------------------------------------------------------------------
+# (Against sru 3.0 itself in test_sru_parity.py.)
+
+
+def _as_sru3(state, prefixes):
+    """``state`` in sru 3.0's SRU layout (U's matrices as its transform_module keys)."""
+    state = dict(state)
+    for prefix in prefixes:
+        weight = state.pop(prefix + "weight")
+        if prefix + "weight_proj" in state:
+            state[prefix + "transform_module.0.weight"] = state.pop(prefix + "weight_proj").T
+            state[prefix + "transform_module.1.weight"] = weight.T
+        else:
+            state[prefix + "transform_module.weight"] = weight.T
+    return state
+
+
+def test_sru3_layout_loads():
+    """sru 3.0's keys load (Linear, projected into projected, and projected into a layer that
+    does not project: the product of the two matrices); the same outputs as the source model."""
+    source = _perturbed_model(SRU, dict(input_size=6, hidden_size=3, num_layers=3,
+                                        projection_size=[2, 2, 0]))
+    state = _as_sru3(source.state_dict(), ["rnn_lst.0.", "rnn_lst.1.", "rnn_lst.2."])
+    assert "rnn_lst.1.transform_module.1.weight" in state
+    x, c0, pad = _inputs(source, mask_pad=True)
+    same = SRU(6, 3, num_layers=3, projection_size=[2, 2, 0], dtype="float64", seed=5)
+    same.load_state_dict(state)
+    np.testing.assert_array_equal(same.forward(x, c0, pad)[0], source.forward(x, c0, pad)[0])
+    # layer 1 with projection_size 3 = output_size: no projection here, sru 3.0 projects
+    product = SRU(6, 3, num_layers=3, projection_size=[2, 3, 0], dtype="float64", seed=5)
+    assert product.rnn_lst[1].projection_size == 0
+    product.load_state_dict(state)
+    np.testing.assert_allclose(product.params["rnn_lst.1.weight"],
+                               source.params["rnn_lst.1.weight_proj"]
+                               @ source.params["rnn_lst.1.weight"], rtol=1e-15)
+    np.testing.assert_allclose(product.forward(x, c0, pad)[0], source.forward(x, c0, pad)[0],
+                               rtol=1e-12, atol=1e-13)
+    cell = _perturbed_model(SRUCell, dict(input_size=6, hidden_size=3))
+    with pytest.raises(ValueError, match=r"^transform_module.weight: a checkpoint of sru 3.0 "
+                                         r"without projection does not load into a layer with "
+                                         r"projection_size = 2"):
+        SRUCell(6, 3, n_proj=2).load_state_dict(_as_sru3(cell.state_dict(), [""]))
 
 
 # -- no torch -------------------------------------------------------------------------------------

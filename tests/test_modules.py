@@ -173,6 +173,54 @@ def test_constructor_rejects_bad_values(build, name):
         build()
 
 
+@pytest.mark.parametrize("projection_size", [[3, 0, 4], (3, 0, 4)], ids=["list", "tuple"])
+def test_projection_size_per_layer(projection_size):
+    """One projection size per layer (sru 3.0's form); each layer projects under 2.6's rule (only
+    below min(its input size, output_size)), so layer 2's 4 (= output_size) gives no projection."""
+    m = SRU(9, 4, num_layers=3, projection_size=projection_size)
+    assert [c.projection_size for c in m.rnn_lst] == [3, 0, 0]
+    assert m.rnn_lst[0].weight_proj.shape == (9, 3)
+    assert m.rnn_lst[1].weight_proj is None and m.rnn_lst[2].weight_proj is None
+    assert m.projection_size == projection_size
+    h, c = m(torch.randn(5, 2, 9))
+    assert h.shape == (5, 2, 4) and c.shape == (3, 2, 4)
+    uniform = SRU(9, 4, num_layers=3, projection_size=3)
+    assert [c.projection_size for c in uniform.rnn_lst] == [3, 3, 3]
+
+
+@pytest.mark.parametrize("projection_size, match", [
+    ([3, 2], r"^projection_size: expected an int or one size per layer \(num_layers = 3\), "
+             r"got 2 sizes"),
+    ([3, -1, 2], r"^projection_size\[1\]: expected an int >= 0"),
+    ([3, 2.5, 2], r"^projection_size\[1\]: expected an int >= 0"),
+    (-2, r"^projection_size: expected an int >= 0"),
+    (True, r"^projection_size: expected an int >= 0"),
+    ("3", r"^projection_size: expected an int >= 0 or a list/tuple of 3"),
+])
+def test_projection_size_errors_name_it(projection_size, match):
+    with pytest.raises(ValueError, match=match):
+        SRU(9, 4, num_layers=3, projection_size=projection_size)
+
+
+def test_cell_projection_errors_name_the_argument_given():
+    with pytest.raises(ValueError, match=r"^n_proj: expected an int >= 0"):
+        SRUCell(9, 4, n_proj=-1)
+    with pytest.raises(ValueError, match=r"^projection_size: expected an int >= 0"):
+        SRUCell(9, 4, projection_size=[3])
+
+
+def test_layout_describes_the_parameters():
+    """Each layer's ``layout`` (layout.LayerLayout) names and shapes its parameters and buffer as
+    its state_dict has them (transform module entries aside)."""
+    for cell in [SRUCell(9, 4, n_proj=3, layer_norm=True, bidirectional=True),
+                 SRUCell(5, 4, layer_norm=True, normalize_after=True),
+                 SRUCell(5, 4, custom_m=nn.Linear(5, 16, bias=False))]:
+        state = {k: tuple(v.shape) for k, v in cell.state_dict().items()
+                 if not k.startswith("transform_module.")}
+        assert state == cell.layout.param_shapes()
+        assert list(state) == list(cell.layout.param_shapes())
+
+
 def test_custom_m_replaces_the_gemm():
     cell = SRUCell(5, 4, custom_m=nn.Linear(5, 4 * 4, bias=False))
     assert cell.weight is None and "weight" not in dict(cell.named_parameters())
@@ -237,6 +285,75 @@ def test_state_dict_with_sru_custom_m_keys_loads():
     b.load_state_dict(state, strict=True)
     x = torch.randn(3, 2, 5)
     torch.testing.assert_close(b(x)[0], a(x)[0], rtol=0, atol=0)
+
+
+# -- sru 3.0 checkpoints ---------------------------------------------------------------------------
+# (Against sru 3.0 itself in test_sru_parity.py.)
+
+def _as_sru3(state, prefixes):
+    """``state`` in sru 3.0's SRU layout: the weight (and weight_proj) of each layer (the keys
+    under each of ``prefixes``) as the transform_module Linear (or Sequential of two) of 3.0."""
+    state = dict(state)
+    for prefix in prefixes:
+        weight = state.pop(prefix + "weight")
+        if prefix + "weight_proj" in state:
+            state[prefix + "transform_module.0.weight"] = state.pop(prefix + "weight_proj").t()
+            state[prefix + "transform_module.1.weight"] = weight.t()
+        else:
+            state[prefix + "transform_module.weight"] = weight.t()
+    return state
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_sru3_layout_loads_exactly(assign):
+    """sru 3.0's keys (a Linear, a projecting Sequential) load into weight / weight_proj + weight:
+    the same outputs, bit for bit; with assign=True the parameters are contiguous."""
+    a = _make(SRU, 9, 4, num_layers=2, projection_size=[3, 0], layer_norm=True)
+    b = _make(SRU, 9, 4, seed=1, num_layers=2, projection_size=[3, 0], layer_norm=True)
+    state = _as_sru3(a.state_dict(), ["rnn_lst.0.", "rnn_lst.1."])
+    assert "rnn_lst.0.transform_module.0.weight" in state
+    assert "rnn_lst.1.transform_module.weight" in state
+    b.load_state_dict(state, strict=True, assign=assign)
+    assert all(p.is_contiguous() for p in b.parameters())
+    x = torch.randn(5, 3, 9, dtype=F64)
+    torch.testing.assert_close(b(x)[0], a(x)[0], rtol=0, atol=0)
+    torch.testing.assert_close(b(x)[1], a(x)[1], rtol=0, atol=0)
+
+
+def test_sru3_projection_into_a_layer_without_one_loads_the_product():
+    """sru 3.0 projects for any projection_size > 0; 2.6's rule (ours) only below min(n_in, out):
+    a layer built with projection_size=6 > out = 4 gets weight = W0^T W1^T, the same U."""
+    torch.manual_seed(0)
+    n_in, out, k, p = 9, 4, 4, 6
+    first = torch.randn(p, n_in, dtype=F64)  # 3.0's transform_module.0.weight
+    second = torch.randn(out * k, p, dtype=F64)  # transform_module.1.weight
+    ours = _make(SRUCell, n_in, out, n_proj=p)
+    assert ours.weight_proj is None
+    state = {name: v for name, v in ours.state_dict().items() if name != "weight"}
+    state.update({"transform_module.0.weight": first, "transform_module.1.weight": second})
+    ours.load_state_dict(state, strict=True)
+    x = torch.randn(5, 3, n_in, dtype=F64)
+    torch.testing.assert_close(ours.compute_U(x), x @ first.t() @ second.t(), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_sru3_linear_into_a_projecting_layer_is_an_error():
+    a = _make(SRUCell, 9, 4)
+    b = _make(SRUCell, 9, 4, n_proj=3)
+    state = _as_sru3(a.state_dict(), [""])
+    with pytest.raises(RuntimeError, match=r"transform_module.weight: a checkpoint of sru 3.0 "
+                                           r"without projection does not load into a layer with "
+                                           r"projection_size = 3"):
+        b.load_state_dict(state)
+
+
+def test_sru3_keys_of_a_layer_with_its_own_transform_module_are_its_own():
+    """A layer with a transform module keeps ``transform_module.*`` for that module."""
+    a = _make(SRUCell, 5, 4, transform_module=nn.Linear(5, 16, bias=False))
+    b = _make(SRUCell, 5, 4, seed=1, transform_module=nn.Linear(5, 16, bias=False))
+    b.load_state_dict(a.state_dict(), strict=True)
+    torch.testing.assert_close(b.transform_module.weight, a.transform_module.weight)
+    assert b.weight is None
 
 
 # -- layouts ---------------------------------------------------------------------------------------

@@ -12,12 +12,14 @@ CPU extension with torch.utils.cpp_extension (needs ninja and a C++ compiler) at
 
 import inspect
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 import sru_cupy
 from parity_helpers import assert_close, padding_mask, perturb
+from sru3_child import run_oracle
 
 with warnings.catch_warnings():
     # sru 2.6 warns at import that its CUDA kernels could not be compiled (no CUDA here).
@@ -324,3 +326,124 @@ def test_custom_m_returning_u_and_v_parity(name, mask):
     mask_pad = padding_mask([L, 2, 5], L) if mask else None
     _compare(oracle, ours, x, c0, mask_pad, dtype, (L, B, out), c_shape,
              oracle_names=lambda name: name.replace("custom_m.", "transform_module."))
+
+
+# -- sru 3.0.0.dev6 checkpoints --------------------------------------------------------------------
+# sru 3.0's SRU keeps U's matrices in transform_module (a Linear, or a Sequential of two for any
+# projection_size > 0); its state_dict loads into sru_cupy.SRU and arrays.SRU. sru 3.0 runs in a
+# child process (sru3_child.py) with sru3_oracle.py; compared in float64.
+
+SRU3_CONFIGS = {
+    # k = 4 then 3, transform_module.weight (out*k, n_in)
+    "linear-bi-ln": dict(args=[5, 4], kwargs=dict(num_layers=2, bidirectional=True,
+                                                  layer_norm=True, rescale=True,
+                                                  highway_bias=-1.0),
+                         L=6, B=3, lengths=[6, 2, 4], c0=True, seed=11),
+    # projected in both: transform_module.0/.1 -> weight_proj + weight
+    "projected": dict(args=[9, 6], kwargs=dict(num_layers=2, projection_size=3,
+                                               normalize_after=True, layer_norm=True),
+                      L=5, B=2, lengths=None, c0=True, seed=12),
+    # per layer: projected into weight_proj + weight, projected where sru_cupy (2.6's rule) does
+    # not project (the product loads into weight), and a Linear
+    "per-layer": dict(args=[6, 4], kwargs=dict(num_layers=3, projection_size=[2, 4, 0],
+                                               proj_input_to_hidden_first=True,
+                                               nn_rnn_compatible_return=True),
+                      L=4, B=3, lengths=[4, 1, 3], c0=False, seed=13),
+    "product-noskip-v1-tanh": dict(args=[5, 4], kwargs=dict(num_layers=1, projection_size=4,
+                                                            has_skip_term=False, v1=True,
+                                                            use_tanh=True),
+                                   L=5, B=2, lengths=None, c0=True, seed=14),
+}
+SRU3_ORACLE = Path(__file__).with_name("sru3_oracle.py")
+
+
+@pytest.fixture(scope="module")
+def sru3_oracle(tmp_path_factory):
+    return run_oracle(SRU3_ORACLE, SRU3_CONFIGS, tmp_path_factory.mktemp("sru3_oracle"))
+
+
+def _loaded_from_sru3(config, state):
+    config = SRU3_CONFIGS[config] if isinstance(config, str) else config
+    ours = sru_cupy.SRU(*config["args"], **config["kwargs"]).double()
+    ours.load_state_dict(state, strict=True)
+    return ours
+
+
+def _sru3_names(ours, state):
+    """{our parameter name: (sru 3.0's name, whether transposed)}; the weight of a layer that
+    loaded the product of 3.0's two matrices has no counterpart and is left out."""
+    names = {name: (name, False) for name, _ in ours.named_parameters()}
+    for i, layer in enumerate(ours.rnn_lst):
+        prefix = f"rnn_lst.{i}."
+        if layer.weight_proj is not None:
+            names[prefix + "weight_proj"] = (prefix + "transform_module.0.weight", True)
+            names[prefix + "weight"] = (prefix + "transform_module.1.weight", True)
+        elif prefix + "transform_module.weight" in state:
+            names[prefix + "weight"] = (prefix + "transform_module.weight", True)
+        else:
+            del names[prefix + "weight"]
+    return names
+
+
+@pytest.mark.parametrize("name", list(SRU3_CONFIGS))
+def test_sru3_checkpoint_loads_and_matches(sru3_oracle, name):
+    """sru 3.0's state_dict loads with strict=True; h, c and the gradients of the input, c0 and
+    every parameter with a counterpart equal sru 3.0's."""
+    case = sru3_oracle["cases"][name]
+    ours = _loaded_from_sru3(name, case["state"])
+    ours.train()
+    inputs, theirs = case["inputs"], case["outputs"]
+    x = inputs["x"].clone().requires_grad_(True)
+    c0 = None if inputs["c0"] is None else inputs["c0"].clone().requires_grad_(True)
+    h, c = ours(x, c0, mask_pad=inputs["mask_pad"])
+    ((h * inputs["weight_h"]).sum() + (c * inputs["weight_c"]).sum()).backward()
+    assert_close(h.detach(), theirs["h"], "h", torch.float64)
+    assert_close(c.detach(), theirs["c"], "c", torch.float64)
+    assert_close(x.grad, theirs["grad_x"], "grad of input", torch.float64)
+    if c0 is not None:
+        assert_close(c0.grad, theirs["grad_c0"], "grad of c0", torch.float64)
+    names = _sru3_names(ours, case["state"])
+    for name, param in ours.named_parameters():
+        if name not in names:
+            continue
+        their_name, transposed = names[name]
+        if param.grad is None:  # frozen (weight_c with v1)
+            assert their_name not in theirs["grad_params"], f"{name}: sru 3.0 has a gradient"
+        else:
+            grad = param.grad.t() if transposed else param.grad
+            assert_close(grad, theirs["grad_params"][their_name], f"grad of {name}",
+                         torch.float64)
+    assert theirs["grad_x"].abs().sum() > 0
+
+
+def test_sru3_checkpoints_use_every_conversion(sru3_oracle):
+    """The configurations exercise each key conversion: Linear, projected into projected, and
+    projected into a layer that does not project (the product)."""
+    kinds = set()
+    for name, case in sru3_oracle["cases"].items():
+        ours = sru_cupy.SRU(*SRU3_CONFIGS[name]["args"], **SRU3_CONFIGS[name]["kwargs"])
+        for i, layer in enumerate(ours.rnn_lst):
+            linear = f"rnn_lst.{i}.transform_module.weight" in case["state"]
+            projected = f"rnn_lst.{i}.transform_module.0.weight" in case["state"]
+            assert linear != projected, f"{name}, layer {i}"
+            kinds.add("linear" if linear else
+                      "projected" if layer.weight_proj is not None else "product")
+    assert kinds == {"linear", "projected", "product"}
+
+
+@pytest.mark.parametrize("name", list(SRU3_CONFIGS))
+def test_sru3_checkpoint_loads_into_array_sru(sru3_oracle, name):
+    """The array SRU (float64) loads sru 3.0's state_dict too: its h, c and input gradient equal
+    sru 3.0's."""
+    from sru_cupy import arrays
+    case = sru3_oracle["cases"][name]
+    config = SRU3_CONFIGS[name]
+    model = arrays.SRU(*config["args"], **config["kwargs"], dtype="float64")
+    model.load_state_dict(case["state"], strict=True)
+    inputs, theirs = case["inputs"], case["outputs"]
+    numpy = {key: None if value is None else value.numpy() for key, value in inputs.items()}
+    h, c, cache = model.forward(numpy["x"], numpy["c0"], numpy["mask_pad"], training=True)
+    assert_close(torch.from_numpy(h), theirs["h"], "h", torch.float64)
+    assert_close(torch.from_numpy(c), theirs["c"], "c", torch.float64)
+    grad_x, _, _ = model.backward(cache, numpy["weight_h"], numpy["weight_c"])
+    assert_close(torch.from_numpy(grad_x), theirs["grad_x"], "grad of input", torch.float64)

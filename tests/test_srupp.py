@@ -590,6 +590,41 @@ def test_bad_constructor_arguments_name_the_argument(argument):
         BAD_CONSTRUCTORS[argument]()
 
 
+def test_dropout_is_checked_by_the_stack():
+    with pytest.raises(ValueError, match=r"^dropout: expected a probability in \[0, 1\)"):
+        SRUpp(4, 4, 4, num_layers=1, dropout=1.5)
+
+
+def test_srupp_imports_no_private_name_of_another_module():
+    """srupp.py builds on modules.py and layout.py through their public names only."""
+    import ast
+    import inspect
+
+    from sru_cupy import srupp
+    private = [f"from .{node.module} import {alias.name}"
+               for node in ast.walk(ast.parse(inspect.getsource(srupp)))
+               if isinstance(node, ast.ImportFrom) and node.level > 0
+               for alias in node.names if alias.name.startswith("_")]
+    assert not private
+
+
+def test_stack_shares_sru_layer_access_and_reset():
+    """SRUpp and SRU share their stack base: layer access and reset_parameters (SRUpp's
+    input_to_hidden is re-drawn Xavier-uniform, as in sru 3.0)."""
+    from sru_cupy.modules import SRU, LayerStack
+    model = SRUpp(5, 4, 4, num_layers=2, proj_input_to_hidden_first=True)
+    assert isinstance(model, LayerStack) and issubclass(SRU, LayerStack)
+    assert model[1] is model.rnn_lst[1]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(3)
+    model.reset_parameters()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert "input_to_hidden.weight" in changed and "rnn_lst.0.weight_c" in changed
+    bound = math.sqrt(6 / (5 + 4))  # Xavier-uniform, not nn.Linear's 1/sqrt(5)
+    weight = model.input_to_hidden.weight
+    assert weight.abs().max() <= bound and weight.abs().max() > 1 / math.sqrt(5)
+
+
 # -- CUDA ------------------------------------------------------------------------------------------
 
 def _need_cuda():

@@ -1,8 +1,7 @@
 """Parity of ``sru_cupy.SRUpp`` with ``sru`` 3.0.0.dev6's (the only other SRU++ implementation).
 
-``sru`` 3.0 cannot be imported beside the ``sru`` 2.6 of the test extra, so it is installed into a
-folder of its own (``make venv`` puts it in ``.venv/sru3``; otherwise the first run here installs
-it there with pip) and runs in a child process (``srupp_oracle.py``), which saves, for each
+``sru`` 3.0 cannot be imported beside the ``sru`` 2.6 of the test extra, so it runs from a folder
+of its own in a child process (sru3_child.py) with ``srupp_oracle.py``, which saves, for each
 configuration, its initial and perturbed state_dict, the inputs, the outputs and every gradient
 (float64, CPU; its CPU training path is a plain PyTorch loop). Here the perturbed state_dict is
 loaded into ``sru_cupy.SRUpp`` with ``strict=True`` and everything is compared.
@@ -13,60 +12,20 @@ placement, proj_input_to_hidden_first, layer norm before and after, rescale, alp
 """
 
 import inspect
-import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import sru_cupy
-from child_env import REPO, child_env
 from parity_helpers import assert_close
+from sru3_child import run_oracle
 from srupp_oracle import run_case
 
-SRU3_VERSION = "3.0.0.dev6"
 ORACLE = Path(__file__).with_name("srupp_oracle.py")
 CONFIG_SEED = 0
 CONFIG_COUNT = 12
-
-
-# -- the oracle's installation ---------------------------------------------------------------------
-
-def _is_sru3(folder):
-    version = Path(folder) / "sru" / "version.py"
-    return version.is_file() and SRU3_VERSION in version.read_text()
-
-
-def sru3_folder():
-    """The folder holding sru 3.0.0.dev6: $SRU_CUPY_SRU3_DIR, <venv>/sru3 (make venv) or
-    .venv/sru3 in the checkout; installed into the last with pip when none has it."""
-    candidates = [os.environ.get("SRU_CUPY_SRU3_DIR"), os.path.join(sys.prefix, "sru3"),
-                  str(REPO / ".venv" / "sru3")]
-    for folder in candidates:
-        if folder and _is_sru3(folder):
-            return folder
-    target = REPO / ".venv" / "sru3"
-    partial = target.with_name(f"sru3.partial-{os.getpid()}")
-    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
-               str(partial), "--pre", f"sru=={SRU3_VERSION}"]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        result = None
-    if result is None or result.returncode != 0 or not _is_sru3(partial):
-        why = "timed out" if result is None else (result.stderr.strip().splitlines() or ["?"])[-1]
-        pytest.skip(f"the SRU++ parity oracle sru {SRU3_VERSION} is not installed and pip could "
-                    f"not install it ({why}); run make venv, or pip install --no-deps --target "
-                    f".venv/sru3 --pre sru=={SRU3_VERSION}")
-    try:
-        os.replace(partial, target)  # atomic; another process may have won the race
-    except OSError:
-        pass
-    return str(target) if _is_sru3(target) else str(partial)
 
 
 # -- the configurations ----------------------------------------------------------------------------
@@ -165,18 +124,8 @@ def test_drawn_configurations_cover_every_option():
 
 @pytest.fixture(scope="module")
 def oracle(tmp_path_factory):
-    folder = sru3_folder()
-    work = tmp_path_factory.mktemp("srupp_oracle")
     configs = dict(CONFIGS, **{"fully-masked": FULLY_MASKED})
-    (work / "configs.json").write_text(json.dumps(configs))
-    bin_dir = os.path.dirname(sys.executable)  # ninja, which sru's JIT extension build needs
-    env = child_env(TORCH_EXTENSIONS_DIR=os.path.join(folder, "torch_extensions"),
-                    PATH=os.pathsep.join([bin_dir, os.environ.get("PATH", "")]))
-    result = subprocess.run([sys.executable, str(ORACLE), folder, str(work / "configs.json"),
-                             str(work / "out.pt")], capture_output=True, text=True, env=env,
-                            timeout=900)
-    assert result.returncode == 0, f"the sru {SRU3_VERSION} oracle failed:\n{result.stderr}"
-    return torch.load(work / "out.pt", weights_only=True)
+    return run_oracle(ORACLE, configs, tmp_path_factory.mktemp("srupp_oracle"))
 
 
 def _ours(config, state=None):
