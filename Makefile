@@ -39,8 +39,9 @@ $(VENV_STAMP): setup.cfg pyproject.toml
 	# pynvrtc 9.2 is a yanked sdist (so pinned exactly) whose build needs wheel.
 	$(VENV_PIP) install --no-build-isolation pynvrtc==9.2
 	$(VENV_PIP) install -e '.[test,torch,examples,bench]'
-	# The SRU++ parity oracle, sru 3.0.0.dev6, in a folder of its own (it cannot sit beside the
-	# sru 2.6 of the test extra); tests/test_srupp_parity.py runs it in a child process.
+	# The sru 3.0.0.dev6 parity oracle (SRU++ and 3.0's SRU checkpoints), in a folder of its own
+	# (it cannot sit beside the sru 2.6 of the test extra); tests/test_srupp_parity.py and
+	# tests/test_sru_parity.py run it in a child process (tests/sru3_child.py).
 	$(VENV_PIP) install --upgrade --no-deps --target $(VENV)/sru3 --pre sru==3.0.0.dev6
 	touch $@
 
