@@ -54,6 +54,8 @@ def _python(code, env, timeout=240, with_stderr=False, python=sys.executable, cw
 
 #: Makes the ziglang wheel unimportable in a child process (put first in its code).
 _HIDE_ZIGLANG = "import sys; sys.modules['ziglang'] = None\n"
+#: The shape of the ziglang wheel's command (host._ziglang_command), in some virtual environment.
+FAKE_ZIG = ["/some/venv/lib/python3.11/site-packages/ziglang/zig", "c++"]
 BUILD_NOTICE = "compiling the CPU kernels (once per machine)"
 
 
@@ -245,7 +247,7 @@ def test_no_compiler_library_raises_and_numpy_arrays_fall_back(tmp_path, how):
 
 def test_find_compiler_prefers_cxx(tmp_path, monkeypatch):
     fake = _script(tmp_path / "my-cxx", "exit 0\n")
-    monkeypatch.setattr(host, "_ziglang_importable", lambda: True)
+    monkeypatch.setattr(host, "_ziglang_command", lambda: FAKE_ZIG)
     monkeypatch.setenv("CXX", str(fake))
     assert host.find_compiler() == str(fake)
     assert host.compiler_command() == [str(fake)]
@@ -274,7 +276,7 @@ def test_found_compiler_is_kept_while_it_exists(tmp_path, monkeypatch):
     assert searches == ["c++", "g++"]  # one search, then the kept path
     assert host.available()
     gxx.unlink()
-    monkeypatch.setattr(host, "_ziglang_importable", lambda: False)
+    monkeypatch.setattr(host, "_ziglang_command", lambda: None)
     assert not host.available()  # the kept one has gone, and there is no other
     clang = _script(bin_dir / "clang++", "exit 0\n")
     assert host.find_compiler() == str(clang)  # searched again
@@ -284,13 +286,12 @@ def test_found_compiler_is_kept_while_it_exists(tmp_path, monkeypatch):
 @pytest.mark.parametrize("ziglang", [True, False], ids=["ziglang", "no-ziglang"])
 def test_ziglang_is_the_last_resort(tmp_path, monkeypatch, ziglang):
     """With no $CXX: a compiler on PATH first, else ziglang (when importable), else none."""
-    monkeypatch.setattr(host, "_ziglang_importable", lambda: ziglang)
+    monkeypatch.setattr(host, "_ziglang_command", lambda: FAKE_ZIG if ziglang else None)
     monkeypatch.delenv("CXX", raising=False)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     monkeypatch.setenv("PATH", str(bin_dir))
-    zig = [sys.executable, "-m", "ziglang", "c++"]
-    assert host.compiler_command() == (zig if ziglang else None)
+    assert host.compiler_command() == (FAKE_ZIG if ziglang else None)
     assert host.available() is ziglang
     gxx = _script(bin_dir / "g++", "exit 0\n")
     assert host.compiler_command() == [str(gxx)]
@@ -300,8 +301,8 @@ def test_ziglang_builds_for_the_chosen_isa_with_threads_and_a_venv_independent_k
     """ziglang has no OpenMP (not probed: std::thread workers, -pthread), is told the instruction
     set (zig would target the build machine's CPU, past what the cache key names): the CPU's, or
     the baseline one when $SRU_CUPY_HOST_ISA says so; and is named in the cache key by its
-    version, not by the interpreter that runs it."""
-    zig = [sys.executable, "-m", "ziglang", "c++"]
+    version, not by the virtual environment that holds it."""
+    zig = FAKE_ZIG
     flags = host.compiler_flags(zig)
     assert "-fopenmp" not in flags and "-pthread" in flags, flags
     mcpu = [flag for flag in flags if flag.startswith("-mcpu=")]
@@ -311,14 +312,18 @@ def test_ziglang_builds_for_the_chosen_isa_with_threads_and_a_venv_independent_k
     assert [flag for flag in flags if flag.startswith("-m")] == ["-mcpu=baseline"], flags
     for flag in ("-O3", "-std=c++17", "-shared", "-fPIC"):
         assert flag in flags, flags
-    assert host._compiler_identity(zig) == host._compiler_identity(["/other/venv/python", *zig[1:]])
+    assert host._compiler_identity(zig) == host._compiler_identity(
+        ["/other/venv/lib/python3.12/site-packages/ziglang/zig", "c++"])
     assert host._compiler_identity(zig) == host.ZIGLANG
     assert host._compiler_identity(["/usr/bin/g++"]) == "/usr/bin/g++"
-    if host._ziglang_importable():
+    assert host._compiler_identity(["/usr/bin/ccache", "g++"]) == "/usr/bin/ccache g++"
+    installed = host._ziglang_command()
+    if installed is not None:
         import importlib.metadata
-        assert host._compiler_version(zig) == "zig " + importlib.metadata.version("ziglang")
-        assert host.compiler_description(zig) == (f"the ziglang wheel's clang "
-                                                  f"({host._compiler_version(zig)})")
+        assert host._is_ziglang(installed)
+        assert host._compiler_version(installed) == "zig " + importlib.metadata.version("ziglang")
+        assert host.compiler_description(installed) == (f"the ziglang wheel's clang "
+                                                        f"({host._compiler_version(installed)})")
 
 
 # -- the kernel table --------------------------------------------------------------------------
@@ -707,6 +712,7 @@ def test_compiler_facts_are_probed_once_and_kept_in_the_cache(tmp_path, monkeypa
 
     monkeypatch.setattr(host, "_compiler_info", {})  # a new process: facts from the cache
     monkeypatch.setattr(host.subprocess, "run", no_process)
+    monkeypatch.setattr(host.subprocess, "Popen", no_process)
     assert host._compiler_facts([str(compiler)]) == facts
     monkeypatch.undo()
     monkeypatch.setenv("SRU_CUPY_CACHE_DIR", str(tmp_path / "cache"))
@@ -714,8 +720,9 @@ def test_compiler_facts_are_probed_once_and_kept_in_the_cache(tmp_path, monkeypa
     info = compiler.stat()
     os.utime(compiler, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))  # a changed compiler
     probes = []
-    real_run = subprocess.run
-    monkeypatch.setattr(host.subprocess, "run", lambda *a, **k: probes.append(a) or real_run(*a, **k))
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(host.subprocess, "Popen",
+                        lambda *a, **k: probes.append(a) or real_popen(*a, **k))
     assert host._compiler_facts([str(compiler)]) == facts and probes
 
 
@@ -847,7 +854,7 @@ def test_kernels_built_by_ziglang_match_the_reference(tmp_path, ziglang_cache):
     assert "skipped" not in summary and "failed" not in summary, summary
     records = [json.loads(p.read_text()) for p in sorted((ziglang_cache / "host").glob("*.json"))]
     assert len(records) == 1, records  # one library: the host's columns per thread
-    assert records[0]["compiler"][1:] == ["-m", "ziglang", "c++"], records[0]
+    assert host._is_ziglang(records[0]["compiler"]), records[0]
     assert "-fopenmp" not in records[0]["flags"] and "-pthread" in records[0]["flags"]
 
 
@@ -922,8 +929,9 @@ def test_fresh_venv_plain_install_falls_back_and_cpu_extra_compiles(wheel, tmp_p
 
     pip_install(f"{wheel}[cpu]")
     compiled, stderr = run()
-    assert compiled["compiler"][1:] == ["-m", "ziglang", "c++"], compiled["compiler"]
-    assert Path(compiled["compiler"][0]).parent == python.parent, compiled["compiler"]
+    assert host._is_ziglang(compiled["compiler"]), compiled["compiler"]
+    assert Path(compiled["compiler"][0]).resolve().is_relative_to(venv.resolve()), \
+        compiled["compiler"]
     assert len(compiled["libraries"]) == 1, compiled
     assert Path(compiled["libraries"][0]).parent == ziglang_cache / "host"
     assert not [w for w in compiled["warnings"] if "NumPy implementation" in w], compiled["warnings"]
