@@ -47,6 +47,7 @@ import re
 import shlex
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -614,12 +615,43 @@ def _build(command, columns=None, force=False):
     return _build_in(cache.private_dir("host", reason=reason), command, key, source, flags, force)
 
 
+#: Per ELF class (1: 32-bit, 2: 64-bit): the word format, and the offsets of e_phoff (e_shoff
+#: follows), of e_phentsize (e_phnum, e_shentsize, e_shnum follow), of p_offset and of p_filesz.
+_ELF_LAYOUT = {1: ("I", 28, 42, 4, 16), 2: ("Q", 32, 54, 8, 32)}
+
+
+def _truncation(fd):
+    """Why an ELF file cannot be whole (a segment or a header table past its end), or None. The
+    loader maps segments without this check, and touching a page past the end of the file kills
+    the process (SIGBUS) instead of failing the load."""
+    header = os.pread(fd, 64, 0)
+    if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] not in _ELF_LAYOUT:
+        return None  # not ELF (another system's format, or garbage): the loader says why
+    word, tables_at, counts_at, offset_at, filesz_at = _ELF_LAYOUT[header[4]]
+    order = "<" if header[5] == 1 else ">"
+    size = os.fstat(fd).st_size
+    phoff, shoff = struct.unpack_from(order + 2 * word, header, tables_at)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from(order + "HHHH", header, counts_at)
+    if phoff + phentsize * phnum > size or shoff + shentsize * shnum > size:
+        return f"its header tables reach past its end ({size} bytes): it is truncated"
+    table = os.pread(fd, phentsize * phnum, phoff)
+    for entry in range(0, phentsize * phnum, phentsize):
+        offset, = struct.unpack_from(order + word, table, entry + offset_at)
+        filesz, = struct.unpack_from(order + word, table, entry + filesz_at)
+        if offset + filesz > size:
+            return f"a segment reaches past its end ({size} bytes): it is truncated"
+    return None
+
+
 def _load(fd, path):
     """The library of a verified descriptor, loaded from that descriptor where the system names it
     (Linux: /proc/self/fd/N, kept open for the life of the library so that its name stays its
     own), else from its checked path."""
     target = cache.loadable_path(fd, path)
     try:
+        truncated = _truncation(fd)
+        if truncated:
+            raise OSError(f"{path}: {truncated}")
         lib = ctypes.CDLL(target)
     except BaseException:
         os.close(fd)
