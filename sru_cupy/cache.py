@@ -625,7 +625,10 @@ def entries():
     now = time.time()
     listed = []
     for name, (kind, files, source) in sorted(groups.items()):
-        infos = [os.lstat(f) for f in files if os.path.lexists(f)]
+        content = [f for f in files if not f.endswith(".lock")]
+        if not content:  # a lock left without what it locked: clean_stale's (when nobody holds it)
+            kind, source = "lock file", None
+        infos = [os.lstat(f) for f in content or files if os.path.lexists(f)]
         listed.append({
             "name": name, "kind": kind, "files": files,
             "size": sum(i.st_size for i in infos),
