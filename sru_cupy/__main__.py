@@ -5,7 +5,9 @@ Commands:
                that ``$SRU_CUPY_PTX_DIR`` can name (see :mod:`sru_cupy.ptx`)
   info         versions, GPUs, which backend each path uses and why, the kernel cache folders
   bench        SRU vs LSTM, Conv1d and the ``sru`` package; the kernel vs its memory floor
-  clear-cache  empty sru_cupy's kernel cache folder
+  cache        list the kernel cache's entries with sizes and ages; --clear empties it, --prune
+               removes the entries of other kernel source versions and stale files
+  clear-cache  empty sru_cupy's kernel cache folder (as ``cache --clear``)
 
 Adding a command: write ``_add_NAME_arguments(parser)`` and ``_run_NAME(args) -> exit code`` and
 register them in ``COMMANDS``. A command reports a failure the user can act on by raising
@@ -83,8 +85,9 @@ def _run_compile(args):
     from . import cache, ptx
 
     archs = args.arch or list(ptx.DEFAULT_ARCHS)
-    out = args.out or os.path.join(cache.cache_root(), "ptx")
-    manifest = ptx.build(out, archs, libraries=args.nvrtc, cuda=args.cuda)
+    # The default is the private cache's ptx folder, made (mode 0700) and checked as the cache is.
+    out = args.out or cache.cache_dir("ptx")
+    manifest = ptx.build(out, archs, libraries=args.nvrtc, cuda=args.cuda, private=not args.out)
     tools = None if args.no_ptxas else ptx.find_ptxas()
     failed = False
     for arch in sorted(set(archs)):
@@ -136,7 +139,7 @@ def _report_ptxas(ptx, path, arch, entry, tools, required):
 
 
 # ---------------------------------------------------------------------------------------------
-# info, bench, clear-cache
+# info, bench, cache, clear-cache
 
 def _add_info_arguments(parser):
     pass
@@ -178,6 +181,49 @@ def _run_bench(args):
     return 0
 
 
+def _size(size):
+    return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size / 1e3:.1f} kB"
+
+
+def _age(seconds):
+    for unit, length in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= length:
+            return f"{seconds / length:.0f} {unit}"
+    return f"{max(seconds, 0):.0f} s"
+
+
+_STATES = {True: "current kernels", False: "other kernel sources", None: ""}
+
+
+def _add_cache_arguments(parser):
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--clear", action="store_true", help="remove every entry")
+    group.add_argument("--prune", action="store_true",
+                       help="remove the entries of other kernel source versions, stale temporary "
+                            "files and lock files nobody holds")
+
+
+def _run_cache(args):
+    from . import cache
+    root = cache.cache_root()
+    if args.clear:
+        return _run_clear_cache(args)
+    if args.prune:
+        removed = cache.prune()
+        for entry in removed:
+            print(f"removed {entry['name']} ({entry['kind']}, {_size(entry['size'])})")
+        print(f"removed {len(removed)} entries from {root}")
+        return 0
+    entries = cache.entries()
+    total = sum(entry["size"] for entry in entries)
+    print(f"{root}: {len(entries)} entries, {_size(total)}")
+    for entry in entries:
+        state = _STATES[entry["current"]]
+        print(f"  {entry['name']}  {entry['kind']}, {_size(entry['size'])}, {_age(entry['age'])} old"
+              + (f", {state}" if state else ""))
+    return 0
+
+
 def _add_clear_cache_arguments(parser):
     pass
 
@@ -198,6 +244,8 @@ COMMANDS = {
     "info": Command("environment report: versions, GPUs, backends, kernel caches",
                     _add_info_arguments, _run_info),
     "bench": Command("benchmark the SRU layer and its kernels", _add_bench_arguments, _run_bench),
+    "cache": Command("list the kernel cache (sizes, ages); --clear, --prune",
+                     _add_cache_arguments, _run_cache),
     "clear-cache": Command("empty the kernel cache folder", _add_clear_cache_arguments,
                            _run_clear_cache),
 }

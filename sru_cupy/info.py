@@ -114,7 +114,10 @@ def cpu_path():
     """Which implementation runs NumPy arrays and CPU tensors, and how to get the compiled one."""
     from .backends import host
     compiler = host.compiler_description()
+    cxx = os.environ.get("CXX")
     if compiler:
+        # The whole command: with CXX="ccache g++" the compiler that runs is g++, through ccache.
+        compiler += " (from $CXX)" if cxx else ""
         # The CPU's instruction set, as COLUMNS_PER_THREAD is: build_isa would probe the compiler
         # and write its facts into the cache, and the report creates nothing.
         try:
@@ -123,7 +126,6 @@ def cpu_path():
             isa = f"unknown: {exc}"
         return (f"host kernels ({host.COLUMNS_PER_THREAD} columns per thread, instruction set "
                 f"{isa}), compiled with {compiler}")
-    cxx = os.environ.get("CXX")
     why = f"$CXX={cxx} not found" if cxx else "none on PATH, ziglang not installed"
     return (f"no C++ compiler ({why}): NumPy arrays use the vectorized NumPy path, CPU tensors the "
             "vectorized PyTorch path; pip install sru_cupy[cpu] for the compiled kernels")

@@ -15,7 +15,8 @@ instantiation in :func:`sru_cupy.kernels.all_kernel_names` for each architecture
   lowered (mangled) name; plus the source hash (:func:`sru_cupy.kernels.source_hash`) that the PTX
   was built from.
 
-Every file is written atomically; the PTX files come first and the manifest last, so a reader sees
+Every file is written atomically, with explicit modes whatever the umask (0755 folders and 0644 files
+to share; 0700 and 0600 in the private kernel cache); the PTX files come first and the manifest last, so a reader sees
 either the old manifest or a new one whose files are all in place (a PTX file replaced under an old
 manifest is caught by the SHA-256 check). Rebuilding some architectures into a folder whose manifest
 has the same source hash keeps that manifest's other architectures.
@@ -46,18 +47,19 @@ Loading (the CuPy backend, when ``$SRU_CUPY_PTX_DIR`` is set)
     folder = ptx.ptx_dir_from_env()                  # $SRU_CUPY_PTX_DIR, or None
     if folder is not None:
         device_arch = int(device.compute_capability)  # "86" -> 86
-        arch, path, lowered = ptx.load_ptx_for_device(folder, device_arch)
+        arch, path, data, lowered = ptx.read_ptx_for_device(folder, device_arch)
         if driver_release >= ptx.required_driver(folder, arch):  # e.g. (13, 0) >= (13, 0)
             module = cupy.cuda.function.Module()
-            module.load_file(path)
+            module.load(data)  # the checked bytes: the file may change after the check
             function = module.get_function(
                 lowered[kernels.kernel_name("sru_recurrence_forward", "float32", 3)])
 
-:func:`load_ptx` ``(folder, arch)`` returns ``(path, {name expression: lowered name})`` for exactly
-that architecture; :func:`load_ptx_for_device` picks the newest built architecture not above the
-device's (PTX for compute_80 runs on sm_86 and sm_89 through the driver's JIT) and returns
-``(arch, path, names)``. Both raise :class:`PTXManifestError` with what to do when the folder has
-no manifest, was built from other sources (source hash mismatch), lacks the architecture or a
+:func:`read_ptx` ``(folder, arch)`` returns ``(path, PTX bytes, {name expression: lowered
+name})`` for exactly that architecture (:func:`load_ptx` the same without the bytes), read from
+checked descriptors (owner, mode, no link) and hashed as read; :func:`read_ptx_for_device` (and
+:func:`load_ptx_for_device`) picks the newest built architecture not above the device's (PTX for
+compute_80 runs on sm_86 and sm_89 through the driver's JIT). They raise :class:`PTXManifestError`
+with what to do when the folder has no manifest, was built from other sources (source hash mismatch), lacks the architecture or a
 kernel, or a PTX file does not match its recorded SHA-256. :func:`required_driver` gives the
 oldest driver release that loads an architecture's PTX.
 
@@ -85,6 +87,7 @@ import tempfile
 
 from . import kernels
 from .errors import KernelCompileError
+from . import cache
 from .cache import write_atomic
 
 #: Environment variable naming a folder written by :func:`build`, for the CuPy backend to load.
@@ -479,18 +482,41 @@ def _sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def _write_public(path, data):
-    write_atomic(path, data)
-    os.chmod(path, 0o644)  # build outputs to share (mkstemp makes them 0600)
+#: (folder mode, file mode) of a PTX folder to share, and of one in the private kernel cache.
+PUBLIC_MODES = (0o755, 0o644)
+PRIVATE_MODES = (0o700, 0o600)
 
 
-def build(out_dir, archs=DEFAULT_ARCHS, libraries=None, extra_options=(), cuda=None):
+def _make_folders(path, mode):
+    """Creates ``path`` and any missing parent, each with ``mode`` whatever the umask (makedirs
+    would give the parents the umask's mode: group-writable under umask 002)."""
+    path = os.path.abspath(path)
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, mode)
+        except FileExistsError:  # made meanwhile by another process, or a file: the write says
+            continue
+        os.chmod(folder, mode)
+
+
+def build(out_dir, archs=DEFAULT_ARCHS, libraries=None, extra_options=(), cuda=None,
+          private=False):
     """Compiles every instantiation for each architecture and writes the PTX files and manifest
     into ``out_dir``. Returns the manifest (a dict).
 
     The NVRTC for every architecture is chosen (:func:`select_nvrtc`, with ``cuda`` the target
     driver release or None for the default) before anything is compiled, and nothing is written
     unless every architecture compiled. ``libraries`` (libnvrtc paths) replaces the NVRTC search.
+    Folders it creates and the files it writes get explicit modes whatever the umask: readable by
+    everyone (0755/0644, ``PUBLIC_MODES``), or private (0700/0600, ``PRIVATE_MODES``: a folder in
+    the kernel cache).
     """
     archs = sorted({parse_arch(arch) for arch in archs})
     if not archs:
@@ -502,7 +528,8 @@ def build(out_dir, archs=DEFAULT_ARCHS, libraries=None, extra_options=(), cuda=N
     results = [compile_arch(arch, chosen[arch], extra_options) for arch in archs]
 
     source_hash = kernels.source_hash()
-    os.makedirs(out_dir, exist_ok=True)
+    folder_mode, file_mode = PRIVATE_MODES if private else PUBLIC_MODES
+    _make_folders(out_dir, folder_mode)
     manifest = {
         "format": MANIFEST_FORMAT,
         "generator": "sru_cupy.ptx",
@@ -518,7 +545,7 @@ def build(out_dir, archs=DEFAULT_ARCHS, libraries=None, extra_options=(), cuda=N
     for result in results:
         data = result.ptx.encode()
         name = ptx_file_name(result.arch)
-        _write_public(os.path.join(out_dir, name), data)
+        write_atomic(os.path.join(out_dir, name), data, mode=file_mode)
         manifest["archs"][arch_key(result.arch)] = {
             "arch": result.arch,
             "file": name,
@@ -534,7 +561,7 @@ def build(out_dir, archs=DEFAULT_ARCHS, libraries=None, extra_options=(), cuda=N
             "lowered_names": result.lowered_names,
         }
     text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
-    _write_public(os.path.join(out_dir, MANIFEST_FILE), text.encode())
+    write_atomic(os.path.join(out_dir, MANIFEST_FILE), text.encode(), mode=file_mode)
     return manifest
 
 
@@ -549,8 +576,7 @@ def read_manifest(folder):
     """The manifest of a PTX folder (a dict); raises :class:`PTXManifestError` if unreadable."""
     path = os.path.join(folder, MANIFEST_FILE)
     try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
+        manifest = json.loads(cache.read_trusted(path))
     except FileNotFoundError:
         raise PTXManifestError(
             f"{path} not found: {folder!r} is not a PTX folder; build one with "
@@ -575,11 +601,22 @@ def built_archs(folder):
 
 
 def load_ptx(folder, arch):
-    """``(path, {name expression: lowered name})`` of one architecture's PTX in ``folder``.
+    """``(path, {name expression: lowered name})`` of one architecture's PTX in ``folder`` (see
+    :func:`read_ptx`, which also gives the checked bytes: load those, not the path)."""
+    path, _, lowered = read_ptx(folder, arch)
+    return path, lowered
+
+
+def read_ptx(folder, arch):
+    """``(path, PTX bytes, {name expression: lowered name})`` of one architecture's PTX in
+    ``folder``.
 
     Checks that the folder was built from the current kernel sources (source hash), that it holds
-    ``arch`` and every instantiation, and that the PTX file is the one the manifest describes.
-    Raises :class:`PTXManifestError` otherwise.
+    ``arch`` and every instantiation, and that the PTX file is the one the manifest describes: the
+    manifest and the PTX are read from descriptors checked as the kernel cache's files are
+    (:func:`sru_cupy.cache.open_trusted`: a regular file, not a link, owned by this user or root,
+    not writable by group or others), and the SHA-256 is of the bytes returned, so what is loaded
+    is what was checked. Raises :class:`PTXManifestError` otherwise.
     """
     arch = parse_arch(arch)
     manifest = read_manifest(folder)
@@ -600,8 +637,7 @@ def load_ptx(folder, arch):
         raise PTXManifestError(f"{folder!r}: manifest entry sm_{arch} names a bad file {name!r}; {rebuild}")
     path = os.path.abspath(os.path.join(folder, name))
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = cache.read_trusted(path)
     except OSError as exc:
         raise PTXManifestError(f"{path}: cannot read the PTX of sm_{arch} ({exc}); {rebuild}") from None
     if _sha256(data) != entry.get("sha256"):
@@ -610,7 +646,7 @@ def load_ptx(folder, arch):
     missing = [name for name in kernels.all_kernel_names() if name not in lowered]
     if missing:
         raise PTXManifestError(f"PTX in {folder!r} for sm_{arch} lacks {', '.join(missing)}; {rebuild}")
-    return path, lowered
+    return path, data, lowered
 
 
 def required_driver(folder, arch):
@@ -628,6 +664,13 @@ def required_driver(folder, arch):
 def load_ptx_for_device(folder, device_arch):
     """``(arch, path, names)`` for a device of compute capability ``device_arch`` (e.g. 86): the
     newest architecture in ``folder`` not above it, through :func:`load_ptx`."""
+    arch, path, _, names = read_ptx_for_device(folder, device_arch)
+    return arch, path, names
+
+
+def read_ptx_for_device(folder, device_arch):
+    """``(arch, path, PTX bytes, names)`` for a device of compute capability ``device_arch``: the
+    newest architecture in ``folder`` not above it, through :func:`read_ptx`."""
     device_arch = parse_arch(device_arch)
     archs = built_archs(folder)
     fitting = [arch for arch in archs if arch <= device_arch]
@@ -637,8 +680,8 @@ def load_ptx_for_device(folder, device_arch):
             f"PTX in {folder!r} has no architecture a sm_{device_arch} device can run (it has: {have}); "
             f"build it with `python -m sru_cupy compile --arch sm_{device_arch} --out {folder}`")
     arch = fitting[-1]
-    path, names = load_ptx(folder, arch)
-    return arch, path, names
+    path, data, names = read_ptx(folder, arch)
+    return arch, path, data, names
 
 
 # ---------------------------------------------------------------------------------------------

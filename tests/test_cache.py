@@ -11,6 +11,7 @@ builds go through a compiler wrapper (``fast_cxx``) that logs every invocation a
 kernels are counted as the logged invocations that name ``sru_host.cpp``.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -322,13 +323,15 @@ def test_write_atomic_failure_keeps_old_content_and_no_temporary_file(tmp_path, 
 
 @needs_compiler
 @pytest.mark.parametrize("which", ["library", "record"])
-def test_build_failing_mid_write_leaves_no_partial_file_and_recovers(tmp_path, fast_cxx, which):
-    """A build whose write of the library (or of its record) fails half way raises, leaves no file
-    under the final names and no temporary file; the next process builds a working library."""
+def test_build_failing_mid_write_keeps_the_kernels_for_the_process_and_recovers(tmp_path, fast_cxx,
+                                                                                 which):
+    """A build whose write of the library (or of its record) fails half way (a full disk) still
+    gives this process working kernels, with one warning naming the error; it leaves no file under
+    the final names and no temporary file; the next process builds a working library."""
     root = tmp_path / "cache"
     log = tmp_path / "cxx.log"
     code = f"""
-        import json, os
+        import json, os, warnings
         from sru_cupy import cache
         from sru_cupy.backends import host
         real_fdopen = os.fdopen
@@ -349,24 +352,21 @@ def test_build_failing_mid_write_leaves_no_partial_file_and_recovers(tmp_path, f
             finally:
                 os.fdopen = real_fdopen
         host.write_atomic = write_atomic
-        try:
-            host.library()
-        except OSError as error:
-            print(json.dumps({{"error": str(error)}}))
-        else:
-            print(json.dumps({{"error": None}}))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lib = host.library()
+        print(json.dumps({{"count": lib.sru_host_kernel_count(),
+                          "warnings": [str(w.message) for w in caught]}}))
     """
     got, _ = _run(code, _env(root, CXX=fast_cxx, SRU_TEST_CXX_LOG=log))
-    assert got["error"] and "simulated" in got["error"], got
+    assert got["count"] > 0
+    assert len(got["warnings"]) == 1 and "simulated" in got["warnings"][0], got["warnings"]
+    assert "kept for this process only" in got["warnings"][0]
     files = _artifacts(root)
     assert not [f for f in files if ".tmp-" in f], f"temporary files left behind: {files}"
-    if which == "library":
-        assert not [f for f in files if f.endswith(".so")], f"a partial library was left: {files}"
-    else:
-        assert not [f for f in files if f.endswith(".json")], f"a partial record was left: {files}"
+    assert not [f for f in files if f.startswith("host/sru_host_")], f"files were left: {files}"
     result = _load_and_run(root, fast_cxx, log)
-    if which == "record":  # a library without a record is not trusted: rebuilt, with a warning
-        assert len(result["cache_warnings"]) == 1, result["cache_warnings"]
+    assert result["cache_warnings"] == [], result["cache_warnings"]
     assert _compiles(log) == 2
 
 
@@ -582,10 +582,10 @@ def test_refused_cache_folder_still_gives_working_kernels(tmp_path, fast_cxx, pr
 def _unusable(tmp_path, kind):
     if kind == "parent-is-a-file":
         (tmp_path / "file").write_text("x")
-        return tmp_path / "file" / "cache", ["Not a directory"]
+        return tmp_path / "file" / "cache", [f"{tmp_path / 'file'} is not a folder"]
     if kind == "is-a-file":
         (tmp_path / "file").write_text("x")
-        return tmp_path / "file", ["File exists"]
+        return tmp_path / "file", ["it is not a folder"]
     if kind == "under-proc":
         if not os.path.isdir("/proc/self"):
             pytest.skip("no /proc")
@@ -890,3 +890,435 @@ def test_four_spawned_processes_on_a_fresh_shared_cache_build_once(tmp_path, fas
     assert len(_artifacts(root)) == 2, _files(root)
     assert not [f for f in _files(root) if ".tmp-" in f]
     assert _compiles(log) == 1, f"{_compiles(log)} compiles of the kernels for 4 processes"
+
+
+# -- trust: links, path components, what is loaded -------------------------------------------------
+
+
+_CACHE_DIR_TWICE = """
+    import json, os, warnings
+    from sru_cupy import cache
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = cache.cache_dir("host")
+        repoint = os.environ.get("SRU_TEST_REPOINT")
+        if repoint:  # the link is re-pointed once the folder was checked
+            link = os.environ["SRU_CUPY_CACHE_DIR"]
+            os.unlink(link)
+            os.symlink(repoint, link)
+        second = cache.cache_dir("host")
+    print(json.dumps({"first": first, "second": second, "root": cache._fallback_root,
+                      "cache_warnings": [str(w.message) for w in caught
+                                         if issubclass(w.category, cache.CacheWarning)]}))
+"""
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to give a symbolic link to another user")
+def test_symbolic_link_owned_by_another_user_is_refused(tmp_path):
+    """SRU_CUPY_CACHE_DIR names a link that another user owns (under a shared /tmp), pointing at a
+    private folder of ours: the link could be re-pointed after any check, so it is refused."""
+    ours = tmp_path / "ours"
+    ours.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(ours)
+    os.lchown(link, _nobody_uid(), -1)
+    got, _ = _run(_CACHE_DIR_TWICE, _env(link))
+    assert len(got["cache_warnings"]) == 1, got["cache_warnings"]
+    message = got["cache_warnings"][0]
+    assert f"the symbolic link {link} is owned by uid {_nobody_uid()}" in message, message
+    assert got["first"] == got["second"] == os.path.join(got["root"], "host")
+    assert list(ours.iterdir()) == [], "the folder behind the refused link was written to"
+
+
+def test_cache_folder_is_resolved_once_and_used_as_resolved(tmp_path):
+    """A link of ours to a private folder is followed once: the real folder is what cache_dir
+    gives, and re-pointing the link afterwards (to a folder someone else prepared) changes
+    nothing in this process."""
+    ours, other = tmp_path / "ours", tmp_path / "other"
+    ours.mkdir(mode=0o700)
+    other.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(ours)
+    got, _ = _run(_CACHE_DIR_TWICE, _env(link, SRU_TEST_REPOINT=other))
+    assert got["cache_warnings"] == [], got["cache_warnings"]
+    assert got["first"] == got["second"] == str(ours / "host"), got
+    assert not (other / "host").exists()
+
+
+def _component_case(tmp_path, kind):
+    """-> (SRU_CUPY_CACHE_DIR, the reason expected in the warning, or None when it is accepted)."""
+    if kind == "parent-writable-by-others":
+        parent = tmp_path / "shared"
+        parent.mkdir()
+        parent.chmod(0o777)
+        (parent / "cache").mkdir(mode=0o700)  # ours, but anyone can rename it and put another
+        return parent / "cache", f"other users can write to {parent} (mode 777), which holds it"
+    if kind == "grandparent-group-writable":
+        top = tmp_path / "group"
+        (top / "mine" / "cache").mkdir(parents=True)
+        top.chmod(0o770)
+        return top / "mine" / "cache", f"other users can write to {top} (mode 770)"
+    if kind == "sticky-parent":  # as /tmp: only an entry's owner may rename it
+        parent = tmp_path / "sticky"
+        parent.mkdir()
+        parent.chmod(0o1777)
+        return parent / "cache", None
+    if kind == "sticky-parent-other-owner":
+        if not IS_ROOT:
+            pytest.skip("needs root to give a folder to another user")
+        parent = tmp_path / "sticky"
+        parent.mkdir()
+        parent.chmod(0o1777)
+        (parent / "theirs").mkdir(mode=0o755)
+        os.chown(parent / "theirs", _nobody_uid(), -1)
+        return parent / "theirs" / "cache", f"{parent / 'theirs'}, which holds it, is owned by uid"
+    if kind == "ancestor-other-owner":
+        if not IS_ROOT:
+            pytest.skip("needs root to give a folder to another user")
+        top = tmp_path / "theirs"
+        (top / "cache").mkdir(parents=True, mode=0o700)
+        top.chmod(0o755)
+        os.chown(top, _nobody_uid(), -1)
+        return top / "cache", f"{top}, which holds it, is owned by uid {_nobody_uid()}"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["parent-writable-by-others", "grandparent-group-writable",
+                                  "sticky-parent", "sticky-parent-other-owner",
+                                  "ancestor-other-owner"])
+def test_every_component_of_the_cache_path_is_checked(tmp_path, kind):
+    """A private cache folder inside a folder others can write (without the sticky bit) or own
+    can be swapped for another by them: refused. Inside a sticky folder such as /tmp it is
+    accepted when the next component is ours."""
+    configured, reason = _component_case(tmp_path, kind)
+    got, _ = _run(_CACHE_DIR_TWICE, _env(configured))
+    if reason is None:
+        assert got["cache_warnings"] == [], got["cache_warnings"]
+        assert got["first"] == str(configured / "host") and got["root"] is None, got
+        assert stat.S_IMODE(configured.stat().st_mode) == 0o700
+        return
+    assert len(got["cache_warnings"]) == 1, got["cache_warnings"]
+    assert reason in got["cache_warnings"][0], got["cache_warnings"][0]
+    assert got["first"] == os.path.join(got["root"], "host"), got
+
+
+@pytest.mark.parametrize("how", ["group-writable", "other-owner", "symlink"])
+@needs_compiler
+def test_cached_library_others_could_have_written_is_rebuilt_not_loaded(tmp_path, fast_cxx,
+                                                                         pristine, how):
+    """A cached library whose content still matches its record, but which group or others can
+    write, another user owns, or which is a symbolic link (to a file others could change), is not
+    loaded: it is rebuilt, with a warning that says why."""
+    root = tmp_path / "cache"
+    library, record = _copy_pristine(pristine, root)
+    if how == "group-writable":
+        library.chmod(0o660)
+        reason = "other users can write to it"
+    elif how == "other-owner":
+        if not IS_ROOT:
+            pytest.skip("needs root to give a file to another user")
+        os.chown(library, _nobody_uid(), -1)
+        reason = f"owned by uid {_nobody_uid()}"
+    else:
+        elsewhere = tmp_path / "elsewhere.so"
+        shutil.move(library, elsewhere)
+        library.symlink_to(elsewhere)
+        reason = "symbolic link"
+    log = tmp_path / "cxx.log"
+    result = _load_and_run(root, fast_cxx, log)
+    assert len(result["cache_warnings"]) == 1, result["cache_warnings"]
+    assert reason in result["cache_warnings"][0] and "rebuild" in result["cache_warnings"][0]
+    assert _compiles(log) == 1
+    assert library.is_file() and not library.is_symlink()
+    assert stat.S_IMODE(library.stat().st_mode) == 0o600 and library.stat().st_uid == os.geteuid()
+
+
+@needs_compiler
+def test_library_swapped_between_its_check_and_its_load_is_not_loaded(tmp_path, fast_cxx, pristine,
+                                                                      evil_library):
+    """The attacker's best moment: the library is replaced after its hash was checked, right
+    before the loader opens it. The loader gets the checked file (its descriptor), so the
+    substitute's constructor never runs."""
+    root = tmp_path / "cache"
+    library, _ = _copy_pristine(pristine, root)
+    marker = tmp_path / "marker"
+    code = f"""
+        import ctypes, json, os, shutil
+        real_cdll = ctypes.CDLL
+        def swapping_cdll(name, *args, **kwargs):
+            if os.path.exists({str(library)!r}):
+                shutil.copyfile({str(evil_library)!r}, {str(library)!r} + ".new")
+                os.replace({str(library)!r} + ".new", {str(library)!r})
+            return real_cdll(name, *args, **kwargs)
+        ctypes.CDLL = swapping_cdll
+        from sru_cupy.backends import host
+        lib = host.library()
+        print(json.dumps({{"count": lib.sru_host_kernel_count()}}))
+    """
+    log = tmp_path / "cxx.log"
+    got, _ = _run(code, _env(root, CXX=fast_cxx, SRU_TEST_CXX_LOG=log, SRU_TEST_MARKER=marker))
+    assert not marker.exists(), "the library swapped in after the check was loaded"
+    from sru_cupy import kernels  # the real library's table (the substitute says 999)
+    assert got["count"] == len(kernels.all_kernel_names((host.COLUMNS_PER_THREAD,))), got
+    assert _compiles(log) == 0
+
+
+# -- time limits -----------------------------------------------------------------------------------
+
+_HOLD_LOCK = """
+    import fcntl, os, sys, time
+    from sru_cupy import cache
+    from sru_cupy.backends import host
+    key, _, _ = host.library_key(host.compiler_command())
+    lock = os.path.join(cache.cache_dir("host"), f"sru_host_{key[:24]}.so.lock")
+    handle = open(lock, "w")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    handle.write(f"{os.getpid()}\\n"); handle.flush()
+    print(lock, flush=True)
+    time.sleep(600)
+"""
+
+
+@needs_compiler
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
+def test_lock_held_too_long_is_a_clear_error_after_the_lock_timeout(tmp_path, fast_cxx):
+    """Another process holds the build lock and never lets go (a build stuck on a hung file system,
+    a stopped process): a waiting process gives up after $SRU_CUPY_LOCK_TIMEOUT seconds with an
+    error naming the lock file, its holder and the variable, instead of waiting forever."""
+    root = tmp_path / "cache"
+    env = _env(root, CXX=fast_cxx)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_HOLD_LOCK)], env=env,
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        lock = holder.stdout.readline().strip()
+        assert lock.endswith(".lock"), lock
+        code = """
+            import json, time
+            from sru_cupy import cache
+            from sru_cupy.backends import host
+            start = time.monotonic()
+            try:
+                host.library()
+                error = None
+            except cache.LockTimeoutError as exc:
+                error = str(exc)
+            print(json.dumps({"error": error, "waited": time.monotonic() - start}))
+        """
+        got, _ = _run(code, dict(env, SRU_CUPY_LOCK_TIMEOUT="2"), timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert got["error"] is not None, "the build did not give up"
+    for part in (lock, f"held by process {holder.pid}", "SRU_CUPY_LOCK_TIMEOUT", "2 s"):
+        assert part in got["error"], got["error"]
+    assert 1.5 < got["waited"] < 60, got
+
+
+# -- full disk and read-only caches ----------------------------------------------------------------
+
+
+def _mount(*args):
+    if not IS_ROOT or shutil.which("mount") is None:
+        pytest.skip("needs root and mount(8) for a real full or read-only file system")
+    proc = subprocess.run(["mount", *map(str, args)], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        pytest.skip(f"mount is not allowed here: {proc.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def _tiny_file_system(folder, size="64k"):
+    """A tmpfs of ``size`` mounted at ``folder``: a disk too small for a library."""
+    folder.mkdir(mode=0o700)
+    _mount("-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", folder)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], timeout=60, check=True)
+
+
+@contextlib.contextmanager
+def read_only(folder):
+    """``folder`` read-only for this user: a read-only bind mount when running as root (modes do
+    not stop root), else modes without write permission."""
+    if IS_ROOT:
+        _mount("--bind", folder, folder)
+        try:
+            _mount("-o", "remount,ro,bind", folder)
+            yield folder
+        finally:
+            subprocess.run(["umount", str(folder)], timeout=60, check=True)
+        return
+    paths = [folder, *folder.rglob("*")]
+    for path in paths:
+        path.chmod(0o500 if path.is_dir() else 0o400)
+    try:
+        yield folder
+    finally:
+        for path in paths:
+            path.chmod(0o700 if path.is_dir() else 0o600)
+
+
+@needs_compiler
+def test_full_disk_keeps_the_library_in_memory_and_warns_once(tmp_path, fast_cxx):
+    """The cache's disk is full: the build cannot be written (ENOSPC), but this process gets working
+    kernels (kept in memory), with one warning; nothing half-written is left."""
+    log = tmp_path / "cxx.log"
+    with _tiny_file_system(tmp_path / "disk") as disk:
+        root = disk / "cache"
+        result = _load_and_run(root, fast_cxx, log)
+        assert len(result["cache_warnings"]) == 1, result["cache_warnings"]
+        message = result["cache_warnings"][0]
+        assert "No space left on device" in message and "kept for this process only" in message
+        assert not Path(result["path"]).is_relative_to(root), result["path"]
+        assert not [f for f in _files(root) if ".tmp-" in f or f.endswith(".so")], _files(root)
+        assert _compiles(log) == 1
+
+
+def _snapshot(folder):
+    return {f: ((folder / f).stat().st_mtime_ns, (folder / f).stat().st_size) for f in _files(folder)}
+
+
+@needs_compiler
+def test_read_only_cache_loads_a_verified_entry_without_compiling_or_writing(tmp_path, fast_cxx,
+                                                                             pristine):
+    """A pre-built cache made read-only (a shared cache on a cluster, a container layer): its
+    verified library loads with no compile, no write and no warning."""
+    root = tmp_path / "cache"
+    library, _ = _copy_pristine(pristine, root)
+    before = _snapshot(root)
+    log = tmp_path / "cxx.log"
+    with read_only(root):
+        result = _load_and_run(root, fast_cxx, log)
+    assert Path(result["path"]) == library
+    assert result["cache_warnings"] == [], result["cache_warnings"]
+    assert _compiles(log) == 0 and not log.exists(), "a compiler ran"
+    assert _snapshot(root) == before
+
+
+@needs_compiler
+def test_read_only_cache_without_the_entry_builds_privately_with_a_warning(tmp_path, fast_cxx,
+                                                                           pristine):
+    root = tmp_path / "cache"
+    library, record = _copy_pristine(pristine, root)
+    library.unlink()
+    record.unlink()
+    before = _snapshot(root)
+    log = tmp_path / "cxx.log"
+    with read_only(root):
+        result = _load_and_run(root, fast_cxx, log)
+    assert len(result["cache_warnings"]) == 1, result["cache_warnings"]
+    assert "read-only" in result["cache_warnings"][0], result["cache_warnings"][0]
+    _check_private_fallback(result, root)
+    assert _compiles(log) == 1
+    assert _snapshot(root) == before
+
+
+# -- unreadable or unloadable entries --------------------------------------------------------------
+
+
+@needs_compiler
+def test_compiler_record_missing_a_field_is_probed_again(tmp_path, fast_cxx, pristine):
+    """A record of compiler facts that lacks a field (written by another version, or damaged) is
+    treated as absent: the compiler is probed again, no KeyError."""
+    root = tmp_path / "cache"
+    _copy_pristine(pristine, root)
+    [facts_path] = (root / "host").glob("compiler_*.json")
+    record = json.loads(facts_path.read_text())
+    del record["facts"]["isa"]
+    facts_path.write_text(json.dumps(record))
+    log = tmp_path / "cxx.log"
+    result = _load_and_run(root, fast_cxx, log)
+    assert result["cache_warnings"] == [], result["cache_warnings"]
+    assert _compiles(log) == 0  # the library itself was fine
+    assert log.exists(), "the compiler was not probed again"
+    assert "isa" in json.loads(facts_path.read_text())["facts"]
+
+
+@needs_compiler
+def test_library_that_matches_its_record_but_does_not_load_is_rebuilt_once(tmp_path, fast_cxx,
+                                                                            pristine):
+    """A library whose record was written for it but which does not load (truncated, another
+    architecture's) is rebuilt once, with a warning, and then loads."""
+    root = tmp_path / "cache"
+    library, record_path = _copy_pristine(pristine, root)
+    library.write_bytes(library.read_bytes()[:4096])
+    record = json.loads(record_path.read_text())
+    record["sha256"] = hashlib.sha256(library.read_bytes()).hexdigest()
+    record_path.write_text(json.dumps(record))
+    log = tmp_path / "cxx.log"
+    result = _load_and_run(root, fast_cxx, log)
+    assert len(result["cache_warnings"]) == 1, result["cache_warnings"]
+    assert "cannot be loaded" in result["cache_warnings"][0] and "rebuild" in \
+        result["cache_warnings"][0]
+    assert _compiles(log) == 1 and Path(result["path"]) == library
+    assert library.stat().st_size > 4096
+
+
+@needs_compiler
+def test_library_that_never_loads_fails_with_a_clear_error_after_one_rebuild(tmp_path):
+    """A compiler that reports success but writes something that is no library: one rebuild, then
+    an error that names the library, the compiler and the loader's reason."""
+    log = tmp_path / "cxx.log"
+    liar = tmp_path / "liar-cxx"
+    liar.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        case "$*" in
+          *sru_host.cpp*) echo "$@" >> "{log}";
+                          while [ "$#" -gt 1 ]; do shift; done; echo "not a library" > "$1" ;;
+          *) exec "{COMPILER}" "$@" ;;
+        esac
+        """))
+    liar.chmod(0o755)
+    code = """
+        import json, warnings
+        from sru_cupy.backends import host
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                host.library()
+                error = None
+            except RuntimeError as exc:
+                error = str(exc)
+        print(json.dumps({"error": error, "warnings": [str(w.message) for w in caught]}))
+    """
+    got, _ = _run(code, _env(tmp_path / "cache", CXX=liar))
+    assert got["error"] is not None, "no error for a library that does not load"
+    for part in ("cannot be loaded", str(liar), "sru_host_"):
+        assert part in got["error"], got["error"]
+    assert len(got["warnings"]) == 1 and "rebuilding" in got["warnings"][0], got["warnings"]
+    assert _compiles(log) == 2
+
+
+# -- stale files, the cache command, XDG -----------------------------------------------------------
+
+
+@needs_compiler
+def test_a_build_removes_stale_temporaries_and_lock_files_nobody_holds(tmp_path, fast_cxx):
+    root = tmp_path / "cache"
+    host_dir = root / "host"
+    host_dir.mkdir(parents=True, mode=0o700)
+    root.chmod(0o700)
+    stale = host_dir / ".tmp-abc123sru_host_x.so"
+    stale.write_bytes(b"half")
+    old = stale.stat().st_mtime - cache.STALE_SECONDS - 60
+    os.utime(stale, (old, old))
+    fresh = host_dir / ".tmp-def456sru_host_y.so"  # may be another process's write in progress
+    fresh.write_bytes(b"half")
+    (host_dir / "sru_host_0123456789abcdef01234567.so.lock").write_text("")
+    log = tmp_path / "cxx.log"
+    _load_and_run(root, fast_cxx, log)
+    left = _files(root)
+    assert "host/.tmp-abc123sru_host_x.so" not in left, left
+    assert "host/.tmp-def456sru_host_y.so" in left, left
+    assert "host/sru_host_0123456789abcdef01234567.so.lock" not in left, left
+
+
+def test_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
+    """The XDG base-directory spec: a relative $XDG_CACHE_HOME is invalid and must be ignored (it
+    would put the cache wherever the process happens to run)."""
+    monkeypatch.delenv("SRU_CUPY_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    assert cache.cache_root() == str(tmp_path / "home" / ".cache" / "sru_cupy")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.cache_root() == str(tmp_path / "xdg" / "sru_cupy")

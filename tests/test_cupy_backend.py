@@ -60,7 +60,8 @@ class FakeCuda:
         self.capturing = False
         self.compiles, self.loads, self.get_function_calls = [], [], []
         self.compile_hook = None
-        self.load_file_error = None
+        self.ptx_load_error = None  # raised when PTX (not a cubin) is loaded
+        self.before_load = None  # called with nothing as a load starts: the moment of a swap
         self.stream = types.SimpleNamespace(ptr=0x5000)
         fake = self
 
@@ -79,12 +80,20 @@ class FakeCuda:
         class Module:
             def load(self, binary):
                 assert isinstance(binary, bytes)
+                if fake.before_load is not None:
+                    fake.before_load()
+                if fake.ptx_load_error is not None and not binary.startswith(b"CUBIN"):
+                    raise fake.ptx_load_error
                 fake.loads.append(("binary", fake.current, binary))
 
-            def load_file(self, path):
-                if fake.load_file_error is not None:
-                    raise fake.load_file_error
-                fake.loads.append(("file", fake.current, path))
+            def load_file(self, path):  # as the driver does: reads the file when asked to load
+                if fake.before_load is not None:
+                    fake.before_load()
+                with open(path, "rb") as f:
+                    data = f.read()
+                if fake.ptx_load_error is not None and not data.startswith(b"CUBIN"):
+                    raise fake.ptx_load_error
+                fake.loads.append(("file", fake.current, data))
 
             def get_function(self, lowered):
                 fake.get_function_calls.append((fake.current, lowered))
@@ -390,7 +399,8 @@ def test_prebuilt_ptx_is_loaded_when_the_driver_is_new_enough(fake_cupy, tmp_pat
         warnings.simplefilter("error")
         _launch(fake_cupy, 0)
     assert fake_cupy.compiles == []
-    assert fake_cupy.loads == [("file", 0, os.path.join(folder, ptx.ptx_file_name(90)))]
+    assert fake_cupy.loads == [("binary", 0, b"// fake PTX\n")]
+    assert cupy_backend.loaded_from[0] == ("ptx", os.path.join(folder, ptx.ptx_file_name(90)))
     assert cupy_backend._functions[(0, NAMES[0])].lowered == "_ptx_0"
     assert cupy_backend.loaded_from[0][0] == "ptx"
 
@@ -412,7 +422,7 @@ def test_too_old_a_driver_compiles_instead_and_warns_once(fake_cupy, tmp_path, m
 
 def test_ptx_the_driver_refuses_compiles_instead(fake_cupy, tmp_path, monkeypatch):
     monkeypatch.setenv("SRU_CUPY_PTX_DIR", _ptx_folder(tmp_path, "12.0"))
-    fake_cupy.load_file_error = RuntimeError("CUDA_ERROR_UNSUPPORTED_PTX_VERSION")
+    fake_cupy.ptx_load_error = RuntimeError("CUDA_ERROR_UNSUPPORTED_PTX_VERSION")
     with pytest.warns(PTXDriverWarning, match="refused the PTX.*UNSUPPORTED_PTX_VERSION"):
         _launch(fake_cupy, 0)
     assert len(fake_cupy.compiles) == 1 and cupy_backend.loaded_from[0][0] == "nvrtc"
@@ -421,6 +431,112 @@ def test_ptx_the_driver_refuses_compiles_instead(fake_cupy, tmp_path, monkeypatc
 def test_driver_version_reads_cudaDriverGetVersion(fake_cupy):
     fake_cupy.driver = 12040
     assert cupy_backend.driver_version() == (12, 4)
+
+
+# -- trust: what is loaded is what was checked -----------------------------------------------------
+
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def test_ptx_swapped_after_its_check_is_not_loaded(fake_cupy, tmp_path, monkeypatch):
+    """The PTX file is replaced after its SHA-256 was checked, just as the driver is asked to load
+    it: the bytes that were checked are loaded, not the replacement."""
+    folder = _ptx_folder(tmp_path, "13.0")
+    monkeypatch.setenv("SRU_CUPY_PTX_DIR", folder)
+    path = os.path.join(folder, ptx.ptx_file_name(90))
+
+    def swap():
+        with open(path + ".new", "wb") as f:
+            f.write(b"// substituted PTX\n")
+        os.replace(path + ".new", path)
+
+    fake_cupy.before_load = swap
+    _launch(fake_cupy, 0)
+    assert [data for _, _, data in fake_cupy.loads] == [b"// fake PTX\n"], fake_cupy.loads
+    assert cupy_backend.loaded_from[0][0] == "ptx"
+
+
+def _untrusted(path, how):
+    """Makes the file at ``path`` one that must not be loaded."""
+    if how == "group-writable":
+        os.chmod(path, 0o664)
+    elif how == "other-owner":
+        if not IS_ROOT:
+            pytest.skip("needs root to give a file to another user")
+        os.chown(path, 65534, -1)
+    elif how == "symlink":
+        target = path + ".elsewhere"
+        os.replace(path, target)
+        os.symlink(target, path)
+    else:
+        raise AssertionError(how)
+
+
+UNTRUSTED = ["group-writable", "other-owner", "symlink"]
+
+
+@pytest.mark.parametrize("how", UNTRUSTED)
+def test_prebuilt_ptx_that_others_could_have_written_is_refused(fake_cupy, tmp_path, monkeypatch,
+                                                                 how):
+    """A PTX file (matching its manifest) that group or others can write, another user owns, or
+    that is a symbolic link is not loaded: the folder is refused, saying why."""
+    folder = _ptx_folder(tmp_path, "13.0")
+    monkeypatch.setenv("SRU_CUPY_PTX_DIR", folder)
+    _untrusted(os.path.join(folder, ptx.ptx_file_name(90)), how)
+    with pytest.raises(ptx.PTXManifestError, match="cannot read the PTX") as error:
+        _launch(fake_cupy, 0)
+    reason = {"group-writable": "other users can write", "other-owner": "owned by uid 65534",
+              "symlink": "symbolic link"}[how]
+    assert reason in str(error.value)
+    assert fake_cupy.loads == []
+
+
+def _cache_file(arch="90"):
+    names = kernels.all_kernel_names()
+    key = cupy_backend._cache_key(arch, (13, 0), cupy_backend.compile_options(), names)
+    return os.path.join(cache.cache_dir(cupy_backend.CACHE_SUBFOLDER),
+                        f"sru_recurrence.sm_{arch}.{key}.bin")
+
+
+@pytest.mark.parametrize("how", UNTRUSTED)
+def test_cached_binary_that_others_could_have_written_is_compiled_again(fake_cupy, how):
+    """A cache file with a consistent header but a binary nobody here compiled, which group or
+    others can write, another user owns, or that is a symbolic link, is never loaded: the kernels
+    are compiled again (with a warning that says why) and replace it."""
+    path = _cache_file()
+    binary = b"SUBSTITUTED CUBIN"
+    header = {"sha256": hashlib.sha256(binary).hexdigest(),
+              "lowered_names": {n: f"_lowered_{i}" for i, n in enumerate(NAMES)}}
+    with open(path, "wb") as f:
+        f.write(json.dumps(header).encode() + b"\n" + binary)
+    os.chmod(path, 0o600)
+    _untrusted(path, how)
+    with pytest.warns(cache.CacheWarning, match="unusable") as record:
+        _launch(fake_cupy, 0)
+    reason = {"group-writable": "other users can write", "other-owner": "owned by uid 65534",
+              "symlink": "symbolic link"}[how]
+    assert any(reason in str(w.message) for w in record), [str(w.message) for w in record]
+    assert [data for _, _, data in fake_cupy.loads] == [b"CUBIN sm_90"], fake_cupy.loads
+    assert len(fake_cupy.compiles) == 1
+    assert not os.path.islink(path) and os.stat(path).st_mode & 0o077 == 0
+
+
+def test_full_disk_keeps_the_compiled_kernels_for_the_process(fake_cupy, monkeypatch):
+    """Writing the compiled binary fails (no space left): the launch still works with the binary
+    compiled, one warning says the kernels are kept for this process, and nothing half-written
+    is left in the cache."""
+    def no_space(path, data, mode=0o600):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache, "write_atomic", no_space)
+    with pytest.warns(cache.CacheWarning, match="No space left.*kept for this process only"):
+        _launch(fake_cupy, 0)
+        monkeypatch.setattr(cupy_backend, "_modules", {})
+        monkeypatch.setattr(cupy_backend, "_functions", {})
+        _launch(fake_cupy, 1)
+    assert [data for _, _, data in fake_cupy.loads] == [b"CUBIN sm_90", b"CUBIN sm_80"]
+    folder = cache.cache_dir(cupy_backend.CACHE_SUBFOLDER)
+    assert [f for f in os.listdir(folder) if not f.endswith(".lock")] == []
 
 
 # -- on a GPU ---------------------------------------------------------------------------------------

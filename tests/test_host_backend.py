@@ -54,6 +54,8 @@ def _python(code, env, timeout=240, with_stderr=False, python=sys.executable, cw
 
 #: Makes the ziglang wheel unimportable in a child process (put first in its code).
 _HIDE_ZIGLANG = "import sys; sys.modules['ziglang'] = None\n"
+#: The shape of the ziglang wheel's command (host._ziglang_command), in some virtual environment.
+FAKE_ZIG = ["/some/venv/lib/python3.11/site-packages/ziglang/zig", "c++"]
 BUILD_NOTICE = "compiling the CPU kernels (once per machine)"
 
 
@@ -245,7 +247,7 @@ def test_no_compiler_library_raises_and_numpy_arrays_fall_back(tmp_path, how):
 
 def test_find_compiler_prefers_cxx(tmp_path, monkeypatch):
     fake = _script(tmp_path / "my-cxx", "exit 0\n")
-    monkeypatch.setattr(host, "_ziglang_importable", lambda: True)
+    monkeypatch.setattr(host, "_ziglang_command", lambda: FAKE_ZIG)
     monkeypatch.setenv("CXX", str(fake))
     assert host.find_compiler() == str(fake)
     assert host.compiler_command() == [str(fake)]
@@ -274,7 +276,7 @@ def test_found_compiler_is_kept_while_it_exists(tmp_path, monkeypatch):
     assert searches == ["c++", "g++"]  # one search, then the kept path
     assert host.available()
     gxx.unlink()
-    monkeypatch.setattr(host, "_ziglang_importable", lambda: False)
+    monkeypatch.setattr(host, "_ziglang_command", lambda: None)
     assert not host.available()  # the kept one has gone, and there is no other
     clang = _script(bin_dir / "clang++", "exit 0\n")
     assert host.find_compiler() == str(clang)  # searched again
@@ -284,13 +286,12 @@ def test_found_compiler_is_kept_while_it_exists(tmp_path, monkeypatch):
 @pytest.mark.parametrize("ziglang", [True, False], ids=["ziglang", "no-ziglang"])
 def test_ziglang_is_the_last_resort(tmp_path, monkeypatch, ziglang):
     """With no $CXX: a compiler on PATH first, else ziglang (when importable), else none."""
-    monkeypatch.setattr(host, "_ziglang_importable", lambda: ziglang)
+    monkeypatch.setattr(host, "_ziglang_command", lambda: FAKE_ZIG if ziglang else None)
     monkeypatch.delenv("CXX", raising=False)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     monkeypatch.setenv("PATH", str(bin_dir))
-    zig = [sys.executable, "-m", "ziglang", "c++"]
-    assert host.compiler_command() == (zig if ziglang else None)
+    assert host.compiler_command() == (FAKE_ZIG if ziglang else None)
     assert host.available() is ziglang
     gxx = _script(bin_dir / "g++", "exit 0\n")
     assert host.compiler_command() == [str(gxx)]
@@ -300,8 +301,8 @@ def test_ziglang_builds_for_the_chosen_isa_with_threads_and_a_venv_independent_k
     """ziglang has no OpenMP (not probed: std::thread workers, -pthread), is told the instruction
     set (zig would target the build machine's CPU, past what the cache key names): the CPU's, or
     the baseline one when $SRU_CUPY_HOST_ISA says so; and is named in the cache key by its
-    version, not by the interpreter that runs it."""
-    zig = [sys.executable, "-m", "ziglang", "c++"]
+    version, not by the virtual environment that holds it."""
+    zig = FAKE_ZIG
     flags = host.compiler_flags(zig)
     assert "-fopenmp" not in flags and "-pthread" in flags, flags
     mcpu = [flag for flag in flags if flag.startswith("-mcpu=")]
@@ -311,14 +312,18 @@ def test_ziglang_builds_for_the_chosen_isa_with_threads_and_a_venv_independent_k
     assert [flag for flag in flags if flag.startswith("-m")] == ["-mcpu=baseline"], flags
     for flag in ("-O3", "-std=c++17", "-shared", "-fPIC"):
         assert flag in flags, flags
-    assert host._compiler_identity(zig) == host._compiler_identity(["/other/venv/python", *zig[1:]])
+    assert host._compiler_identity(zig) == host._compiler_identity(
+        ["/other/venv/lib/python3.12/site-packages/ziglang/zig", "c++"])
     assert host._compiler_identity(zig) == host.ZIGLANG
     assert host._compiler_identity(["/usr/bin/g++"]) == "/usr/bin/g++"
-    if host._ziglang_importable():
+    assert host._compiler_identity(["/usr/bin/ccache", "g++"]) == "/usr/bin/ccache g++"
+    installed = host._ziglang_command()
+    if installed is not None:
         import importlib.metadata
-        assert host._compiler_version(zig) == "zig " + importlib.metadata.version("ziglang")
-        assert host.compiler_description(zig) == (f"the ziglang wheel's clang "
-                                                  f"({host._compiler_version(zig)})")
+        assert host._is_ziglang(installed)
+        assert host._compiler_version(installed) == "zig " + importlib.metadata.version("ziglang")
+        assert host.compiler_description(installed) == (f"the ziglang wheel's clang "
+                                                        f"({host._compiler_version(installed)})")
 
 
 # -- the kernel table --------------------------------------------------------------------------
@@ -826,6 +831,7 @@ def test_compiler_facts_are_probed_once_and_kept_in_the_cache(tmp_path, monkeypa
 
     monkeypatch.setattr(host, "_compiler_info", {})  # a new process: facts from the cache
     monkeypatch.setattr(host.subprocess, "run", no_process)
+    monkeypatch.setattr(host.subprocess, "Popen", no_process)
     assert host._compiler_facts([str(compiler)]) == facts
     monkeypatch.undo()
     monkeypatch.setenv("SRU_CUPY_CACHE_DIR", str(tmp_path / "cache"))
@@ -833,8 +839,9 @@ def test_compiler_facts_are_probed_once_and_kept_in_the_cache(tmp_path, monkeypa
     info = compiler.stat()
     os.utime(compiler, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))  # a changed compiler
     probes = []
-    real_run = subprocess.run
-    monkeypatch.setattr(host.subprocess, "run", lambda *a, **k: probes.append(a) or real_run(*a, **k))
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(host.subprocess, "Popen",
+                        lambda *a, **k: probes.append(a) or real_popen(*a, **k))
     assert host._compiler_facts([str(compiler)]) == facts and probes
 
 
@@ -966,7 +973,7 @@ def test_kernels_built_by_ziglang_match_the_reference(tmp_path, ziglang_cache):
     assert "skipped" not in summary and "failed" not in summary, summary
     records = [json.loads(p.read_text()) for p in sorted((ziglang_cache / "host").glob("*.json"))]
     assert len(records) == 1, records  # one library: the host's columns per thread
-    assert records[0]["compiler"][1:] == ["-m", "ziglang", "c++"], records[0]
+    assert host._is_ziglang(records[0]["compiler"]), records[0]
     assert "-fopenmp" not in records[0]["flags"] and "-pthread" in records[0]["flags"]
 
 
@@ -1041,8 +1048,9 @@ def test_fresh_venv_plain_install_falls_back_and_cpu_extra_compiles(wheel, tmp_p
 
     pip_install(f"{wheel}[cpu]")
     compiled, stderr = run()
-    assert compiled["compiler"][1:] == ["-m", "ziglang", "c++"], compiled["compiler"]
-    assert Path(compiled["compiler"][0]).parent == python.parent, compiled["compiler"]
+    assert host._is_ziglang(compiled["compiler"]), compiled["compiler"]
+    assert Path(compiled["compiler"][0]).resolve().is_relative_to(venv.resolve()), \
+        compiled["compiler"]
     assert len(compiled["libraries"]) == 1, compiled
     assert Path(compiled["libraries"][0]).parent == ziglang_cache / "host"
     assert not [w for w in compiled["warnings"] if "NumPy implementation" in w], compiled["warnings"]
@@ -1092,3 +1100,185 @@ def test_thread_workers_follow_omp_num_threads(threads):
         assert got["extra"] == 0, got
     else:
         assert 1 <= got["extra"] <= threads - 1, got
+
+
+# -- the compiler command: no cwd imports, $CXX as a command line, time limits -----------------------
+
+
+def _fast_script(path, compiler, log, drop=()):
+    """A compiler script: logs its arguments, drops its first argument when ``drop`` says so (the
+    ``c++`` of ``zig c++``) and any ``-mcpu=`` flag (zig's, unknown to g++), builds with -O0 (with
+    this PATH, for the assembler and linker, whatever the caller's)."""
+    return _script(path, textwrap.dedent(f"""\
+        export PATH="{os.environ['PATH']}"
+        echo "$@" >> "{log}"
+        {'shift' if 'first' in drop else ''}
+        for a in "$@"; do
+          shift
+          case "$a" in
+            -O3) set -- "$@" -O0 ;;
+            -mcpu=*) ;;
+            *) set -- "$@" "$a" ;;
+          esac
+        done
+        exec "{compiler}" "$@"
+        """))
+
+
+@needs_compiler
+def test_a_ziglang_folder_in_the_working_folder_is_never_run(tmp_path):
+    """With no system compiler, the ziglang wheel compiles; a ``ziglang/`` folder in the current
+    working folder (a cloned repository, a download folder) must be neither imported nor run in
+    its place: the wheel's own executable is run by its absolute path."""
+    marker = tmp_path / "marker"
+    attack = tmp_path / "downloads"
+    (attack / "ziglang").mkdir(parents=True)
+    (attack / "ziglang" / "__init__.py").write_text("")
+    (attack / "ziglang" / "__main__.py").write_text(
+        f"open({str(marker)!r}, 'w').write('run')\nimport sys\nsys.exit(1)\n")
+    site = tmp_path / "site"  # stands for the installed wheel: a zig that is g++ at -O0
+    (site / "ziglang").mkdir(parents=True)
+    (site / "ziglang" / "__init__.py").write_text("")
+    log = tmp_path / "zig.log"
+    _fast_script(site / "ziglang" / "zig", COMPILER, log, drop=("first",))
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    env = _env(tmp_path / "cache", CXX=None, PATH=empty)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(site)])
+    code = """
+        import json
+        from sru_cupy.backends import host
+        command = host.compiler_command()
+        lib = host.library()
+        print(json.dumps({"command": command, "count": lib.sru_host_kernel_count()}))
+    """
+    got = _python(code, env, cwd=attack)  # `python -c`: the working folder is first on sys.path
+    assert not marker.exists(), "the ziglang folder of the working folder was run"
+    assert got["command"] == [str(site / "ziglang" / "zig"), "c++"], got["command"]
+    assert got["count"] == len(kernels.all_kernel_names((host.COLUMNS_PER_THREAD,)))
+    assert "sru_host.cpp" in log.read_text()
+
+
+@needs_compiler
+def test_cxx_with_a_launcher_is_split_and_used(tmp_path):
+    """CXX="launcher g++" (as with ccache) is a command line: the launcher runs the compiler (it is
+    not taken for "no compiler", which would fall back to NumPy in silence)."""
+    log = tmp_path / "launcher.log"
+    launcher = _script(tmp_path / "my launcher", f'echo "$@" >> "{log}"\nexec "$@"\n')
+    fast = _fast_script(tmp_path / "fast-g++", COMPILER, tmp_path / "fast.log")
+    cxx = f"'{launcher}' {fast}"
+    code = """
+        import json
+        from sru_cupy.backends import host
+        lib = host.library()
+        print(json.dumps({"available": host.available(), "command": host.compiler_command(),
+                          "description": host.compiler_description(),
+                          "count": lib.sru_host_kernel_count()}))
+    """
+    got = _python(code, _env(tmp_path / "cache", CXX=cxx))
+    assert got["available"] and got["command"] == [str(launcher), str(fast)], got
+    assert got["description"] == cxx, got
+    assert got["count"] == len(kernels.all_kernel_names((host.COLUMNS_PER_THREAD,)))
+    builds = [line for line in log.read_text().splitlines() if "sru_host.cpp" in line]
+    assert len(builds) == 1 and builds[0].startswith(str(fast)), builds
+
+
+@needs_compiler
+@pytest.mark.parametrize("stage", ["probe", "build"])
+def test_a_hanging_compiler_is_stopped_after_the_compile_timeout(tmp_path, stage):
+    """A compiler that never finishes (at its --version probe, or at the build) is killed, with
+    everything it started, after $SRU_CUPY_COMPILE_TIMEOUT seconds, and a KernelCompileError names
+    the command and the limit; nothing is left half-built."""
+    pids = tmp_path / "pids"
+    hang = "*" if stage == "probe" else "*sru_host.cpp*"
+    hanging = _script(tmp_path / "hanging-cxx", textwrap.dedent(f"""\
+        case "$*" in
+          {hang}) sleep 600 & echo $! >> "{pids}"; wait ;;
+          *) exec "{COMPILER}" "$@" ;;
+        esac
+        """))
+    code = """
+        import json, time
+        from sru_cupy.backends import KernelCompileError, host
+        start = time.monotonic()
+        try:
+            host.library()
+            error = None
+        except KernelCompileError as exc:
+            error = str(exc)
+        print(json.dumps({"error": error, "seconds": time.monotonic() - start}))
+    """
+    got = _python(code, _env(tmp_path / "cache", CXX=hanging, SRU_CUPY_COMPILE_TIMEOUT="3"),
+                  timeout=120)
+    assert got["error"] is not None, "no error from a compiler that hangs"
+    assert "stopped after 3 s" in got["error"] and "SRU_CUPY_COMPILE_TIMEOUT" in got["error"]
+    assert str(hanging) in got["error"], got["error"]
+    if stage == "build":
+        assert "sru_host.cpp" in got["error"] and "-O3" in got["error"], got["error"]
+    assert got["seconds"] < 60, got
+    for pid in pids.read_text().split():  # the compiler's own children are gone too
+        assert not os.path.exists(f"/proc/{pid}") or \
+            open(f"/proc/{pid}/stat").read().split()[2] == "Z", f"process {pid} still runs"
+    assert _libraries(tmp_path / "cache") == [] and _temporary_files(tmp_path / "cache") == []
+
+
+def test_compile_timeout_must_be_a_positive_number(monkeypatch):
+    monkeypatch.setenv(host.COMPILE_TIMEOUT_ENV_VAR, "soon")
+    with pytest.raises(ValueError, match=r"\$SRU_CUPY_COMPILE_TIMEOUT: expected a number of "
+                                         r"seconds > 0, got 'soon'"):
+        host.compile_timeout()
+    monkeypatch.setenv(host.COMPILE_TIMEOUT_ENV_VAR, "2.5")
+    assert host.compile_timeout() == 2.5
+    monkeypatch.delenv(host.COMPILE_TIMEOUT_ENV_VAR)
+    assert host.compile_timeout() == host.DEFAULT_COMPILE_TIMEOUT
+
+
+# -- fork after a parallel launch ---------------------------------------------------------------------
+
+_FORK_AFTER_PARALLEL = """
+    import json, multiprocessing, sys
+    import numpy as np
+    from sru_cupy.backends import host
+    from sru_cupy.launch import recurrence_forward
+    L, B, d = 64, 16, 256
+    assert L * B * d >= host.PARALLEL_WORK  # the parent's launch runs on the worker threads
+    rng = np.random.default_rng(0)
+    U = rng.standard_normal((L, B, 3 * d)).astype(np.float32)
+    x = rng.standard_normal((L, B, d)).astype(np.float32)
+    bias = np.zeros(2 * d, np.float32)
+    h, _, _ = recurrence_forward(U, x, None, bias, hidden_size=d)
+
+    def child(queue):
+        h2, _, _ = recurrence_forward(U, x, None, bias, hidden_size=d)
+        queue.put(float(np.abs(h2 - h).max()))
+
+    if __name__ == "__main__":
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        process = ctx.Process(target=child, args=(queue,))
+        process.start()
+        process.join(60)
+        hung = process.is_alive()
+        if hung:
+            process.kill()
+        error = None if hung else queue.get(timeout=10)
+        h3, _, _ = recurrence_forward(U, x, None, bias, hidden_size=d)  # the parent is unchanged
+        print(json.dumps({"hung": hung, "error": error, "exitcode": process.exitcode,
+                          "parent": float(np.abs(h3 - h).max())}))
+"""
+
+
+@needs_compiler
+def test_a_process_forked_after_a_parallel_launch_runs_its_launches(tmp_path):
+    """A child forked (a DataLoader worker, multiprocessing with fork) after the parent ran a
+    parallel launch would wait forever on GNU OpenMP's thread pool; it runs its launches on one
+    thread instead and gets the parent's results."""
+    script = tmp_path / "fork_after_parallel.py"
+    script.write_text(textwrap.dedent(_FORK_AFTER_PARALLEL))
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True,
+                          env=_env(os.environ["SRU_CUPY_CACHE_DIR"], OMP_NUM_THREADS=2),
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not got["hung"], "the forked child hung on its first launch"
+    assert got["exitcode"] == 0 and got["error"] == 0.0 and got["parent"] == 0.0, got

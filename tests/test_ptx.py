@@ -507,3 +507,50 @@ def test_keeping_thread_locale_undoes_a_switch_to_c():
     finally:
         libc.uselocale(before)
         libc.freelocale(c_locale)
+
+
+# -- file and folder modes, whatever the umask ----------------------------------------------------
+
+
+@pytest.fixture
+def fake_compile(monkeypatch):
+    """ptx.build with a stand-in for NVRTC (nothing compiled): each architecture's PTX is a line."""
+    nvrtc = _fake((13, 0), (75, 80, 90))
+    monkeypatch.setattr(ptx, "survey_nvrtc", lambda libraries=None: ([nvrtc], []))
+
+    def compile_arch(arch, chosen=None, extra_options=()):
+        names = kernels.all_kernel_names()
+        return ptx.CompiledPTX(arch, f".version 9.0\n// sm_{arch}\n",
+                               {n: f"_lowered_{i}" for i, n in enumerate(names)}, nvrtc,
+                               ptx.compile_options(arch), "")
+
+    monkeypatch.setattr(ptx, "compile_arch", compile_arch)
+
+
+@contextlib.contextmanager
+def _umask(mask):
+    before = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(before)
+
+
+@pytest.mark.parametrize("mask", [0o002, 0o077], ids=["umask-002", "umask-077"])
+def test_build_gives_created_folders_and_files_explicit_modes(fake_compile, tmp_path, mask):
+    """A PTX folder to share is created (with any missing parent) 0755 and its files 0644 whatever
+    the umask: under 002 nothing becomes group-writable, under 077 everyone can still read it;
+    private (the kernel cache's folder) is 0700 and 0600."""
+    out = tmp_path / "a" / "b" / "ptx"
+    with _umask(mask):
+        ptx.build(str(out), archs=(80, 90))
+        ptx.build(str(tmp_path / "private" / "ptx"), archs=(80,), private=True)
+    for folder in (tmp_path / "a", tmp_path / "a" / "b", out):
+        assert folder.stat().st_mode & 0o777 == 0o755, (folder, oct(folder.stat().st_mode))
+    for path in out.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o644, (path, oct(path.stat().st_mode))
+    for folder in (tmp_path / "private", tmp_path / "private" / "ptx"):
+        assert folder.stat().st_mode & 0o777 == 0o700, (folder, oct(folder.stat().st_mode))
+    for path in (tmp_path / "private" / "ptx").iterdir():
+        assert path.stat().st_mode & 0o777 == 0o600, (path, oct(path.stat().st_mode))
+    assert ptx.load_ptx(str(out), 90)[1] and ptx.load_ptx(str(tmp_path / "private" / "ptx"), 80)[1]

@@ -6,7 +6,10 @@ PTX build (:data:`sru_cupy.ptx.BASE_OPTIONS`: float32 subnormals kept, as on the
 every compile, and NVRTC takes the last ``-ftz``, so its build would flush subnormals where the host
 and PTX builds do not. The binary (cubin, or PTX for an architecture newer than the NVRTC) and its
 lowered names are cached on disk in the sru_cupy cache folder (``cupy/``), keyed by the source, the
-options, the NVRTC release and the architecture, and written atomically.
+options, the NVRTC release and the architecture, and written atomically. Cached binaries and prebuilt
+PTX are read from descriptors checked as :mod:`sru_cupy.cache` says (owner, mode, no link), hashed
+as read, and loaded from those bytes (``Module.load``), never by path; a read-only cache is read,
+and a binary that cannot be written (a full disk) is kept for the process, with a warning.
 
 Per device, the module is loaded once and a function object is kept for every kernel, so a launch
 is a dictionary look-up and the launch itself. Compiles and loads of different devices do not wait
@@ -97,10 +100,10 @@ def _cache_key(arch, nvrtc_version, options, names):
 
 
 def _read_cached(path, names):
-    """(binary, lowered names) from a cache file, or None when absent or unusable."""
+    """(binary, lowered names) from a cache file, or None when absent or unusable (read from a
+    descriptor checked as :func:`sru_cupy.cache.open_trusted` says, and hashed as read)."""
     try:
-        with open(path, "rb") as f:
-            header, _, binary = f.read().partition(b"\n")
+        header, _, binary = cache.read_trusted(path).partition(b"\n")
         meta = json.loads(header)
         lowered = meta["lowered_names"]
         if hashlib.sha256(binary).hexdigest() != meta["sha256"] or set(lowered) != set(names):
@@ -115,14 +118,45 @@ def _read_cached(path, names):
 
 
 def _write_cached(path, binary, lowered):
-    header = json.dumps({"sha256": hashlib.sha256(binary).hexdigest(), "lowered_names": lowered},
-                        sort_keys=True).encode()
-    cache.write_atomic(path, header + b"\n" + binary)
+    """Writes the cache file; False (with a warning, once per folder) when it cannot be written
+    (a full disk): the caller keeps the binary for this process."""
+    header = json.dumps({"sha256": hashlib.sha256(binary).hexdigest(), "lowered_names": lowered,
+                         "source_hash": kernels.source_hash()}, sort_keys=True).encode()
+    try:
+        cache.write_atomic(path, header + b"\n" + binary)
+        return True
+    except OSError as error:
+        folder = os.path.dirname(path)
+        cache.warn_once(("cupy-unwritten", folder),
+                        f"sru_cupy: could not write the compiled kernels to {folder} ({error}); "
+                        "they are kept for this process only")
+        return False
+
+
+def _compile(cupy, arch, options, names, what):
+    """(binary, lowered names) compiled by CuPy's NVRTC."""
+    compiler = cupy.cuda.compiler
+    try:
+        with _ptx().keeping_thread_locale():  # NVRTC 12.0 leaves the thread on "C"
+            binary, lowered = compiler.compile_using_nvrtc(
+                kernels.assembled_source(), options=options, arch=str(arch),
+                filename=kernels.SOURCE_FILE, name_expressions=names)
+    except compiler.CompileException as error:
+        log = error.get_message() if hasattr(error, "get_message") else str(error)
+        if "cannot open source file" in log:  # a header NVRTC does not have
+            log += f"\n{_install_hint(cupy)}"
+        raise KernelCompileError(what, log, options) from error
+    except (RuntimeError, OSError, ImportError) as error:  # NVRTC failed to load or run
+        raise KernelCompileError(what, f"{type(error).__name__}: {error}; "
+                                       f"{_install_hint(cupy)}", options) from error
+    return bytes(binary), {n: str(lowered[n]) for n in names}
 
 
 def compile_for_arch(arch):
     """(binary, {name expression: lowered name}, cache file) of every kernel for one architecture,
-    compiled by CuPy's NVRTC with :func:`compile_options`, or read from the cache folder."""
+    compiled by CuPy's NVRTC with :func:`compile_options`, or read from the cache folder. A
+    read-only cache folder is read; what it lacks is compiled into the private temporary folder
+    (with a warning)."""
     cupy = _cupy()
     options = compile_options()
     names = kernels.all_kernel_names()
@@ -132,31 +166,22 @@ def compile_for_arch(arch):
     except Exception as error:  # libnvrtc missing or unloadable
         raise KernelCompileError(what, f"NVRTC could not be loaded ({type(error).__name__}: "
                                        f"{error}); {_install_hint(cupy)}", options) from error
-    path = os.path.join(cache.cache_dir(CACHE_SUBFOLDER),
-                        f"sru_recurrence.sm_{arch}.{_cache_key(arch, nvrtc_version, options, names)}.bin")
+    name = f"sru_recurrence.sm_{arch}.{_cache_key(arch, nvrtc_version, options, names)}.bin"
+    folder = cache.cache_dir(CACHE_SUBFOLDER)
+    path = os.path.join(folder, name)
     cached = _read_cached(path, names)
     if cached is not None:
         return (*cached, path)
+    if not cache.writable(folder):
+        folder = cache.private_dir(CACHE_SUBFOLDER, reason=f"the kernel cache {folder} is "
+                                   "read-only and lacks these GPU kernels")
+        path = os.path.join(folder, name)
     with cache.build_lock(path):
+        cache.clean_stale(folder)
         cached = _read_cached(path, names)
         if cached is not None:
             return (*cached, path)
-        compiler = cupy.cuda.compiler
-        try:
-            with _ptx().keeping_thread_locale():  # NVRTC 12.0 leaves the thread on "C"
-                binary, lowered = compiler.compile_using_nvrtc(
-                    kernels.assembled_source(), options=options, arch=str(arch),
-                    filename=kernels.SOURCE_FILE, name_expressions=names)
-        except compiler.CompileException as error:
-            log = error.get_message() if hasattr(error, "get_message") else str(error)
-            if "cannot open source file" in log:  # a header NVRTC does not have
-                log += f"\n{_install_hint(cupy)}"
-            raise KernelCompileError(what, log, options) from error
-        except (RuntimeError, OSError, ImportError) as error:  # NVRTC failed to load or run
-            raise KernelCompileError(what, f"{type(error).__name__}: {error}; "
-                                           f"{_install_hint(cupy)}", options) from error
-        binary = bytes(binary)
-        lowered = {n: str(lowered[n]) for n in names}
+        binary, lowered = _compile(cupy, arch, options, names, what)
         _write_cached(path, binary, lowered)
     return binary, lowered, path
 
@@ -170,10 +195,11 @@ def driver_version():
 
 
 def _prebuilt_ptx(folder, device_arch):
-    """(path, lowered names) of the PTX in ``folder`` for the device, or None (with a warning, once)
-    when this driver is too old for it."""
+    """(path, PTX bytes, lowered names) of the PTX in ``folder`` for the device (the bytes checked
+    against the manifest's SHA-256 as they were read), or None (with a warning, once) when this
+    driver is too old for it."""
     ptx = _ptx()
-    arch, path, lowered = ptx.load_ptx_for_device(folder, device_arch)
+    arch, path, data, lowered = ptx.read_ptx_for_device(folder, device_arch)
     needed, driver = ptx.required_driver(folder, arch), driver_version()
     if driver < needed:
         _warn_once(("driver", folder, arch),
@@ -182,7 +208,7 @@ def _prebuilt_ptx(folder, device_arch):
                    f"{driver[0]}.{driver[1]}; compiling the kernels with CuPy's NVRTC instead "
                    f"(for this driver: python -m sru_cupy compile --cuda {driver[0]}.{driver[1]})")
         return None
-    return path, lowered
+    return path, data, lowered
 
 
 def _load(device_id):
@@ -196,10 +222,10 @@ def _load(device_id):
         folder = _ptx().ptx_dir_from_env()
         prebuilt = _prebuilt_ptx(folder, arch) if folder else None
         if prebuilt is not None:
-            path, lowered = prebuilt
+            path, data, lowered = prebuilt
             module = cupy.cuda.function.Module()
             try:
-                module.load_file(path)
+                module.load(data)  # the bytes that were checked: the file may change after it
                 source = ("ptx", path)
             except Exception as error:  # e.g. CUDA_ERROR_UNSUPPORTED_PTX_VERSION
                 _warn_once(("load", folder, arch),
