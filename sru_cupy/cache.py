@@ -41,7 +41,8 @@ import stat
 import tempfile
 import threading
 import time
-import warnings
+
+from .errors import CacheWarning, warn_once  # noqa: F401  (CacheWarning: its old home)
 
 ENV_VAR = "SRU_CUPY_CACHE_DIR"
 #: Environment variable: seconds a build waits for another build's lock before giving up.
@@ -54,7 +55,6 @@ STALE_SECONDS = 600
 
 _fallback_root = None
 _fallback_lock = threading.Lock()
-_warned = set()
 _resolved = {}  # configured cache folder -> its real path, resolved once
 
 _POSIX = hasattr(os, "geteuid")
@@ -64,10 +64,6 @@ _READ_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBL
                | getattr(os, "O_CLOEXEC", 0))
 
 
-class CacheWarning(UserWarning):
-    """The cache folder was refused or unusable, or a cached file was corrupt and rebuilt."""
-
-
 class LockTimeoutError(TimeoutError):
     """Another build held the lock of an artifact for longer than $SRU_CUPY_LOCK_TIMEOUT."""
 
@@ -75,13 +71,6 @@ class LockTimeoutError(TimeoutError):
 class UntrustedFileError(PermissionError):
     """A cached file that must not be used: a link, not a regular file, owned by another user, or
     writable by group or others."""
-
-
-def warn_once(key, message, category=CacheWarning, stacklevel=3):
-    """Warns once per process for each ``key`` (the stack level is counted from the caller)."""
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, category, stacklevel=stacklevel)
 
 
 def seconds_from_env(name, default):
@@ -217,7 +206,14 @@ def _resolved_root():
                 raise PermissionError(f"refusing cache folder {configured}: {reason}")
             for name in missing:
                 real = os.path.join(real, name)
-                _make_folder(real)
+                with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+                    _make_folder(real)
+            # What another process made meanwhile is checked like the rest: no link it does not
+            # own on the way, and from here on the resolved path.
+            reason = _links_reason(real)
+            if reason:
+                raise PermissionError(f"refusing cache folder {configured}: {reason}")
+            real = os.path.realpath(real)
     reason = _chain_reason(real)
     if reason:
         raise PermissionError(f"refusing cache folder {real}: {reason}")

@@ -33,8 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import tracing
-from .backends import host
+from . import cpu, tracing
 
 __all__ = ["matmul", "linear", "apply_linear", "uses_onednn", "onednn_matmul", "route",
            "onednn_pays_off", "describe", "ROUTE_ENV_VAR", "ROUTES"]
@@ -73,7 +72,7 @@ def onednn_pays_off(rows: int, n: int, m: int, training: bool) -> bool:
 def _matmul_is_generic_here() -> bool:
     """True on x86-64 CPUs whose vendor /proc/cpuinfo names and is not Intel: MKL chooses its
     code by vendor, and its sgemm ran at less than half oneDNN's rate on an AMD EPYC."""
-    vendor = host.cpu_vendor()
+    vendor = cpu.vendor()
     return platform.machine().lower() in ("x86_64", "amd64") and vendor is not None \
         and vendor != "GenuineIntel"
 
@@ -166,7 +165,7 @@ def describe() -> str:
         return f"torch.matmul (oneDNN is not built into this PyTorch, or disabled; {setting})"
     if chosen == "onednn":
         return f"oneDNN 1x1 convolutions for float32 ({setting})"
-    vendor = host.cpu_vendor() or "unknown"
+    vendor = cpu.vendor() or "unknown"
     if _matmul_is_generic_here():
         return (f"oneDNN 1x1 convolutions for float32 products that pay off, torch.matmul for the "
                 f"rest (CPU vendor {vendor}; {setting})")

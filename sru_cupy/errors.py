@@ -1,8 +1,13 @@
-"""Errors shared by the kernel builders (``backends.host``, ``backends.cupy_backend``, ``ptx``).
+"""The package's shared errors and warnings, and its warning helpers (once per process; pointing
+at the user's line).
 
 A module of its own, below everything that raises them, so that no builder imports another to
-reach an error class. ``sru_cupy.backends`` re-exports :class:`KernelCompileError` under its old
-name."""
+reach an error class. ``sru_cupy.backends`` re-exports :class:`KernelCompileError` and
+``sru_cupy.cache`` :class:`CacheWarning` under their old names."""
+
+import warnings
+
+_warned = set()
 
 
 class KernelCompileError(RuntimeError):
@@ -21,9 +26,20 @@ class CaptureNotReadyError(RuntimeError):
     is not allowed: one call on that device must come before capturing."""
 
 
+class CacheWarning(UserWarning):
+    """The cache folder was refused or unusable, or a cached file was corrupt and rebuilt."""
+
+
 class PTXDriverWarning(UserWarning):
     """Prebuilt PTX ($SRU_CUPY_PTX_DIR) cannot be loaded by this driver; the kernels are compiled
     with CuPy's NVRTC instead."""
+
+
+def warn_once(key, message, category=CacheWarning, stacklevel=3):
+    """Warns once per process for each ``key`` (the stack level is counted from the caller)."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, category, stacklevel=stacklevel)
 
 
 def user_stacklevel():

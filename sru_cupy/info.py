@@ -8,7 +8,7 @@ import platform
 import re
 import sys
 
-from . import cache
+from . import cache, cpu
 
 
 def _version(module_name):
@@ -111,17 +111,19 @@ def _folder_summary(path):
 
 
 def cpu_path():
-    """Which implementation runs NumPy arrays and CPU tensors, and how to get the compiled one."""
+    """Which implementation runs NumPy arrays and CPU tensors (``implementation``'s decision), and
+    how to get the compiled one."""
+    from . import implementation
     from .backends import host
-    compiler = host.compiler_description()
     cxx = os.environ.get("CXX")
-    if compiler:
+    if implementation.for_numpy() == implementation.HOST:
+        compiler = host.compiler_description()
         # The whole command: with CXX="ccache g++" the compiler that runs is g++, through ccache.
         compiler += " (from $CXX)" if cxx else ""
         # The CPU's instruction set, as COLUMNS_PER_THREAD is: build_isa would probe the compiler
         # and write its facts into the cache, and the report creates nothing.
         try:
-            isa = host.cpu_isa()
+            isa = cpu.isa()
         except ValueError as exc:  # a $SRU_CUPY_HOST_ISA this CPU lacks
             isa = f"unknown: {exc}"
         return (f"host kernels ({host.COLUMNS_PER_THREAD} columns per thread, instruction set "

@@ -226,9 +226,9 @@ def recurrence_scan(call, arrays):
     skip = None
     if call.has_skip_term:
         skip = u[..., 3] if k == 4 else x.to(A).reshape(L, B, dirs, d) * call.scale_x
-    hs: List[Tensor] = []
-    cs: List[Tensor] = []
-    lasts: List[Tensor] = []
+    hs = []
+    cs = []
+    lasts = []
     for j in range(dirs):
         h_j, c_j, last_j = _direction_scan(
             u[:, :, j].contiguous(), None if skip is None else skip[:, :, j].contiguous(),

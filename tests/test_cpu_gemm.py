@@ -5,8 +5,7 @@ results through either route."""
 import pytest
 import torch
 
-from sru_cupy import cpu_gemm, tracing
-from sru_cupy.backends import host
+from sru_cupy import cpu, cpu_gemm, tracing
 from sru_cupy.modules import SRU, SRUCell
 from sru_cupy.srupp import SRUpp
 
@@ -151,7 +150,7 @@ def test_compiled_code_traces_through_the_route(route):
                          ids=["amd", "hygon", "intel", "unknown"])
 def test_auto_route_takes_onednn_where_mkl_is_generic(vendor, expected, route, monkeypatch):
     route("auto")
-    monkeypatch.setattr(host, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(cpu, "vendor", lambda: vendor)
     monkeypatch.setattr(cpu_gemm.platform, "machine", lambda: "x86_64")
     x, weight = torch.randn(128, 32, 512), torch.randn(512, 1536)
     assert cpu_gemm.uses_onednn(x, weight) is expected
@@ -171,7 +170,7 @@ def test_auto_route_takes_onednn_where_mkl_is_generic(vendor, expected, route, m
 ], ids=lambda v: str(v))
 def test_auto_route_sizes(rows, n, m, training, expected, route, monkeypatch):
     route("auto")
-    monkeypatch.setattr(host, "cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setattr(cpu, "vendor", lambda: "AuthenticAMD")
     monkeypatch.setattr(cpu_gemm.platform, "machine", lambda: "x86_64")
     assert cpu_gemm.onednn_pays_off(rows, n, m, training) is expected
     x = torch.randn(rows, n, requires_grad=training)
@@ -318,6 +317,6 @@ def test_layers_agree_through_both_routes(cls, args, kwargs, route, torch_thread
 ], ids=["matmul", "onednn", "auto-amd", "auto-intel", "bad"])
 def test_describe_says_which_route_runs(setting, vendor, expected, route, monkeypatch):
     route(setting)
-    monkeypatch.setattr(host, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(cpu, "vendor", lambda: vendor)
     monkeypatch.setattr(cpu_gemm.platform, "machine", lambda: "x86_64")
     assert cpu_gemm.describe() == expected

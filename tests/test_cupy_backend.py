@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 import pytest
 
-from sru_cupy import cache, kernels, ptx
+from sru_cupy import cache, errors, kernels, ptx
 from sru_cupy.backends import cupy_backend
 from sru_cupy.errors import CaptureNotReadyError, KernelCompileError, PTXDriverWarning
 
@@ -139,7 +139,7 @@ def fake_cupy(monkeypatch, tmp_path):
     monkeypatch.setattr(cupy_backend, "_functions", {})
     monkeypatch.setattr(cupy_backend, "_device_locks", {})
     monkeypatch.setattr(cupy_backend, "loaded_from", {})
-    monkeypatch.setattr(cache, "_warned", set())
+    monkeypatch.setattr(errors, "_warned", set())
     return cuda
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import sru_cupy
-from sru_cupy import kernels
+from sru_cupy import cpu, kernels
 from sru_cupy.backends import KernelCompileError, host
 from sru_cupy.launch import recurrence_backward, recurrence_forward
 from sru_cupy.reference import recurrence_forward_reference
@@ -306,7 +306,7 @@ def test_ziglang_builds_for_the_chosen_isa_with_threads_and_a_venv_independent_k
     flags = host.compiler_flags(zig)
     assert "-fopenmp" not in flags and "-pthread" in flags, flags
     mcpu = [flag for flag in flags if flag.startswith("-mcpu=")]
-    assert mcpu == [host._ISA_ZIGLANG_FLAGS[host.cpu_isa()][0]], flags
+    assert mcpu == [host._ISA_ZIGLANG_FLAGS[cpu.isa()][0]], flags
     monkeypatch.setenv(host.ISA_ENV_VAR, "baseline")
     flags = host.compiler_flags(zig)
     assert [flag for flag in flags if flag.startswith("-m")] == ["-mcpu=baseline"], flags
@@ -720,22 +720,9 @@ def test_vector_exp_lanes_agree_with_one_column_per_thread(monkeypatch, L, B, d,
 # -- instruction set, compiler facts, start-up ----------------------------------------------------
 
 
-def test_cpu_isa_is_the_best_the_cpu_has_or_the_one_asked_for(monkeypatch):
-    """The build targets the best instruction set of the CPU, or the one $SRU_CUPY_HOST_ISA names
-    if the CPU has it (an error naming the variable otherwise); each has its columns per thread."""
-    monkeypatch.delenv(host.ISA_ENV_VAR, raising=False)
-    have = host._cpu_isas()
-    assert have[-1] == "baseline" and host.cpu_isa() == have[0]
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    if " avx512f " in flags and " avx512bw " in flags and os.uname().machine == "x86_64":
-        assert have[0] == "avx512"
-    monkeypatch.setenv(host.ISA_ENV_VAR, "baseline")
-    assert host.cpu_isa() == "baseline"
-    monkeypatch.setattr(host, "_cpu_isas", lambda: ("avx2", "baseline"))
-    monkeypatch.setenv(host.ISA_ENV_VAR, "avx512")
-    with pytest.raises(ValueError, match=r"\$SRU_CUPY_HOST_ISA: expected one of .*'avx2'.*got 'avx512'"):
-        host.cpu_isa()
+def test_each_instruction_set_has_its_columns_per_thread():
     assert host._ISA_COLUMNS == {"avx512": 16, "avx2": 8, "baseline": 8}
+    assert set(host._ISA_FLAGS) == set(host._ISA_ZIGLANG_FLAGS) == set(host.ISAS)
 
 
 @needs_compiler
@@ -744,7 +731,7 @@ def test_instruction_set_is_in_the_flags_and_the_cache_key(monkeypatch):
     shared between CPUs never loads one built for another), and the flags name the set."""
     monkeypatch.delenv(host.ISA_ENV_VAR, raising=False)
     keys = {}
-    for isa in host._cpu_isas():
+    for isa in cpu.isas():
         monkeypatch.setenv(host.ISA_ENV_VAR, isa)
         key, _, flags = host.library_key([COMPILER], 8)
         assert host.build_isa([COMPILER]) == isa  # g++ and clang++ take every set's flags

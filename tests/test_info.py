@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from sru_cupy import info
+from sru_cupy import cpu, info
 from sru_cupy.backends import host
 
 from child_env import child_env
@@ -53,7 +53,7 @@ def test_report_names_versions_backends_and_caches():
 @pytest.mark.skipif(not host.available(), reason="needs a C++ compiler")
 def test_report_says_the_host_kernels_run_numpy_and_cpu_tensors():
     line = _line(info.report(), "NumPy arrays and CPU tensors:")
-    isa = host.cpu_isa()
+    isa = cpu.isa()
     assert f"host kernels ({host.COLUMNS_PER_THREAD} columns per thread, instruction set {isa})" \
         in line
     assert host.find_compiler() in line

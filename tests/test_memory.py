@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import sru_cupy
-from sru_cupy import launch
+from sru_cupy import errors, launch
 from sru_cupy.backends import host
 from sru_cupy.reference import recurrence_backward_reference, recurrence_forward_reference
 
@@ -221,7 +221,7 @@ def test_rebuilding_a_corrupt_library_keeps_no_file_descriptors(tmp_path, monkey
     for _ in range(2):
         with open(path, "r+b") as f:
             f.truncate(100)
-        monkeypatch.setattr(cache, "_warned", set())
+        monkeypatch.setattr(errors, "_warned", set())
         with pytest.warns(cache.CacheWarning, match="rebuilding"):
             assert host._build(compiler) == path
     assert open_fds() == before, f"file descriptors: {before} before, {open_fds()} after"

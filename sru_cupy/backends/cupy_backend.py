@@ -36,7 +36,7 @@ import threading
 import numpy as np
 
 from .. import cache, kernels
-from ..errors import CaptureNotReadyError, KernelCompileError, PTXDriverWarning
+from ..errors import CaptureNotReadyError, KernelCompileError, PTXDriverWarning, warn_once
 
 name = "cupy"
 
@@ -67,7 +67,7 @@ def compile_options():
 
 
 def _warn_once(key, message):
-    cache.warn_once(key, message, PTXDriverWarning, stacklevel=5)
+    warn_once(key, message, PTXDriverWarning, stacklevel=5)
 
 
 def _device_lock(device_id):
@@ -112,7 +112,7 @@ def _read_cached(path, names):
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as error:
-        cache.warn_once(("cupy-cache", path), f"sru_cupy: cached kernels {path} are unusable "
+        warn_once(("cupy-cache", path), f"sru_cupy: cached kernels {path} are unusable "
                                               f"({error}); compiling them again")
         return None
 
@@ -127,7 +127,7 @@ def _write_cached(path, binary, lowered):
         return True
     except OSError as error:
         folder = os.path.dirname(path)
-        cache.warn_once(("cupy-unwritten", folder),
+        warn_once(("cupy-unwritten", folder),
                         f"sru_cupy: could not write the compiled kernels to {folder} ({error}); "
                         "they are kept for this process only")
         return False

@@ -38,7 +38,6 @@ pointers to the values, so the launch layer is the same as for the GPU.
 
 import contextlib
 import ctypes
-import functools
 import hashlib
 import importlib.machinery
 import json
@@ -55,10 +54,10 @@ import threading
 
 import numpy as np
 
-from .. import kernels
+from .. import cpu, kernels
 from .. import cache
-from ..cache import build_lock, cache_dir, warn_once, write_atomic
-from . import KernelCompileError
+from ..cache import build_lock, cache_dir, write_atomic
+from ..errors import KernelCompileError, warn_once
 
 name = "host"
 
@@ -68,20 +67,12 @@ name = "host"
 BLOCK_SIZE = 64
 BLOCKS_PER_CORE = 4
 
-#: Environment variable that sets the instruction set of the host build to one the CPU has (one of
-#: ISAS; e.g. ``baseline`` for code that runs on any CPU of the architecture).
-ISA_ENV_VAR = "SRU_CUPY_HOST_ISA"
-
-#: Instruction sets the host build targets, best first: the /proc/cpuinfo flags a CPU needs for each,
-#: the flags of g++/clang++, and those of the ziglang wheel's clang (zig targets the build machine's
-#: CPU by default, so it is always told which). 512-bit vectors are asked for explicitly: compilers
-#: otherwise prefer 256 bits on AVX-512 CPUs.
-ISAS = ("avx512", "avx2", "baseline")
-_ISA_CPU_FLAGS = {
-    "avx512": ("avx512f", "avx512dq", "avx512vl", "avx512bw", "avx2", "fma", "f16c"),
-    "avx2": ("avx2", "fma", "f16c"),
-    "baseline": (),
-}
+#: The environment variable and instruction sets of ``sru_cupy.cpu`` (where the CPU is read).
+ISA_ENV_VAR = cpu.ISA_ENV_VAR
+ISAS = cpu.ISAS
+#: Each instruction set's flags of g++/clang++, and those of the ziglang wheel's clang (zig targets
+#: the build machine's CPU by default, so it is always told which). 512-bit vectors are asked for
+#: explicitly: compilers otherwise prefer 256 bits on AVX-512 CPUs.
 _ISA_FLAGS = {
     "avx512": ("-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mavx2", "-mfma", "-mf16c",
                "-mprefer-vector-width=512"),
@@ -99,52 +90,9 @@ _ISA_ZIGLANG_FLAGS = {
 _ISA_COLUMNS = {"avx512": 16, "avx2": 8, "baseline": 8}
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_info():
-    """The fields of the first processor in /proc/cpuinfo on x86-64 Linux ({} elsewhere)."""
-    fields = {}
-    if sys.platform.startswith("linux") and os.uname().machine in ("x86_64", "amd64"):
-        try:
-            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-                for line in f:
-                    if not line.strip():
-                        break
-                    name, _, value = line.partition(":")
-                    fields.setdefault(name.strip(), value.strip())
-        except OSError:
-            pass
-    return fields
-
-
-def cpu_vendor():
-    """The x86-64 CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...), or None where
-    /proc/cpuinfo does not say (other systems and architectures)."""
-    return _cpu_info().get("vendor_id")
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_isas():
-    """ISAS this CPU has, best first ("baseline" always)."""
-    flags = set(_cpu_info().get("flags", "").split())
-    return tuple(isa for isa in ISAS if all(flag in flags for flag in _ISA_CPU_FLAGS[isa]))
-
-
-def cpu_isa():
-    """The best of ISAS this CPU has (x86-64 Linux reads /proc/cpuinfo; elsewhere "baseline"), or
-    the one $SRU_CUPY_HOST_ISA names, which must be among them."""
-    have = _cpu_isas()
-    wanted = os.environ.get(ISA_ENV_VAR)
-    if wanted:
-        if wanted not in have:
-            raise ValueError(f"${ISA_ENV_VAR}: expected one of the instruction sets this CPU has "
-                             f"{tuple(have)}, got {wanted!r}")
-        return wanted
-    return have[0]
-
-
 def _default_columns():
     try:
-        return _ISA_COLUMNS[cpu_isa()]
+        return _ISA_COLUMNS[cpu.isa()]
     except ValueError:  # a wrong $SRU_CUPY_HOST_ISA: the build says so
         return _ISA_COLUMNS["baseline"]
 
@@ -457,10 +405,10 @@ def _openmp_flags(compiler):
 
 
 def build_isa(command):
-    """The instruction set a build with ``command`` targets: cpu_isa(), or the best one below it
+    """The instruction set a build with ``command`` targets: cpu.isa(), or the best one below it
     whose flags the compiler takes."""
     accepted = _compiler_facts(command)["isa"]
-    best = cpu_isa()
+    best = cpu.isa()
     return next(isa for isa in ISAS[ISAS.index(best):] if accepted.get(isa) or isa == "baseline")
 
 
