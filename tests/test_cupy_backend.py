@@ -238,6 +238,22 @@ def test_function_objects_are_kept_per_device_and_kernel(fake_cupy):
     assert cupy_backend.loaded_from[0][0] == "nvrtc"
 
 
+def test_launch_on_a_raw_stream_handle_loads_once_and_passes_the_arguments_as_given(fake_cupy):
+    """The PyTorch op's path: a launch on (device, raw stream handle) with device addresses as
+    8-byte integers, no CuPy stream object made; the first one loads the device's kernels."""
+    assert not cupy_backend.is_loaded(0)
+    args = [np.uint64(0x7F0000001000), None, np.float32(1.5), np.int64(3)]
+    cupy_backend.launch_on(NAMES[0], (2, 1, 1), (64, 1, 1), args, (0, 0x5A5A))
+    assert cupy_backend.is_loaded(0) and not cupy_backend.is_loaded(1)
+    loads = len(fake_cupy.loads)
+    cupy_backend.launch_on(NAMES[1], (1, 1, 1), (64, 1, 1), args, (0, 0x5A5A))
+    assert len(fake_cupy.loads) == loads
+    (grid, block, given, stream), = cupy_backend._functions[(0, NAMES[0])].calls
+    assert grid == (2, 1, 1) and block == (64, 1, 1) and given is args
+    assert stream.ptr == 0x5A5A  # what CuPy's launch reads of a stream
+    assert cupy_backend.scalar_argument(np.float32(2)) == np.float32(2)
+
+
 def test_an_unknown_kernel_name_is_a_clear_error(fake_cupy):
     _launch(fake_cupy, 0)
     with pytest.raises(RuntimeError, match=r"kernel 'no_such_kernel<float, 3, 1>' is not among"):
