@@ -702,6 +702,14 @@ BAD_INPUTS = [
     ("mask_h-int", dict(mask_h=np.ones((B_, D_), np.int32)), TypeError, r"^mask_h: "),
     ("mask_pad-shape", dict(mask_pad=np.zeros((B_, L_), bool)), ValueError, r"^mask_pad: .*shape"),
     ("mask_pad-1d", dict(mask_pad=np.zeros(L_, bool)), ValueError, r"^mask_pad: .*shape"),
+    ("mask_pad-complex", dict(mask_pad=np.zeros((L_, B_), np.complex64)), TypeError,
+     r"^mask_pad: expected a bool, integer or floating dtype, got complex64"),
+    ("mask_pad-strings", dict(mask_pad=np.full((L_, B_), "pad")), TypeError,
+     r"^mask_pad: expected a bool, integer or floating dtype, got str96"),
+    ("hidden-2**31", dict(hidden_size=2 ** 31), ValueError,
+     r"^hidden_size: expected a positive int below 2\*\*31"),
+    ("hidden-np-2**31", dict(hidden_size=np.int64(2 ** 31)), ValueError,
+     r"^hidden_size: expected a positive int below 2\*\*31"),
     ("V-shape", dict(V=np.zeros((L_, B_, D_), np.float32)), ValueError, r"^V: .*shape"),
     ("V-interleaved-2d", dict(V=np.zeros((L_, B_, D_, 2), np.float32)), ValueError, r"^V: .*shape"),
     ("V-dtype", dict(V=np.zeros((L_, B_, 2 * D_), np.float64)), TypeError, r"^V: .*dtype"),
@@ -772,6 +780,34 @@ BAD_OUT = [
     ("weight_c_partial-shape", "backward", "weight_c_partial", np.zeros((2 * D_, B_), np.float32)),
     ("bias_partial-dtype", "backward", "bias_partial", np.zeros((2, B_, D_), np.float64)),
 ]
+
+
+@pytest.mark.parametrize("which,key,input_name", [
+    ("forward", "h", "x"), ("forward", "c", "x"), ("forward", "c_last", "c0"),
+    ("backward", "x", "grad_h"), ("backward", "c0", "grad_c_last"), ("backward", "U", "U"),
+    ("backward", "x", "c")])
+def test_an_out_array_overlapping_an_input_is_refused(no_launch, which, key, input_name):
+    """An output written over an input the kernel still reads would compute wrong values
+    silently: refused, naming both (the same memory, or a view of it)."""
+    _, inputs, options = _bad_case()
+    out = inputs[input_name]
+    inputs, options = dict(inputs), dict(options)
+    with pytest.raises(ValueError, match=rf"^out\[{key!r}\]: shares memory with {input_name}"):
+        if which == "forward":
+            recurrence_forward(inputs["U"], inputs["x"], inputs["weight_c"], inputs["bias"],
+                               inputs["c0"], **options, out={key: out})
+        else:
+            recurrence_backward(inputs["grad_h"], inputs["grad_c_last"], inputs["U"], inputs["x"],
+                                inputs["weight_c"], inputs["bias"], inputs["c0"], inputs["c"],
+                                **options, out={key: out})
+
+
+def test_out_arrays_overlapping_each_other_are_refused(no_launch):
+    _, inputs, options = _bad_case()
+    both = np.zeros((L_ + 1, B_, D_), np.float32)
+    with pytest.raises(ValueError, match=r"^out\['c'\]: shares memory with out\['h'\]"):
+        recurrence_forward(inputs["U"], inputs["x"], inputs["weight_c"], inputs["bias"],
+                           inputs["c0"], **options, out={"h": both[:-1], "c": both[1:]})
 
 
 @pytest.mark.parametrize("which,key,array", [row[1:] for row in BAD_OUT],
