@@ -202,6 +202,8 @@ def _resolved_root():
     OSError when it is refused or unusable)."""
     configured = cache_root()
     real = _resolved.get(configured)
+    if real is not None and not os.path.lexists(real):  # removed since: resolved and made anew
+        real = None
     if real is None:
         reason = _links_reason(configured)
         if reason:
@@ -217,7 +219,8 @@ def _resolved_root():
                 raise PermissionError(f"refusing cache folder {configured}: {reason}")
             for name in missing:
                 real = os.path.join(real, name)
-                _make_folder(real)
+                with contextlib.suppress(FileExistsError):  # made meanwhile by another process
+                    _make_folder(real)
     reason = _chain_reason(real)
     if reason:
         raise PermissionError(f"refusing cache folder {real}: {reason}")

@@ -1322,3 +1322,23 @@ def test_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
     assert cache.cache_root() == str(tmp_path / "home" / ".cache" / "sru_cupy")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache.cache_root() == str(tmp_path / "xdg" / "sru_cupy")
+
+
+@needs_compiler
+def test_libraries_loaded_by_descriptor_one_after_another_are_each_their_own(tmp_path, fast_cxx):
+    """Libraries are loaded by /proc/self/fd/N and the descriptor closed afterwards, so the next
+    library's descriptor often has the same number; the loader would hand back the first library
+    for a name it has seen. Each library loaded must be the one asked for."""
+    code = """
+        import json
+        from sru_cupy.backends import host
+        names = {}
+        for columns in (1, 2, host.COLUMNS_PER_THREAD):
+            lib = host.library(columns)
+            names[columns] = [lib.sru_host_kernel_name(i).decode()
+                              for i in range(lib.sru_host_kernel_count())]
+        print(json.dumps({"names": names}))
+    """
+    got, _ = _run(code, _env(tmp_path / "cache", CXX=fast_cxx))
+    for columns, names in got["names"].items():
+        assert names and all(name.endswith(f", {columns}>") for name in names), (columns, names)
