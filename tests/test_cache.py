@@ -2,7 +2,11 @@
 (sru_cupy.backends.host): private folders, refusal of unsafe or unusable folders with a
 CacheWarning and a private temporary fallback, atomic writes, corrupt or substituted libraries
 detected before they are loaded, ``clear()`` and the ``clear-cache`` / ``info`` commands, and
-concurrent first builds from threads and processes.
+concurrent first builds from threads and processes; the trust rules (links and path components
+others own or can write, files checked and loaded by descriptor, even when swapped between the
+check and the load), the lock time limit, full and read-only caches (a real tmpfs and a read-only
+bind mount where the tests run as root), records missing a field, unloadable libraries and stale
+files.
 
 Every test that needs fresh module state (an empty cache, no library loaded yet, warnings not yet
 shown) runs a fresh interpreter with ``SRU_CUPY_CACHE_DIR`` set. To keep the suite fast, the
