@@ -191,6 +191,8 @@ def _resolved_root():
     OSError when it is refused or unusable)."""
     configured = cache_root()
     real = _resolved.get(configured)
+    if real is not None and not os.path.lexists(real):  # removed since: resolved and made anew
+        real = None
     if real is None:
         reason = _links_reason(configured)
         if reason:

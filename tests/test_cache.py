@@ -2,7 +2,11 @@
 (sru_cupy.backends.host): private folders, refusal of unsafe or unusable folders with a
 CacheWarning and a private temporary fallback, atomic writes, corrupt or substituted libraries
 detected before they are loaded, ``clear()`` and the ``clear-cache`` / ``info`` commands, and
-concurrent first builds from threads and processes.
+concurrent first builds from threads and processes; the trust rules (links and path components
+others own or can write, files checked and loaded by descriptor, even when swapped between the
+check and the load), the lock time limit, full and read-only caches (a real tmpfs and a read-only
+bind mount where the tests run as root), records missing a field, unloadable libraries and stale
+files.
 
 Every test that needs fresh module state (an empty cache, no library loaded yet, warnings not yet
 shown) runs a fresh interpreter with ``SRU_CUPY_CACHE_DIR`` set. To keep the suite fast, the
@@ -1322,3 +1326,23 @@ def test_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
     assert cache.cache_root() == str(tmp_path / "home" / ".cache" / "sru_cupy")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache.cache_root() == str(tmp_path / "xdg" / "sru_cupy")
+
+
+@needs_compiler
+def test_libraries_loaded_by_descriptor_one_after_another_are_each_their_own(tmp_path, fast_cxx):
+    """Libraries are loaded by /proc/self/fd/N and the descriptor closed afterwards, so the next
+    library's descriptor often has the same number; the loader would hand back the first library
+    for a name it has seen. Each library loaded must be the one asked for."""
+    code = """
+        import json
+        from sru_cupy.backends import host
+        names = {}
+        for columns in (1, 2, host.COLUMNS_PER_THREAD):
+            lib = host.library(columns)
+            names[columns] = [lib.sru_host_kernel_name(i).decode()
+                              for i in range(lib.sru_host_kernel_count())]
+        print(json.dumps({"names": names}))
+    """
+    got, _ = _run(code, _env(tmp_path / "cache", CXX=fast_cxx))
+    for columns, names in got["names"].items():
+        assert names and all(name.endswith(f", {columns}>") for name in names), (columns, names)

@@ -536,7 +536,7 @@ def _build_in(folder, command, key, source, flags, force):
         return fd, library_path
 
 
-def _build(command, columns=None, force=False):
+def _open_library(command, columns=None, force=False):
     """(descriptor, path) of the verified cached library for this source, columns per thread
     (default COLUMNS_PER_THREAD), compiler command and flags, built if needed (``force``: built
     again, the cached one would not load). A read-only cache folder is read; what it lacks is
@@ -572,6 +572,8 @@ def _truncation(fd):
     """Why an ELF file cannot be whole (a segment or a header table past its end), or None. The
     loader maps segments without this check, and touching a page past the end of the file kills
     the process (SIGBUS) instead of failing the load."""
+    if not hasattr(os, "pread"):  # not a system of ELF files
+        return None
     header = os.pread(fd, 64, 0)
     if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] not in _ELF_LAYOUT:
         return None  # not ELF (another system's format, or garbage): the loader says why
@@ -591,23 +593,47 @@ def _truncation(fd):
     return None
 
 
+def _build(command, columns=None):
+    """Path of the verified cached library for this source, columns per thread (default
+    COLUMNS_PER_THREAD), compiler command and flags, built if needed."""
+    fd, path = _open_library(command, columns)
+    os.close(fd)
+    return path
+
+
+_loaded_names = set()  # the /proc/self/fd/N names this process has loaded libraries by
+
+
+def _unique_descriptor(fd):
+    """A descriptor of the same file whose /proc/self/fd name no library of ours was loaded by
+    (the loader takes a name it has loaded before for that library, without opening anything), or
+    None when ``fd`` itself is one; the caller closes it."""
+    if f"/proc/self/fd/{fd}" not in _loaded_names:
+        return None
+    import fcntl
+    lowest = 1 + max(int(name.rsplit("/", 1)[1]) for name in _loaded_names)
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, lowest)
+
+
 def _load(fd, path):
-    """The library of a verified descriptor, loaded from that descriptor where the system names it
-    (Linux: /proc/self/fd/N, kept open for the life of the library so that its name stays its
-    own), else from its checked path."""
-    target = cache.loadable_path(fd, path)
+    """The library of a verified descriptor (closed here), loaded from that descriptor where the
+    system names it (Linux: /proc/self/fd/N), else from its checked path."""
+    duplicate = None
     try:
         truncated = _truncation(fd)
         if truncated:
             raise OSError(f"{path}: {truncated}")
-        lib = ctypes.CDLL(target)
-    except BaseException:
+        target = cache.loadable_path(fd, path)
+        if target.startswith("/proc/self/fd/"):
+            duplicate = _unique_descriptor(fd)
+            if duplicate is not None:
+                target = f"/proc/self/fd/{duplicate}"
+            _loaded_names.add(target)
+        lib = ctypes.CDLL(target)  # mapped: the descriptors are not needed any more
+    finally:
         os.close(fd)
-        raise
-    if target.startswith("/proc/self/fd/"):
-        lib.descriptor = fd
-    else:
-        os.close(fd)
+        if duplicate is not None:
+            os.close(duplicate)
     lib.sru_host_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [
         ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
     lib.sru_host_launch.restype = ctypes.c_int
@@ -635,14 +661,14 @@ def library(columns=None):
             if command is None:
                 raise RuntimeError("sru_cupy host backend: no C++ compiler found (set $CXX, install "
                                    "g++ or clang++, or pip install sru_cupy[cpu])")
-            fd, path = _build(command, columns)
+            fd, path = _open_library(command, columns)
             try:
                 lib = _load(fd, path)
             except (OSError, AttributeError) as error:  # not loadable, or not our library
                 warn_once(("unloadable", path),
                           f"sru_cupy: cached host library {path} cannot be loaded ({error}); "
                           "rebuilding it")
-                fd, path = _build(command, columns, force=True)
+                fd, path = _open_library(command, columns, force=True)
                 try:
                     lib = _load(fd, path)
                 except (OSError, AttributeError) as again:
