@@ -790,24 +790,16 @@ def test_an_out_array_overlapping_an_input_is_refused(no_launch, which, key, inp
     """An output written over an input the kernel still reads would compute wrong values
     silently: refused, naming both (the same memory, or a view of it)."""
     _, inputs, options = _bad_case()
-    out = inputs[input_name]
-    inputs, options = dict(inputs), dict(options)
     with pytest.raises(ValueError, match=rf"^out\[{key!r}\]: shares memory with {input_name}"):
-        if which == "forward":
-            recurrence_forward(inputs["U"], inputs["x"], inputs["weight_c"], inputs["bias"],
-                               inputs["c0"], **options, out={key: out})
-        else:
-            recurrence_backward(inputs["grad_h"], inputs["grad_c_last"], inputs["U"], inputs["x"],
-                                inputs["weight_c"], inputs["bias"], inputs["c0"], inputs["c"],
-                                **options, out={key: out})
+        (_forward if which == "forward" else _backward)(
+            inputs, dict(options, out={key: inputs[input_name]}))
 
 
 def test_out_arrays_overlapping_each_other_are_refused(no_launch):
     _, inputs, options = _bad_case()
     both = np.zeros((L_ + 1, B_, D_), np.float32)
     with pytest.raises(ValueError, match=r"^out\['c'\]: shares memory with out\['h'\]"):
-        recurrence_forward(inputs["U"], inputs["x"], inputs["weight_c"], inputs["bias"],
-                           inputs["c0"], **options, out={"h": both[:-1], "c": both[1:]})
+        _forward(inputs, dict(options, out={"h": both[:-1], "c": both[1:]}))
 
 
 @pytest.mark.parametrize("which,key,array", [row[1:] for row in BAD_OUT],
