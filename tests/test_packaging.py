@@ -210,3 +210,61 @@ def test_import_is_inert(tmp_path):
     assert got["cuda_libs"] == [], f"import sru_cupy mapped CUDA libraries: {got['cuda_libs']}"
     assert not cache.exists(), "import sru_cupy created SRU_CUPY_CACHE_DIR"
     assert list(xdg.iterdir()) == [], f"import sru_cupy wrote to the cache home: {list(xdg.iterdir())}"
+
+
+# -- the package's structure -------------------------------------------------------------------
+
+
+def _package_imports():
+    """{module: the package modules it imports, at the top or inside a function}."""
+    import ast
+    root = Path(__file__).resolve().parents[1] / "sru_cupy"
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.with_suffix("").relative_to(root.parent).parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    imports = {name: set() for name in modules}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom) or not node.level:
+                continue
+            base = package.split(".")[:len(package.split(".")) - node.level + 1]
+            target = ".".join(base + ([node.module] if node.module else []))
+            for alias in node.names:
+                found = f"{target}.{alias.name}" if f"{target}.{alias.name}" in modules else target
+                if found in modules and found != name:
+                    imports[name].add(found)
+    return imports
+
+
+def test_no_import_circles_lazy_imports_included():
+    imports = _package_imports()
+    assert "sru_cupy.ops" in imports["sru_cupy.modules"]  # the reading sees imports
+
+    def reaches(start, goal, seen):
+        for other in imports[start]:
+            if other == goal or (other not in seen and not seen.add(other)
+                                 and reaches(other, goal, seen)):
+                return True
+        return False
+
+    circles = sorted(name for name in imports if reaches(name, name, set()))
+    assert circles == [], f"modules on an import circle: {circles}"
+
+
+def test_no_private_name_is_imported_across_modules():
+    import ast
+    root = Path(__file__).resolve().parents[1] / "sru_cupy"
+    modules = {path.stem for path in root.rglob("*.py")}
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                found += [f"{path.name}: from {node.module} import {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id in modules and node.value.id != path.stem \
+                    and node.attr.startswith("_") and not node.attr.startswith("__"):
+                found.append(f"{path.name}: {node.value.id}.{node.attr}")
+    assert found == []
