@@ -221,6 +221,21 @@ def _models(cfg, device, dtype):
     return models, skipped
 
 
+def _step_functions(model, x, x_grad):
+    """(forward, train_step) of a model called as (output, _) = model(x): inference under
+    torch.no_grad, and forward+backward of the output's sum on the input that requires grad."""
+    import torch
+
+    def forward():
+        with torch.no_grad():
+            model(x)
+
+    def train_step():
+        out, _ = model(x_grad)
+        out.float().sum().backward()
+    return forward, train_step
+
+
 def _layer_rows(cfg, device, dtype, timer, only=None, batch=1):
     """One row per model (those named in ``only``, else all): median forward and forward+backward
     times (ms per call; each timed run makes ``batch`` calls) with their interquartile ranges,
@@ -234,14 +249,7 @@ def _layer_rows(cfg, device, dtype, timer, only=None, batch=1):
         skipped = {name: why for name, why in skipped.items() if name in only}
     steps = {}
     for name, model in models.items():
-        def forward(model=model):
-            with torch.no_grad():
-                model(x)
-
-        def train_step(model=model):
-            out, _ = model(x_grad)
-            out.float().sum().backward()
-
+        forward, train_step = _step_functions(model, x, x_grad)
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Running SRU on CPU")
@@ -307,25 +315,16 @@ def per_call_section(device, timer):
     (forward and forward+backward ms per call, ratios to the SRU), their host microseconds per
     call, and on a GPU the goals with the values measured."""
     import torch
-    from .modules import SRU
     cfg = PER_CALL_CONFIG
     lstm_name = "cuDNN LSTM" if device.type == "cuda" else "torch LSTM"
     rows, skipped = _layer_rows(cfg, device, torch.float32, timer,
                                 only=("sru_cupy SRU", lstm_name), batch=PER_CALL_BATCH)
-    torch.manual_seed(0)
     x = torch.randn(cfg["L"], cfg["B"], cfg["d"], device=device)
     x_grad = x.clone().requires_grad_(True)
-    models = {"sru_cupy SRU": SRU(cfg["d"], cfg["d"], num_layers=1).to(device),
-              lstm_name: torch.nn.LSTM(cfg["d"], cfg["d"], num_layers=1).to(device)}
+    models, _ = _models(cfg, device, torch.float32)
     host_us = {}
-    for name, model in models.items():
-        def forward(model=model):
-            with torch.no_grad():
-                model(x)
-
-        def train_step(model=model):
-            model(x_grad)[0].sum().backward()
-
+    for name in [r["model"] for r in rows]:
+        forward, train_step = _step_functions(models[name], x, x_grad)
         host_us[name] = {
             "forward": host_time_per_call(forward, device, timer.repeats, timer.warmup),
             "forward_backward": host_time_per_call(train_step, device, timer.repeats,
@@ -336,9 +335,11 @@ def per_call_section(device, timer):
                                "synchronisation after them" if device.type == "cuda" else
                                f"whole calls, {PER_CALL_BATCH} back to back")}
     lstm = next((r for r in rows if r["model"] == lstm_name), None)
-    values = {"host_us_forward": host_us["sru_cupy SRU"]["forward"],
-              "host_us_forward_backward": host_us["sru_cupy SRU"]["forward_backward"]}
-    if lstm is not None:
+    values = {}
+    if "sru_cupy SRU" in host_us:  # else the SRU failed, and skipped says why
+        values = {"host_us_forward": host_us["sru_cupy SRU"]["forward"],
+                  "host_us_forward_backward": host_us["sru_cupy SRU"]["forward_backward"]}
+    if lstm is not None and "forward_ratio" in lstm:
         values["forward_ratio_to_lstm"] = 1.0 / lstm["forward_ratio"]
     section.update(values)
     if device.type == "cuda":
