@@ -5,8 +5,11 @@
 #                   and speed (DEMO_ARGS=...)
 #   make test       run the test suite inside .venv (extra args: PYTEST_ARGS=...)
 #   make gpu-check  on a GPU machine (torch, cupy, pytest installed; no downloads): environment
-#                   report, the GPU tests and a CPU smoke set, the GPU benchmark -> $(GPU_CHECK_OUT),
-#                   under 6 minutes (GPU_CHECK_ARGS=--quick: under 3)
+#                   report, smoke checks, the GPU tests in value order, the GPU benchmark, within
+#                   9 minutes (GPU_CHECK_ARGS=--quick: 4.5). GPU_CHECK_OUT=$OUT: $OUT receives
+#                   summary.txt, summary.json and gpu-check.tar.gz (everything else), rewritten
+#                   after every stage; unpack with tar -xzf into benchmarks/results/. Without it:
+#                   plain files in benchmarks/results/<device>-<date>/
 #   make clean      remove build outputs (keeps .venv)
 #   make distclean  clean, and remove .venv and .hypothesis too
 
@@ -20,7 +23,8 @@ VENV_PIP := $(VENV_PY) -m pip
 # Rebuilt only when the packaging metadata changes.
 VENV_STAMP := $(VENV)/.sru_cupy-venv.stamp
 
-# Results folder of gpu-check; empty means benchmarks/results/<device>-<date>.
+# Folder that receives gpu-check's summary and archive; empty means plain files in
+# benchmarks/results/<device>-<date>.
 GPU_CHECK_OUT ?=
 # Extra arguments of benchmarks/gpu_check.py, e.g. --quick.
 GPU_CHECK_ARGS ?=

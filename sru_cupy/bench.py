@@ -23,6 +23,13 @@ kernel time is that of ``KERNEL_LAUNCHES`` calls captured in one CUDA graph and 
 back (timed with CUDA events, divided by the count: no Python between launches, nothing
 subtracted); the same calls run eagerly back to back, and the host time to issue one call (the
 launch overhead), are reported beside it; the floor uses the bandwidth measured at the start.
+The per-call cost at a tiny shape (``PER_CALL_CONFIG``: L=1, B=1, d=32, one layer, float32), where
+the Python and launch work around the kernels is all there is: the SRU's forward against
+``nn.LSTM``'s (interleaved rounds of ``PER_CALL_BATCH`` calls each, medians and per-round ratios),
+and the host time per call of the SRU's and the LSTM's forward and forward+backward: on a GPU,
+``PER_CALL_BATCH`` calls issued back to back timed on the CPU side with one synchronisation after
+them (so the figure is what Python and the launches cost, not the kernels), on the CPU the whole
+call. On a GPU it is compared with ``PER_CALL_GOALS``.
 The start-up costs come from fresh processes: import of torch and of sru_cupy, then the first SRU
 forward with an empty kernel cache (cold: the kernels are compiled) and with the cache it left
 (warm; medians of ``STARTUP_WARM_RUNS`` processes, also as the excess of the first forward over
@@ -71,6 +78,18 @@ COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 28}
 
 #: Fresh processes with a warm kernel cache whose start-up times give the medians reported.
 STARTUP_WARM_RUNS = 3
+
+#: The tiny shape of the per-call section: all Python and launch overhead.
+PER_CALL_CONFIG = {"name": "L1-B1-d32", "L": 1, "B": 1, "d": 32, "layers": 1,
+                   "bidirectional": False}
+#: Calls per timed batch in the per-call section.
+PER_CALL_BATCH = 20
+#: What the per-call figures should reach on a GPU: (what, key, goal), the value at most the goal.
+PER_CALL_GOALS = [
+    ("forward time / nn.LSTM's", "forward_ratio_to_lstm", 1.5),
+    ("host us per forward", "host_us_forward", 40.0),
+    ("host us per forward+backward", "host_us_forward_backward", 80.0),
+]
 
 
 class Timer:
@@ -202,23 +221,35 @@ def _models(cfg, device, dtype):
     return models, skipped
 
 
-def _layer_rows(cfg, device, dtype, timer):
-    """One row per model: median forward and forward+backward times (ms) with their
-    interquartile ranges, and the medians of the per-round ratios to the SRU with theirs."""
+def _step_functions(model, x, x_grad):
+    """(forward, train_step) of a model called as (output, _) = model(x): inference under
+    torch.no_grad, and forward+backward of the output's sum on the input that requires grad."""
+    import torch
+
+    def forward():
+        with torch.no_grad():
+            model(x)
+
+    def train_step():
+        out, _ = model(x_grad)
+        out.float().sum().backward()
+    return forward, train_step
+
+
+def _layer_rows(cfg, device, dtype, timer, only=None, batch=1):
+    """One row per model (those named in ``only``, else all): median forward and forward+backward
+    times (ms per call; each timed run makes ``batch`` calls) with their interquartile ranges,
+    and the medians of the per-round ratios to the SRU with theirs."""
     import torch
     x = torch.randn(cfg["L"], cfg["B"], cfg["d"], device=device, dtype=dtype)
     x_grad = x.clone().requires_grad_(True)
     models, skipped = _models(cfg, device, dtype)
+    if only is not None:
+        models = {name: model for name, model in models.items() if name in only}
+        skipped = {name: why for name, why in skipped.items() if name in only}
     steps = {}
     for name, model in models.items():
-        def forward(model=model):
-            with torch.no_grad():
-                model(x)
-
-        def train_step(model=model):
-            out, _ = model(x_grad)
-            out.float().sum().backward()
-
+        forward, train_step = _step_functions(model, x, x_grad)
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Running SRU on CPU")
@@ -229,10 +260,13 @@ def _layer_rows(cfg, device, dtype, timer):
             skipped[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
     fns = {(name, key): step[i] for name, step in steps.items()
            for i, key in enumerate(("forward", "forward_backward"))}
+    if batch > 1:
+        fns = {key: _repeated(fn, batch) for key, fn in fns.items()}
     with warnings.catch_warnings():
         # the sru package warns on every CPU training call
         warnings.filterwarnings("ignore", message="Running SRU on CPU")
         times = timer.rounds(fns)
+    times = {key: [t / batch for t in values] for key, values in times.items()}
     rows = []
     for name in steps:
         row = {"model": name}
@@ -244,6 +278,75 @@ def _layer_rows(cfg, device, dtype, timer):
                     [t / b for t, b in zip(times[(name, key)], base)])
         rows.append(row)
     return rows, skipped
+
+
+def _repeated(fn, count):
+    """A callable that calls ``fn`` ``count`` times."""
+    def run():
+        for _ in range(count):
+            fn()
+    return run
+
+
+def host_time_per_call(fn, device, repeats, warmup, batch=PER_CALL_BATCH):
+    """Median over ``repeats`` batches (after ``warmup`` calls) of the host microseconds per call
+    of ``fn``: ``batch`` calls back to back timed with perf_counter. On a GPU nothing synchronises
+    inside the batch (one synchronisation after it, outside the time), so this is the time Python
+    and the launches take; on the CPU it is the whole call."""
+    import torch
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(batch):
+            fn()
+        times.append((time.perf_counter() - t0) / batch * 1e6)
+        if cuda:
+            torch.cuda.synchronize(device)
+    return statistics.median(times)
+
+
+def per_call_section(device, timer):
+    """The per-call section at ``PER_CALL_CONFIG`` in float32: the SRU's and nn.LSTM's rows
+    (forward and forward+backward ms per call, ratios to the SRU), their host microseconds per
+    call, and on a GPU the goals with the values measured."""
+    import torch
+    cfg = PER_CALL_CONFIG
+    lstm_name = "cuDNN LSTM" if device.type == "cuda" else "torch LSTM"
+    rows, skipped = _layer_rows(cfg, device, torch.float32, timer,
+                                only=("sru_cupy SRU", lstm_name), batch=PER_CALL_BATCH)
+    x = torch.randn(cfg["L"], cfg["B"], cfg["d"], device=device)
+    x_grad = x.clone().requires_grad_(True)
+    models, _ = _models(cfg, device, torch.float32)
+    host_us = {}
+    for name in [r["model"] for r in rows]:
+        forward, train_step = _step_functions(models[name], x, x_grad)
+        host_us[name] = {
+            "forward": host_time_per_call(forward, device, timer.repeats, timer.warmup),
+            "forward_backward": host_time_per_call(train_step, device, timer.repeats,
+                                                   timer.warmup)}
+    section = {"config": dict(cfg, dtype="float32"), "batch": PER_CALL_BATCH, "rows": rows,
+               "host_us": host_us, "skipped": skipped,
+               "host_timing": (f"{PER_CALL_BATCH} calls back to back timed on the CPU side, one "
+                               "synchronisation after them" if device.type == "cuda" else
+                               f"whole calls, {PER_CALL_BATCH} back to back")}
+    lstm = next((r for r in rows if r["model"] == lstm_name), None)
+    values = {}
+    if "sru_cupy SRU" in host_us:  # else the SRU failed, and skipped says why
+        values = {"host_us_forward": host_us["sru_cupy SRU"]["forward"],
+                  "host_us_forward_backward": host_us["sru_cupy SRU"]["forward_backward"]}
+    if lstm is not None and "forward_ratio" in lstm:
+        values["forward_ratio_to_lstm"] = 1.0 / lstm["forward_ratio"]
+    section.update(values)
+    if device.type == "cuda":
+        section["goals"] = [{"what": what, "key": key, "goal": goal, "value": values[key],
+                             "met": values[key] <= goal}
+                            for what, key, goal in PER_CALL_GOALS if key in values]
+    return section
 
 
 def _copy_step(device, nbytes=None):
@@ -500,6 +603,10 @@ def run(device="auto", out_dir=None, repeats=20, warmup=5, dtypes=None, configs=
     result["copy_bandwidth_GBps"] = bandwidth / 1e9
     echo(f"device: {result['device']}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
          f"{repeats} interleaved rounds after {warmup} warm-up rounds")
+    write_partial(result, out_dir)
+    result["per_call"] = per_call_section(device, timer)
+    echo(format_per_call(result["per_call"]) + "\n")
+    write_partial(result, out_dir)
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         for cfg in selected:
@@ -516,6 +623,7 @@ def run(device="auto", out_dir=None, repeats=20, warmup=5, dtypes=None, configs=
             echo(format_layer_table(rows) + "\n")
             write_partial(result, out_dir)  # a run stopped later still leaves these
     result["startup_seconds"] = startup_cost(device)
+    write_partial(result, out_dir)
     result["complete"] = True
     markdown = format_markdown(result)
     echo(markdown)
@@ -542,6 +650,30 @@ def format_layer_table(rows):
                      f"{_ratio(r, 'forward'):>17} {r['forward_backward_ms']:11.3f} "
                      f"{_ratio(r, 'forward_backward'):>17}")
     return "\n".join(lines)
+
+
+def format_per_call(section):
+    """The per-call section as markdown: its table, how the host time was taken, and the goals
+    (on a GPU) with the values measured."""
+    cfg = section["config"]
+    out = [f"Per-call cost at L={cfg['L']} B={cfg['B']} d={cfg['d']}, {cfg['layers']} layer, "
+           f"{cfg['dtype']} (times per call from batches of {section['batch']} calls; x SRU as "
+           f"above; host us: {section['host_timing']}):", "",
+           "| model | forward us | x SRU | fwd+bwd us | x SRU | host us forward "
+           "| host us fwd+bwd |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in section["rows"]:
+        host = section["host_us"].get(r["model"], {})
+        out.append(f"| {r['model']} | {r['forward_ms'] * 1e3:.1f} | {_ratio(r, 'forward')} | "
+                   f"{r['forward_backward_ms'] * 1e3:.1f} | {_ratio(r, 'forward_backward')} | "
+                   f"{host.get('forward', float('nan')):.1f} | "
+                   f"{host.get('forward_backward', float('nan')):.1f} |")
+    if section.get("skipped"):
+        out += ["", "Not measured: " + "; ".join(f"{k} ({v})" for k, v in section["skipped"].items())]
+    if section.get("goals"):
+        out += ["", "Goals (SRU forward time / nn.LSTM's is 1 / the LSTM's x SRU): " + "; ".join(
+            f"{g['what']} {g['value']:.2f} <= {g['goal']:g}: {'met' if g['met'] else 'NOT met'}"
+            for g in section["goals"])]
+    return "\n".join(out)
 
 
 def _seconds(value):
@@ -587,6 +719,8 @@ def format_markdown(result):
         out += ["", "Kernel ms: medians over rounds that also time the copy; % of floor: median "
                 "over the rounds of that round's floor / kernel time (interquartile range); "
                 "ns/element/core: kernel time x threads / (L B D)."]
+    if "per_call" in result:
+        out += ["", format_per_call(result["per_call"])]
     startup = result.get("startup_seconds", {})
     if startup:
         out += ["", "Start-up (fresh processes; first call: one SRU forward): "
@@ -598,13 +732,17 @@ def format_markdown(result):
 
 
 def write_partial(result, out_dir):
-    """bench.json with what is measured so far, marked ``"complete": false`` (no-op without
-    ``out_dir``); write_outputs replaces it at the end (``"complete": true``)."""
+    """bench.json and bench.md with what is measured so far, the JSON marked ``"complete":
+    false`` (no-op without ``out_dir``); called after every section, so a run stopped later
+    leaves them; write_outputs replaces them at the end (``"complete": true``)."""
     if out_dir:
         from .cache import write_atomic
         os.makedirs(out_dir, exist_ok=True)
-        write_atomic(os.path.join(out_dir, "bench.json"),
-                     json.dumps(dict(result, complete=False), indent=2).encode())
+        partial = dict(result, complete=False)
+        write_atomic(os.path.join(out_dir, "bench.json"), json.dumps(partial, indent=2).encode())
+        write_atomic(os.path.join(out_dir, "bench.md"),
+                     (format_markdown(partial) + "\n\n(incomplete: written during the run; its end "
+                      "rewrites this file)\n").encode())
 
 
 def write_outputs(result, markdown, out_dir):

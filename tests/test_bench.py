@@ -86,6 +86,24 @@ def test_run_times_every_model_and_writes_json_markdown_and_chart(tiny_configs, 
     assert result["cpu_gemm"] == cpu_gemm.describe() and result["cpu_kernels"] == info.cpu_path()
     assert f"CPU GEMM of the SRU layers: {cpu_gemm.describe()}. Recurrence: {info.cpu_path()}." \
         in markdown
+    # the per-call section: the SRU against nn.LSTM at the tiny shape, and their host times
+    per_call = result["per_call"]
+    assert per_call["config"] == dict(bench.PER_CALL_CONFIG, dtype="float32")
+    assert [r["model"] for r in per_call["rows"]] == ["sru_cupy SRU", "torch LSTM"]
+    lstm = per_call["rows"][1]
+    assert lstm["forward_ratio"] > 0 and per_call["forward_ratio_to_lstm"] == pytest.approx(
+        1 / lstm["forward_ratio"])
+    for model in ("sru_cupy SRU", "torch LSTM"):
+        assert set(per_call["host_us"][model]) == {"forward", "forward_backward"}
+        assert all(value > 0 for value in per_call["host_us"][model].values())
+    assert per_call["host_us_forward"] == per_call["host_us"]["sru_cupy SRU"]["forward"]
+    assert "goals" not in per_call  # the goals are for a GPU
+    assert "Per-call cost at L=1 B=1 d=32, 1 layer, float32" in markdown
+    sru_host = per_call["host_us"]["sru_cupy SRU"]
+    assert (f"| sru_cupy SRU | {per_call['rows'][0]['forward_ms'] * 1e3:.1f} | 1.00 (1.00-1.00) |"
+            in markdown)
+    assert f"| {sru_host['forward']:.1f} | {sru_host['forward_backward']:.1f} |" in markdown
+    assert any("Per-call cost" in line for line in printed)
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p.name for p in out.iterdir() if p.name not in ("bench.json", "bench.md",
                                                                  "bench.png")]
@@ -125,6 +143,39 @@ def test_markdown_shows_per_round_ratios_with_their_spread():
     assert "Not measured: c float32 sru package (ImportError)" in markdown
     table = bench.format_layer_table(result["layers"])
     assert table.splitlines()[2].split()[-2:] == ["1.50", "(1.25-1.75)"]  # LSTM fwd+bwd ratio
+
+
+def test_per_call_markdown_shows_the_goals_met_and_not_met():
+    section = {"config": dict(bench.PER_CALL_CONFIG, dtype="float32"), "batch": 20,
+               "host_timing": "20 calls back to back timed on the CPU side",
+               "rows": [{"model": "sru_cupy SRU", "forward_ms": 0.0421, "forward_backward_ms": 0.125,
+                         "forward_ratio": 1.0, "forward_ratio_iqr": [1.0, 1.0],
+                         "forward_backward_ratio": 1.0, "forward_backward_ratio_iqr": [1.0, 1.0]},
+                        {"model": "cuDNN LSTM", "forward_ms": 0.035, "forward_backward_ms": 0.1,
+                         "forward_ratio": 0.8, "forward_ratio_iqr": [0.75, 0.85],
+                         "forward_backward_ratio": 0.8, "forward_backward_ratio_iqr": [0.7, 0.9]}],
+               "host_us": {"sru_cupy SRU": {"forward": 35.25, "forward_backward": 95.0},
+                           "cuDNN LSTM": {"forward": 30.0, "forward_backward": 70.0}},
+               "goals": [{"what": "forward time / nn.LSTM's", "value": 1.25, "goal": 1.5,
+                          "met": True},
+                         {"what": "host us per forward+backward", "value": 95.0, "goal": 80.0,
+                          "met": False}]}
+    text = bench.format_per_call(section)
+    assert "| sru_cupy SRU | 42.1 | 1.00 (1.00-1.00) | 125.0 | 1.00 (1.00-1.00) | 35.2 | 95.0 |" \
+        in text
+    assert "| cuDNN LSTM | 35.0 | 0.80 (0.75-0.85) | 100.0 | 0.80 (0.70-0.90) | 30.0 | 70.0 |" in text
+    assert ("forward time / nn.LSTM's 1.25 <= 1.5: met; host us per forward+backward 95.00 <= 80: "
+            "NOT met") in text
+    assert "20 calls back to back timed on the CPU side" in text
+
+
+def test_host_time_per_call_is_the_median_of_batches_per_call(monkeypatch):
+    clock = iter([0.0, 0.002, 1.0, 1.004, 2.0, 2.003])  # three batches: 2, 4 and 3 ms
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    calls = []
+    us = bench.host_time_per_call(lambda: calls.append(1), CPU, repeats=3, warmup=2, batch=10)
+    assert len(calls) == 2 + 3 * 10
+    assert us == pytest.approx(300.0)  # the median batch, 3 ms, over 10 calls
 
 
 def test_rounds_interleave_the_callables_and_spread_gives_median_and_quartiles():
@@ -291,8 +342,35 @@ def test_a_stopped_run_leaves_the_configurations_measured_so_far(tiny_configs, t
         seen = json.loads((out / "bench.json").read_text())
         assert seen["complete"] is False
         assert {r["config"] for r in seen["layers"]} == {"tiny", "tiny-2layer-bi"}
+        assert seen["per_call"]["host_us"]["sru_cupy SRU"]["forward"] > 0
         raise KeyboardInterrupt
     monkeypatch.setattr(bench, "startup_cost", stopped)
     with pytest.raises(KeyboardInterrupt):
         bench.run("cpu", out_dir=str(out), repeats=1, warmup=0, echo=lambda *a: None)
     assert json.loads((out / "bench.json").read_text())["complete"] is False
+    markdown = (out / "bench.md").read_text()
+    assert "| tiny-2layer-bi | float32 | sru_cupy SRU |" in markdown
+    assert "Per-call cost at L=1 B=1 d=32" in markdown and "(incomplete" in markdown
+
+
+def test_every_section_is_written_as_soon_as_it_is_measured(tiny_configs, tmp_path, monkeypatch):
+    """bench.json after the copy bandwidth, the per-call section, each configuration and the
+    start-up costs, each time with what came before: a run stopped anywhere keeps them."""
+    out = tmp_path / "results"
+    seen = []
+    write_partial = bench.write_partial
+
+    def recording(result, out_dir):
+        write_partial(result, out_dir)
+        data = json.loads((out / "bench.json").read_text())
+        seen.append((data["complete"], "copy_bandwidth_GBps" in data, "per_call" in data,
+                     sorted({r["config"] for r in data["layers"]}), "startup_seconds" in data))
+    monkeypatch.setattr(bench, "write_partial", recording)
+    bench.run("cpu", out_dir=str(out), repeats=1, warmup=0, echo=lambda *a: None)
+    assert seen == [(False, True, False, [], False),
+                    (False, True, True, [], False),
+                    (False, True, True, ["tiny"], False),
+                    (False, True, True, ["tiny", "tiny-2layer-bi"], False),
+                    (False, True, True, ["tiny", "tiny-2layer-bi"], True)]
+    assert json.loads((out / "bench.json").read_text())["complete"] is True
+    assert "(incomplete" not in (out / "bench.md").read_text()
