@@ -17,6 +17,7 @@ HOST, NUMPY, TORCH = "host", "numpy", "torch"
 _NO_COMPILER = ("sru_cupy: no C++ compiler found, {what} use the vectorized {impl} implementation "
                 "(pip install sru_cupy[cpu], or set $CXX, for the compiled kernels)")
 _announced = set()
+_asked = set()  # the deciding functions announce_once has asked
 
 
 def compiled_cpu_kernels():
@@ -42,3 +43,12 @@ def announce(chosen):
     what = "NumPy arrays" if chosen == NUMPY else "CPU tensors"
     warnings.warn(_NO_COMPILER.format(what=what, impl="NumPy" if chosen == NUMPY else "PyTorch"),
                   stacklevel=user_stacklevel())
+
+
+def announce_once(decide):
+    """``announce(decide())`` the first time in the process that ``decide`` (for_numpy or
+    for_torch_cpu) is passed: a per-call hook that costs nothing after its first call, as the
+    announcement is once per process anyway."""
+    if decide not in _asked:
+        _asked.add(decide)
+        announce(decide())

@@ -311,7 +311,7 @@ def recurrence(U: Tensor, x: Optional[Tensor], weight_c: Optional[Tensor], bias:
     call = _describe(args)
     _check_tensors(FORWARD, call, args)
     if U.device.type == "cpu" and not torch.compiler.is_compiling():
-        implementation.announce(implementation.for_torch_cpu())
+        implementation.announce_once(implementation.for_torch_cpu)
     args["store_c"] = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (U, x, weight_c, bias, c0, V))
     h, _, c_last = recurrence_forward_op(*(args[name] for name, _ in OP_ARGUMENTS[FORWARD]))
