@@ -85,7 +85,7 @@ BUDGET = {"full": 520, "quick": 240}
 #: missing from a mode is not run in it.
 STAGE_LIMITS = {
     "full": {"environment": 25, "smoke": 90, "gpu-launch": 70, "gpu-modules": 65,
-             "gpu-streams": 40, "benchmark": 130, "gpu-sweeps": 70, "cpu-smoke": 30},
+             "gpu-streams": 40, "benchmark": 125, "gpu-sweeps": 65, "cpu-smoke": 40},
     "quick": {"environment": 15, "smoke": 60, "gpu-launch": 45, "gpu-modules": 45,
               "gpu-streams": 25, "benchmark": 50},
 }
