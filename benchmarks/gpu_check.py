@@ -52,7 +52,9 @@ script (every GPU check SKIP) and the test stages (the GPU tests skip), leaves t
 (printing what it would have run), and exits with 2. Meant for a GPU machine where torch, CuPy
 and pytest are installed and nothing can be downloaded: it runs from the source tree (the
 repository root on PYTHONPATH) and installs nothing. Exit status: 0 when every stage passed on a
-GPU, 1 when a stage failed or was stopped, 2 when there is no GPU.
+GPU, 1 when a stage failed or was stopped, 2 when there is no GPU. A SIGTERM or SIGINT to this
+process stops the stage running (SIGINT, as above), writes the summary (that stage
+"interrupted") and the archive once more, and exits with 1.
 """
 
 import argparse
@@ -83,7 +85,7 @@ BUDGET = {"full": 520, "quick": 240}
 #: missing from a mode is not run in it.
 STAGE_LIMITS = {
     "full": {"environment": 25, "smoke": 90, "gpu-launch": 70, "gpu-modules": 65,
-             "gpu-streams": 40, "benchmark": 130, "gpu-sweeps": 70, "cpu-smoke": 30},
+             "gpu-streams": 40, "benchmark": 125, "gpu-sweeps": 65, "cpu-smoke": 40},
     "quick": {"environment": 15, "smoke": 60, "gpu-launch": 45, "gpu-modules": 45,
               "gpu-streams": 25, "benchmark": 50},
 }
@@ -128,6 +130,17 @@ def _default_sigint():
     if (signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             and threading.current_thread() is threading.main_thread()):
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _stop_on_sigterm():
+    """A SIGTERM to this process (a runner's time limit) ends the run as Ctrl-C does: the stage
+    running is stopped with SIGINT, and the summary and the archive are written a last time."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _stop_group(process, grace=STOP_GRACE):
@@ -478,6 +491,7 @@ def main(argv=None):
         print("\n".join(_plan_lines(mode, budget, plan, per_test_timeout)))
         return 0
 
+    _stop_on_sigterm()
     gpus, why_none = find_gpus()
     results_name = f"{_device_slug(gpus)}-{datetime.date.today().isoformat()}"
     scratch = None
@@ -537,8 +551,15 @@ def main(argv=None):
                 failed = True
                 continue
             t0 = time.time()
-            rc, output = _run(stage.name, stage.command(limit), work_dir, stage.log, limit, env,
-                              stage.header)
+            try:
+                rc, output = _run(stage.name, stage.command(limit), work_dir, stage.log, limit,
+                                  env, stage.header)
+            except KeyboardInterrupt as error:  # SIGINT or SIGTERM to this process
+                say(f"== {stage.name}: interrupted ({error or 'SIGINT'}); the run ends here")
+                summary.stage(stage.name, status="interrupted: the run was stopped",
+                              seconds=time.time() - t0, limit=limit)
+                failed = True
+                break
             stopped = f"[gpu-check] {stage.name} stopped after" in output
             status = ("stopped at its time limit" if stopped
                       else "passed" if rc == 0 else f"exit {rc}")

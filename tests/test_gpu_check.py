@@ -234,11 +234,11 @@ def test_the_archive_and_summary_are_rewritten_after_every_stage(gpu_check, tmp_
         return 0, "1 passed in 0.1s\n"
 
     monkeypatch.setattr(gpu_check, "_run", stage)
+    monkeypatch.setattr(gpu_check, "_stop_on_sigterm", lambda: None)  # not in pytest's process
     monkeypatch.setattr(gpu_check, "find_gpus", lambda: (["NVIDIA H200"], None))
     monkeypatch.setattr(gpu_check, "_environment_files",
                         lambda work_dir, env: Path(work_dir, "nvidia-smi.txt").write_text("smi\n"))
-    with pytest.raises(KeyboardInterrupt):
-        gpu_check.main(["--out", str(out)])
+    assert gpu_check.main(["--out", str(out)]) == 1
     assert seen["environment"] == ["gpu-check.log", "nvidia-smi.txt", "summary.json",
                                    "summary.txt"]
     assert seen["gpu-launch"] == ["gpu-check.log", "info.txt", "nvidia-smi.txt", "smoke.log",
@@ -247,7 +247,9 @@ def test_the_archive_and_summary_are_rewritten_after_every_stage(gpu_check, tmp_
     assert sorted(p.name for p in out.iterdir()) == ["gpu-check.tar.gz", "summary.json",
                                                      "summary.txt"]
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary["stages"]) == ["environment", "smoke", "gpu-launch", "gpu-modules"]
+    assert list(summary["stages"]) == ["environment", "smoke", "gpu-launch", "gpu-modules",
+                                       "gpu-streams"]
+    assert summary["stages"]["gpu-streams"]["status"] == "interrupted: the run was stopped"
     assert summary["device"] == "NVIDIA-H200" and "total_seconds" in summary
     top = f"NVIDIA-H200-{datetime.date.today().isoformat()}"
     with tarfile.open(out / gpu_check.ARCHIVE) as tar:
@@ -257,10 +259,43 @@ def test_the_archive_and_summary_are_rewritten_after_every_stage(gpu_check, tmp_
     assert "plan (full, budget 520 s" in runner_log and "gpu-modules: passed" in runner_log
 
 
-def _check_without_gpu(tmp_path, *args):
-    """gpu_check.main in a fresh process that cannot import torch or cupy, with an nvidia-smi that
-    finds no GPU first on PATH (as on a machine with the tools but no device) and no CUDA device
-    visible to the stages."""
+def test_a_terminated_run_stops_its_stage_and_writes_its_summary_and_archive(tmp_path):
+    """SIGTERM to the check (a runner's time limit, say) during a stage: the stage is stopped
+    with SIGINT, and the summary and archive are written once more, with that stage's log."""
+    proc = _start_without_gpu(tmp_path)
+    out = tmp_path / "results"
+    deadline = time.time() + 200
+    try:
+        while time.time() < deadline:  # wait until the gpu-launch stage has started
+            summary = out / "summary.json"
+            if summary.is_file() and "smoke" in json.loads(summary.read_text())["stages"]:
+                break
+            time.sleep(0.2)
+        time.sleep(2)
+        proc.terminate()
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, stdout[-3000:]
+    assert "== gpu-launch: interrupted (signal 15); the run ends here" in stdout
+    data = json.loads((out / "summary.json").read_text())
+    assert "total_seconds" in data
+    assert list(data["stages"]) == ["environment", "smoke", "gpu-launch"]
+    assert data["stages"]["gpu-launch"]["status"] == "interrupted: the run was stopped"
+    with tarfile.open(out / "gpu-check.tar.gz") as tar:
+        names = [Path(name).name for name in tar.getnames()]
+        top = Path(tar.getnames()[0]).parts[0]
+        log = tar.extractfile(f"{top}/gpu-launch.log").read().decode()
+    assert "smoke.log" in names and "gpu-launch.log" in names
+    assert "[gpu-check] gpu-launch stopped" not in log  # stopped by the run's end, not its limit
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-check.tar.gz", "summary.json",
+                                                     "summary.txt"]
+
+
+def _start_without_gpu(tmp_path, *args):
+    """gpu_check.main started in a fresh process that cannot import torch or cupy, with an
+    nvidia-smi that finds no GPU first on PATH (as on a machine with the tools but no device)
+    and no CUDA device visible to the stages; stdout and stderr together."""
     out = tmp_path / "results"
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir(exist_ok=True)
@@ -276,11 +311,23 @@ def _check_without_gpu(tmp_path, *args):
         spec.loader.exec_module(module)
         sys.exit(module.main(["--out", {str(out)!r}, *{list(args)!r}]))
     """)
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env=child_env(tmp_path / "cache", PATH=f"{fake_bin}:/usr/bin:/bin",
+                                          CUDA_VISIBLE_DEVICES=""))
+
+
+def _check_without_gpu(tmp_path, *args):
+    """Runs the check as _start_without_gpu starts it: (the finished process, its output as
+    stdout; the --out folder; seconds)."""
     started = time.time()
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=400,
-                          env=child_env(tmp_path / "cache", PATH=f"{fake_bin}:/usr/bin:/bin",
-                                        CUDA_VISIBLE_DEVICES=""))
-    return proc, out, time.time() - started
+    proc = _start_without_gpu(tmp_path, *args)
+    try:
+        output, _ = proc.communicate(timeout=400)
+    finally:
+        proc.kill()
+    return (subprocess.CompletedProcess(proc.args, proc.returncode, output),
+            tmp_path / "results", time.time() - started)
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +347,7 @@ def test_dry_run_without_a_gpu(dry_run, gpu_check):
     proc, out, seconds, unpacked = dry_run
     # 4 GPU test stages, each collecting the test modules (about 10 s apiece on 2 shared cores)
     assert seconds < 150, f"the dry run took {seconds:.0f} s"
-    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 2, proc.stdout[-6000:]
     # --out gets three files, far within what a loan returns (8 files, 2 folders down)
     files = [p for p in out.rglob("*") if p.is_file()]
     assert sorted(p.name for p in files) == ["gpu-check.tar.gz", "summary.json", "summary.txt"]
