@@ -154,6 +154,16 @@ def bind_op_arguments(kernel, args, kwargs):
     return bound
 
 
+def keywords(function, given, defaults):
+    """``given`` keyword arguments of ``function`` with ``defaults`` filled in; an unknown name is
+    the TypeError Python would raise for it (the array functions take their options as keywords,
+    listed once per function)."""
+    unknown = [name for name in given if name not in defaults]
+    if unknown:
+        raise TypeError(f"{function}() got an unexpected keyword argument {unknown[0]!r}")
+    return {**defaults, **given}
+
+
 def _is_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 

@@ -54,7 +54,7 @@ Importing this module imports neither torch nor cupy (CuPy is imported when a CU
 """
 
 from . import interop, launch
-from .call import ARRAYS, PARAM
+from .call import ARRAYS, PARAM, keywords
 from .interop import as_array
 
 __all__ = ["recurrence_forward", "recurrence_inference", "recurrence_backward", "as_array"]
@@ -151,7 +151,7 @@ def recurrence_forward(U, x, weight_c, bias, c0=None, *, hidden_size, **options)
     Returns:
         (h (L, B, D), c (L, B, D) or None, c_last (B, D)) as NumPy or CuPy arrays in U's dtype.
     """
-    options = launch.keywords("recurrence_forward", options, launch.FORWARD_KEYWORDS)
+    options = keywords("recurrence_forward", options, launch.FORWARD_KEYWORDS)
     return launch.recurrence_forward(
         *_converted(dict(U=U, x=x, weight_c=weight_c, bias=bias, c0=c0), options),
         hidden_size=hidden_size, **options)
@@ -202,7 +202,7 @@ def recurrence_backward(grad_h, grad_c_last, U, x, weight_c, bias, c0, c, *, hid
         the gradient w.r.t. v even when weight_c is None); "V" (L, B, D*2) in U's dtype, or None
         without V.
     """
-    options = launch.keywords("recurrence_backward", options, launch.BACKWARD_KEYWORDS)
+    options = keywords("recurrence_backward", options, launch.BACKWARD_KEYWORDS)
     return launch.recurrence_backward(
         *_converted(dict(grad_h=grad_h, grad_c_last=grad_c_last, U=U, x=x, weight_c=weight_c,
                          bias=bias, c0=c0, c=c), options),

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import implementation, kernels, numpy_fallback
 from .backends import backend_for
-from .call import ARRAYS, BACKWARD, DATA, FORWARD, KERNEL_OUTPUTS, PARAM, RecurrenceCall
+from .call import ARRAYS, BACKWARD, DATA, FORWARD, KERNEL_OUTPUTS, PARAM, RecurrenceCall, keywords
 
 _DTYPE_NAMES = {}
 
@@ -40,15 +40,6 @@ BACKWARD_KEYWORDS = dict(_COMMON_KEYWORDS, reduce_params=True)
 _BACKWARD_RESULT_NAMES = {name: name[len("grad_"):] for name in
                           ("grad_U", "grad_x", "grad_c0", "grad_weight_c_partial",
                            "grad_bias_partial", "grad_V")}
-
-
-def keywords(function, given, defaults):
-    """``given`` keyword arguments of ``function`` with ``defaults`` filled in; an unknown name is
-    the TypeError Python would raise for it."""
-    unknown = [name for name in given if name not in defaults]
-    if unknown:
-        raise TypeError(f"{function}() got an unexpected keyword argument {unknown[0]!r}")
-    return {**defaults, **given}
 
 
 def dtype_name(dtype):

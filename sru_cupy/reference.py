@@ -29,7 +29,7 @@ Layouts (L steps, B batch, d = hidden_size, dirs = 2 if bidirectional else 1, D 
 
 import numpy as np
 
-from .call import RecurrenceCall
+from .call import RecurrenceCall, keywords
 
 __all__ = ["recurrence_forward_reference", "recurrence_backward_reference"]
 
@@ -48,13 +48,6 @@ def _as_float64(name, value, expected_shape):
     if array.shape != tuple(expected_shape):
         raise ValueError(f"{name}: expected shape {tuple(expected_shape)}, got {array.shape}")
     return array
-
-
-def _keywords(function, given):
-    unknown = [name for name in given if name not in KEYWORDS]
-    if unknown:
-        raise TypeError(f"{function}() got an unexpected keyword argument {unknown[0]!r}")
-    return {**KEYWORDS, **given}
 
 
 class _Problem:
@@ -134,7 +127,7 @@ def recurrence_forward_reference(U, x, weight_c, bias, c0=None, *, hidden_size, 
     Keyword arguments: hidden_size, and those of KEYWORDS (bidirectional, has_skip_term,
     use_tanh, scale_x, mask_h, mask_pad, V)."""
     p = _Problem(U, x, weight_c, bias, c0, hidden_size,
-                 _keywords("recurrence_forward_reference", options))
+                 keywords("recurrence_forward_reference", options, KEYWORDS))
     h = np.zeros((p.L, p.B, p.dirs, p.d))
     c = np.zeros((p.L, p.B, p.dirs, p.d))
     c_last = np.zeros((p.B, p.dirs, p.d))
@@ -171,7 +164,7 @@ def recurrence_backward_reference(grad_h, grad_c_last, U, x, weight_c, bias, c0,
        per-step terms sum over steps and batch to 'weight_c').
     """
     p = _Problem(U, x, weight_c, bias, c0, hidden_size,
-                 _keywords("recurrence_backward_reference", options))
+                 keywords("recurrence_backward_reference", options, KEYWORDS))
     L, B, dirs, d = p.L, p.B, p.dirs, p.d
     grad_h = _as_float64("grad_h", grad_h, p.call.shape("grad_h")).reshape(L, B, dirs, d)
     grad_c_last = (np.zeros((B, dirs, d)) if grad_c_last is None
