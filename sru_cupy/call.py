@@ -220,12 +220,14 @@ class RecurrenceCall:
         except TypeError as error:
             if "unhashable" not in str(error):
                 raise
-        return cls._describe(U_shape, dtype, hidden_size, bidirectional, has_skip_term,
-                             use_tanh, scale_x, with_v, store_c)
+        return cls.checked(U_shape, dtype, hidden_size, bidirectional, has_skip_term,
+                           use_tanh, scale_x, with_v, store_c)
 
     @classmethod
-    def _describe(cls, U_shape, dtype, hidden_size, bidirectional=False, has_skip_term=True,
-                  use_tanh=False, scale_x=1.0, with_v=False, store_c=True):
+    def checked(cls, U_shape, dtype, hidden_size, bidirectional=False, has_skip_term=True,
+                use_tanh=False, scale_x=1.0, with_v=False, store_c=True):
+        """:meth:`describe` without its memo: for code that torch.compile traces, which would
+        look through the memo (and warn that it does) rather than use it."""
         hidden_size = check_hidden_size(hidden_size)
         if dtype not in kernels.STORAGE_TYPES:
             raise TypeError(f"U: expected dtype float16, bfloat16, float32 or float64, got {dtype}")
@@ -392,8 +394,8 @@ class RecurrenceCall:
 @functools.lru_cache(maxsize=256, typed=True)
 def _described(cls, U_shape, dtype, hidden_size, bidirectional, has_skip_term, use_tanh, scale_x,
                with_v, store_c):
-    return cls._describe(U_shape, dtype, hidden_size, bidirectional, has_skip_term, use_tanh,
-                         scale_x, with_v, store_c)
+    return cls.checked(U_shape, dtype, hidden_size, bidirectional, has_skip_term, use_tanh,
+                       scale_x, with_v, store_c)
 
 
 def _missing_message(name):

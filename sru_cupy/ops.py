@@ -46,10 +46,11 @@ def _arith_dtype(dtype):
 
 
 def _describe(args, with_v=None):
-    """The call of the operator arguments ``args`` (by name), checked."""
+    """The call of the operator arguments ``args`` (by name), checked (memoised in eager mode)."""
     U = args["U"]
     _check_U(U)
-    return RecurrenceCall.describe(
+    describe = RecurrenceCall.checked if torch.compiler.is_compiling() else RecurrenceCall.describe
+    return describe(
         U.shape, STORAGE_NAMES[U.dtype], args["hidden_size"], args["bidirectional"],
         args["has_skip_term"], args["use_tanh"], args["scale_x"],
         with_v=args["V"] is not None if with_v is None else with_v,
@@ -321,15 +322,15 @@ def recurrence(U: Tensor, x: Optional[Tensor], weight_c: Optional[Tensor], bias:
                                      with_v=V is not None, store_c=False)
         h, _, c_last = torch_fallback.recurrence_scan(call, args)
         return h, c_last
+    # c is kept only where a backward may follow (the inference variant otherwise); what is not a
+    # tensor is refused by the checks below
+    args["store_c"] = torch.is_grad_enabled() and any(
+        getattr(t, "requires_grad", False) for t in (U, x, weight_c, bias, c0, V))
     call = _describe(args)
     _check_tensors(FORWARD, call, args)
-    if U.device.type == "cpu" and not torch.compiler.is_compiling():
-        implementation.announce_once(implementation.for_torch_cpu)
-    args["store_c"] = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (U, x, weight_c, bias, c0, V))
-    if args["store_c"] != call.store_c:
-        call = _describe(args)
     eager = not torch.compiler.is_compiling()
+    if eager and U.device.type == "cpu":
+        implementation.announce_once(implementation.for_torch_cpu)
     if eager:
         _checked_by_caller.call = (call, U)
     try:

@@ -53,7 +53,9 @@ def _forward_backward(module, x, c0=None, mask_pad=None, wh=None, wc=None):
     h, c = module(x, c0, mask_pad=mask_pad)
     g = torch.Generator().manual_seed(99)
     wh = torch.randn(h.shape, generator=g, dtype=h.dtype) if wh is None else wh
+    wh = wh.to(h.device)
     wc = torch.randn(c.shape, generator=g, dtype=c.dtype) if wc is None else wc
+    wc = wc.to(c.device)
     ((h * wh).sum() + (c * wc).sum()).backward()
     params = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
     return h.detach(), c.detach(), x.grad, None if c0 is None else c0.grad, params

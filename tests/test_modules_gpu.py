@@ -61,7 +61,8 @@ def _check_cuda_against_cpu(cpu, gpu, x, run):
     gradient of loss = sum(h^2) + sum(c) agree."""
     results = []
     for model, device in ((cpu, "cpu"), (gpu, "cuda")):
-        xi = x.to(device).requires_grad_()
+        # detach: x itself must stay a leaf that needs no grad for the second model's copy
+        xi = x.detach().to(device).requires_grad_()
         h, c = run(model, xi, device)
         (h.pow(2).sum() + c.sum()).backward()
         results.append((h, c, xi.grad))

@@ -513,6 +513,21 @@ def test_compile_fullgraph_matches_eager(cpu_impl, dynamo, backend):
     for name in eager[2]:
         _assert_same(eager[2][name], compiled[2][name])
 
+def test_compile_warns_nothing(cpu_impl, dynamo, monkeypatch):
+    """Compiling a call of the op warns nothing (dynamo warns, once per process, about any memo it
+    traces through: the call's description is not memoised while it is traced)."""
+    seen = getattr(torch._dynamo.utils, "warn_once_cache", None)
+    if seen is not None:  # forget what dynamo warned about earlier in this process
+        monkeypatch.setattr(torch._dynamo.utils, "warn_once_cache", set())
+    d = 3
+    p = make_problem(COMPILE_OPTS, 6, 3, d, torch.float32, poison_padding=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run_with_grads(torch.compile(_compile_fn(COMPILE_OPTS, d), backend="eager",
+                                      fullgraph=True), p)
+    assert [str(w.message) for w in caught] == []
+
+
 
 @pytest.mark.skipif(host.find_compiler() is None, reason="inductor on the CPU needs a C++ compiler")
 def test_compile_fullgraph_inductor_matches_eager(cpu_impl, dynamo):
@@ -1004,17 +1019,17 @@ def _gpu_problem(opts=GPU_OPTS, L=9, B=3, d=8, dtype=torch.float32, device="cuda
 @pytest.mark.parametrize("side_stream", [False, True], ids=["default_stream", "side_stream"])
 @pytest.mark.parametrize("dtype_name", ["f32", "bf16", "f16"])
 def test_gpu_zero_copy_on_the_current_stream(monkeypatch, cuda, dtype_name, side_stream):
-    """The arrays handed to the launch layer are views of the tensors (same device pointers,
-    inputs and outputs), and CuPy's current stream and device are PyTorch's."""
+    """The launch gets the tensors' own device addresses (inputs and outputs: nothing copied) and
+    PyTorch's current stream and device."""
     import cupy
     captured = {}
-    real = launch.recurrence_forward
+    real = launch.run_checked
 
-    def spy(*args, **kwargs):
-        captured.update(args=args, kwargs=kwargs, stream=cupy.cuda.get_current_stream().ptr,
+    def spy(kernel, call, addresses, backend, convert, stream=None):
+        captured.update(kernel=kernel, addresses=dict(addresses), stream=stream,
                         device=cupy.cuda.Device().id)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(launch, "recurrence_forward", spy)
+        return real(kernel, call, addresses, backend, convert, stream)
+    monkeypatch.setattr(launch, "run_checked", spy)
     dtype = DTYPES[dtype_name]
     d = 8
     p = _gpu_problem(dtype=dtype, d=d, requires_grad=False)
@@ -1028,16 +1043,13 @@ def test_gpu_zero_copy_on_the_current_stream(monkeypatch, cuda, dtype_name, side
         # PyTorch's default stream (handle 0) is named as cudaStreamLegacy (1) for CuPy.
         expected_stream = torch.cuda.current_stream().cuda_stream or 1
     torch.cuda.current_stream().wait_stream(stream)
-    args, kwargs = captured["args"], captured["kwargs"]
-    for array, name in zip(args, ("U", "x", "weight_c", "bias", "c0")):
-        assert isinstance(array, cupy.ndarray), name
-        assert array.data.ptr == p[name].data_ptr(), f"{name} was copied"
-    assert kwargs["mask_h"].data.ptr == p["mask_h"].data_ptr()
-    assert kwargs["mask_pad"].data.ptr == p["mask_pad"].data_ptr()
-    out = kwargs["out"]
-    for key, t in (("h", h), ("c", c), ("c_last", c_last)):
-        assert out[key].data.ptr == t.data_ptr(), f"output {key} is not the returned tensor"
-    assert captured["stream"] == expected_stream
+    assert captured["kernel"] == "sru_recurrence_forward"
+    addresses = captured["addresses"]
+    for name in ("U", "x", "weight_c", "bias", "c0", "mask_h", "mask_pad"):
+        assert int(addresses[name]) == p[name].data_ptr(), f"{name} was copied"
+    for name, t in (("h", h), ("c", c), ("c_last", c_last)):
+        assert int(addresses[name]) == t.data_ptr(), f"output {name} is not the returned tensor"
+    assert captured["stream"] == (p["U"].device.index, expected_stream)
     assert captured["device"] == p["U"].device.index
     ref_h, ref_c_last, _ = reference(p, GPU_OPTS, d, None, None)
     assert_matches("h", _np(h), ref_h, dtype)

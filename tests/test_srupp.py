@@ -44,8 +44,9 @@ def _forward_backward(model, x, **kwargs):
     h, c, state = model(x, memory=memory, **kwargs)
     g = torch.Generator().manual_seed(9)
     h_time_major = h.transpose(0, 1) if model.batch_first else h
-    loss = (h_time_major * torch.randn(h_time_major.shape, generator=g, dtype=h.dtype)).sum()
-    loss = loss + (c * torch.randn(c.shape, generator=g, dtype=c.dtype)).sum()
+    loss = (h_time_major * torch.randn(h_time_major.shape, generator=g, dtype=h.dtype)
+            .to(h.device)).sum()
+    loss = loss + (c * torch.randn(c.shape, generator=g, dtype=c.dtype).to(c.device)).sum()
     loss.backward()
     return {"h": h.detach(), "c": c.detach(), "saved": [s.detach() for s in state["saved_inputs"]],
             "grad_x": x.grad, "grad_memory": None if memory is None else [m.grad for m in memory],
@@ -651,10 +652,13 @@ def test_gpu_matches_cpu(bidirectional):
                  v.float().cuda() if v.is_floating_point() else v.cuda())
              for k, v in kwargs.items()}
     gpu = _forward_backward(gpu_model, x.float().cuda(), **moved)
-    gpu = {k: (v.double().cpu() if isinstance(v, torch.Tensor) else
-               [t.double().cpu() for t in v] if isinstance(v, list) else
-               {n: g.double().cpu() for n, g in v.items()} if isinstance(v, dict) else v)
-           for k, v in gpu.items()}
+    def on_cpu(v):  # tensors in float64 on the CPU, in lists and dicts too; None stays None
+        if isinstance(v, list):
+            return [on_cpu(t) for t in v]
+        if isinstance(v, dict):
+            return {n: on_cpu(t) for n, t in v.items()}
+        return v.double().cpu() if isinstance(v, torch.Tensor) else v
+    gpu = on_cpu(gpu)
     _assert_results_close(cpu, gpu, rtol=2e-4, atol=2e-5)
 
 
