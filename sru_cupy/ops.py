@@ -3,12 +3,13 @@
 ``recurrence(U, x, weight_c, bias, c0, ...)`` -> (h, c_last) is what the modules call. Underneath
 are two ``torch.library`` operators, ``sru_cupy::recurrence_forward`` and
 ``sru_cupy::recurrence_backward``, each with a fake (meta) implementation, and an autograd formula
-registered on the forward op, so ``torch.compile(fullgraph=True)`` traces through them. They are
-declared with ``torch.library.define`` and their CPU and CUDA kernels registered with
-``torch.library.impl``, not with ``torch.library.custom_op``: the latter wraps its kernels to
-disable dynamo, which imports ``torch._dynamo`` (about a second) on the first eager call. Their
-schemas, what each argument is and the kernels' argument order come from the one description of
-the call, :mod:`sru_cupy.call`; arguments travel by name.
+registered on the forward op, so ``torch.compile(fullgraph=True)`` traces through them (eager
+calls of ``recurrence`` record the same formula through an ``autograd.Function``, which costs
+less per call). They are declared with ``torch.library.define`` and their CPU and CUDA kernels
+registered with ``torch.library.impl``, not with ``torch.library.custom_op``: the latter wraps
+its kernels to disable dynamo, which imports ``torch._dynamo`` (about a second) on the first
+eager call. Their schemas, what each argument is and the kernels' argument order come from the
+one description of the call, :mod:`sru_cupy.call`; arguments travel by name.
 
 Tensors reach the kernels without copies, by address: the op checks shapes, dtypes and devices
 once (against the call's description), allocates the outputs with PyTorch (its allocator, its
@@ -298,6 +299,22 @@ recurrence_forward_op = torch.ops.sru_cupy.recurrence_forward.default
 recurrence_backward_op = torch.ops.sru_cupy.recurrence_backward.default
 
 
+class _EagerRecurrence(torch.autograd.Function):
+    """:func:`recurrence`'s eager route: the forward operator under an autograd node of its own
+    with the very formula registered on the operator (``_setup_context``, ``_backward``). Called
+    with grad mode off in here, the operator skips PyTorch's wrapper of registered formulas, which
+    re-binds all 14 operator arguments on every forward that records a graph (about 60 us per
+    call on a desktop core: more than the op's own Python). Compiled, traced and scripted code,
+    and anyone calling ``torch.ops.sru_cupy.recurrence_forward``, get the registered formula."""
+
+    @staticmethod
+    def forward(*inputs):
+        return recurrence_forward_op(*inputs)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
 def recurrence(U: Tensor, x: Optional[Tensor], weight_c: Optional[Tensor], bias: Tensor,
                c0: Optional[Tensor] = None, *, hidden_size: int, bidirectional: bool = False,
                has_skip_term: bool = True, use_tanh: bool = False, scale_x: float = 1.0,
@@ -333,8 +350,10 @@ def recurrence(U: Tensor, x: Optional[Tensor], weight_c: Optional[Tensor], bias:
         implementation.announce_once(implementation.for_torch_cpu)
     if eager:
         _checked_by_caller.call = (call, U)
+    forward = (_EagerRecurrence.apply if args["store_c"] and eager and not torch.jit.is_tracing()
+               else recurrence_forward_op)
     try:
-        h, _, c_last = recurrence_forward_op(*(args[name] for name, _ in OP_ARGUMENTS[FORWARD]))
+        h, _, c_last = forward(*(args[name] for name, _ in OP_ARGUMENTS[FORWARD]))
     finally:
         if eager:
             _checked_by_caller.call = None

@@ -712,6 +712,46 @@ def test_ops_are_declared_for_tracing():
     assert ops.recurrence_forward_op is torch.ops.sru_cupy.recurrence_forward.default
 
 
+ROUTE_OPTS = [Opts(bi=True, kvar="k3", tanh=True, mh=True, pad="padend", c0=True, sx=1.3),
+              Opts(kvar="k4", v1=True, pad="padstart", V=True),
+              Opts(bi=True, kvar="noskip", c0=True, V=True, used="h")]
+
+
+@pytest.mark.parametrize("opts", ROUTE_OPTS, ids=lambda o: o.id)
+def test_eager_route_matches_the_registered_autograd(cpu_impl, opts):
+    """recurrence() in eager mode records its own autograd node (the registered formula, without
+    PyTorch's re-binding of the 14 operator arguments per call); the operator called directly
+    records the formula registered with torch.library. Same outputs and gradients, bit for bit."""
+    d = 3
+
+    def direct(U, x, weight_c, bias, c0, mask_h=None, mask_pad=None, V=None, **options):
+        h, _, c_last = ops.recurrence_forward_op(
+            U, x, weight_c, bias, c0, mask_h, mask_pad, options["hidden_size"],
+            options["bidirectional"], options["has_skip_term"], options["use_tanh"],
+            options["scale_x"], True, V)
+        return h, c_last
+
+    results = []
+    for fn in (None, direct):
+        p = make_problem(opts, 5, 3, d, torch.float64, requires_grad=True)
+        h, c_last = call(p, opts, d, fn)
+        results.append((h, c_last, p, type(h.grad_fn).__name__))
+        g = torch.Generator().manual_seed(4)
+        loss = (h * torch.randn(h.shape, generator=g, dtype=h.dtype)).sum()
+        if opts.used != "h":
+            loss = loss + (c_last * torch.randn(c_last.shape, generator=g, dtype=h.dtype)).sum()
+        loss.backward()
+    (h_a, c_a, p_a, node_a), (h_b, c_b, p_b, node_b) = results
+    assert node_a != node_b, f"both calls recorded {node_a}: the eager route was not taken"
+    assert torch.equal(h_a, h_b) and torch.equal(c_a, c_b)
+    for name in DIFFERENTIABLE:
+        if p_a.get(name) is None:
+            continue
+        got, want = p_a[name].grad, p_b[name].grad
+        assert (got is None) == (want is None), name
+        assert got is None or torch.equal(got, want), name
+
+
 @pytest.mark.parametrize("loss_of", ["h", "c_last", "both"])
 def test_backward_fills_no_zero_gradient_for_unused_outputs(cpu_impl, loss_of):
     """The stored c (L, B, D) is never part of a loss: its gradient is not materialized as zeros
