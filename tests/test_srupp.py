@@ -44,9 +44,9 @@ def _forward_backward(model, x, **kwargs):
     h, c, state = model(x, memory=memory, **kwargs)
     g = torch.Generator().manual_seed(9)
     h_time_major = h.transpose(0, 1) if model.batch_first else h
-    loss = (h_time_major * torch.randn(h_time_major.shape, generator=g, dtype=h.dtype)
-            .to(h.device)).sum()
-    loss = loss + (c * torch.randn(c.shape, generator=g, dtype=c.dtype).to(c.device)).sum()
+    # the weights drawn in float64 on the CPU whatever h is: the same loss for every device, dtype
+    loss = (h_time_major * torch.randn(h_time_major.shape, generator=g, dtype=F64).to(h)).sum()
+    loss = loss + (c * torch.randn(c.shape, generator=g, dtype=F64).to(c)).sum()
     loss.backward()
     return {"h": h.detach(), "c": c.detach(), "saved": [s.detach() for s in state["saved_inputs"]],
             "grad_x": x.grad, "grad_memory": None if memory is None else [m.grad for m in memory],
