@@ -106,7 +106,8 @@ def _prepared(call, kernel, args):
         if t is None:
             continue
         if kind == PARAM:
-            t = t.to(arith)
+            if t.dtype != arith:  # (a same-dtype .to() still costs a microsecond a call)
+                t = t.to(arith)
         elif kind == MASK and t.dtype not in (torch.bool, torch.uint8):
             t = t != 0
         prepared[name] = t.resolve_neg().contiguous()
