@@ -268,3 +268,35 @@ def test_no_private_name_is_imported_across_modules():
                     and node.attr.startswith("_") and not node.attr.startswith("__"):
                 found.append(f"{path.name}: {node.value.id}.{node.attr}")
     assert found == []
+
+
+def _parameter_count(function):
+    """Parameters of a def, self or cls left out, *args and **kwargs one each."""
+    a = function.args
+    names = [p.arg for p in a.posonlyargs + a.args]
+    count = len(names) + len(a.kwonlyargs) + (a.vararg is not None) + (a.kwarg is not None)
+    return count - (1 if names and names[0] in ("self", "cls") else 0)
+
+
+def test_few_functions_outside_constructors_take_twelve_or_more_parameters():
+    """A call's arguments travel as one description (sru_cupy.call), not as long signatures
+    copied from layer to layer: at most 5 functions other than constructors take 12 or more."""
+    import ast
+    root = Path(__file__).resolve().parents[1] / "sru_cupy"
+    long, seen = [], 0
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                seen += 1
+                if node.name != "__init__" and _parameter_count(node) >= 12:
+                    long.append(f"{path.name}:{node.lineno} {node.name} "
+                                f"({_parameter_count(node)})")
+    assert seen > 100, "the reading sees the package's functions"
+    assert len(long) <= 5, long
+
+
+def test_parameter_count_reads_what_a_signature_takes():
+    import ast
+    function = ast.parse("def f(self, a, /, b, *rest, c, **more): pass").body[0]
+    assert _parameter_count(function) == 5
+    assert _parameter_count(ast.parse("def g(x): pass").body[0]) == 1
