@@ -530,6 +530,9 @@ def _close(torch, got, want):
 
 
 def check_compile():
+    # One compile thread: no pool of compile workers to start and, at exit, to stop (seconds
+    # each, for the few small kernels of this model).
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     import torch
     if not torch.cuda.is_available():
         for name in ("compile-default", "compile-reduce-overhead"):
@@ -636,6 +639,11 @@ class Runner:
         started = time.monotonic()
         returncode, stopped = gpu_check.run_command(command, limit, on_line, env=self.env,
                                                     grace=GRACE)
+        seconds = time.monotonic() - started
+        print(f"-- {', '.join(names)}: {seconds:.1f} s" + (
+            " (stopped at its limit after reporting every result)"
+            if stopped and reported == set(names) else " (stopped)" if stopped else ""),
+            flush=True)
         tail = next((line.strip() for line in reversed(lines) if line.strip()), "no output")
         for name in names:
             if name in reported:
@@ -645,7 +653,7 @@ class Runner:
                             "what was left of the smoke budget)")
             else:
                 self.report("FAIL", name, f"exit {returncode} without a result after "
-                            f"{time.monotonic() - started:.1f} s; last line: {tail[:300]}")
+                            f"{seconds:.1f} s; last line: {tail[:300]}")
 
     def check(self, name, names, limit):
         if self.left() < 3:

@@ -457,13 +457,21 @@ def test_smoke_runner_reports_crashes_and_stops_and_carries_on(gpu_smoke, capsys
     runner.run([py, "-c", "import time; print('working', flush=True); time.sleep(60)"], ["c"], 2)
     assert time.time() - started < 20
     runner.run([py, "-c", "print('SKIP d: no GPU')"], ["d"], 10)
+    runner.run([py, "-c", "import time; print('PASS e: fine', flush=True); time.sleep(60)"],
+               ["e"], 2)
     printed = capsys.readouterr().out
     assert "PASS a: fine" in printed and "PASS b1: fine" in printed
+    # each check's time, and whether it was stopped (after all its results, or before)
+    assert re.search(r"^-- a: [\d.]+ s$", printed, re.MULTILINE), printed
+    assert re.search(r"^-- b1, b2: [\d.]+ s$", printed, re.MULTILINE), printed
+    assert re.search(r"^-- c: [\d.]+ s \(stopped\)$", printed, re.MULTILINE), printed
+    assert re.search(r"^-- e: [\d.]+ s \(stopped at its limit after reporting every result\)$",
+                     printed, re.MULTILINE), printed
     assert re.search(r"^FAIL b2: exit 3 without a result after [\d.]+ s; last line: PASS b1: fine$",
                      printed, re.MULTILINE), printed
     # the check's own lines, then (after its traceback from SIGINT) the stop
     assert printed.index("working\n") < printed.index("FAIL c: stopped after 2 s (limit")
-    assert runner.counts == {"PASS": 2, "FAIL": 2, "SKIP": 1}
+    assert runner.counts == {"PASS": 3, "FAIL": 2, "SKIP": 1}
 
     spent = gpu_smoke.Runner(budget=0)
     spent.check("kernels", ["kernels"], 60)
