@@ -1104,3 +1104,28 @@ def test_gemm_path_makes_no_extra_copies(cls, n_in, batch_first, route, torch_th
                         "slow_conv_transpose2d": 0, "convolution_backward": onednn,
                         "slow_conv_transpose2d_backward": 0, "copy_": len(copied),
                         "zero_": 0, "fill_": 0, "copy_ shapes": copied}, backward
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_matches_plain_backward(reentrant):
+    """torch.utils.checkpoint reruns the forward during backward (the eager autograd node of the
+    recurrence is recorded a second time): the same gradients as without checkpointing."""
+    import torch.utils.checkpoint
+    torch.manual_seed(0)
+    model = SRU(5, 4, num_layers=2, bidirectional=True, layer_norm=True, dropout=0.0)
+    x = torch.randn(6, 3, 5, dtype=torch.float64)
+    model = model.double()
+    weights = torch.randn(6, 3, 8, dtype=torch.float64)
+
+    def run(checkpointed):
+        model.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        if checkpointed:
+            h, _ = torch.utils.checkpoint.checkpoint(model, xi, use_reentrant=reentrant)
+        else:
+            h, _ = model(xi)
+        (h * weights).sum().backward()
+        return [xi.grad] + [p.grad.clone() for p in model.parameters()]
+
+    for want, got in zip(run(False), run(True)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
