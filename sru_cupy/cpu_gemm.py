@@ -104,13 +104,17 @@ def uses_onednn(input: Tensor, weight: Tensor) -> bool:
     if input.device.type != "cpu" or input.dtype != torch.float32:
         return False  # before the route: a CUDA run never reads $SRU_CUPY_CPU_GEMM
     chosen = route()
-    if chosen == "matmul" or not _onednn_usable(input, weight):
+    if chosen == "matmul":
         return False
-    if chosen == "onednn":
-        return True
-    n, m = weight.shape
-    training = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
-    return _matmul_is_generic_here() and onednn_pays_off(input.numel() // n, n, m, training)
+    if chosen == "auto":  # the size rule first: it is cheap, and most small products stop there
+        if weight.dim() != 2 or weight.shape[0] == 0:
+            return False
+        n, m = weight.shape
+        training = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
+        if not (_matmul_is_generic_here()
+                and onednn_pays_off(input.numel() // n, n, m, training)):
+            return False
+    return _onednn_usable(input, weight)
 
 
 def _images(rows: int, n: int) -> int:
