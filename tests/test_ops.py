@@ -21,6 +21,7 @@ import torch
 
 from sru_cupy import implementation, interop, launch, ops
 from sru_cupy.backends import host
+from sru_cupy.call import FORWARD, OP_ARGUMENTS
 from sru_cupy.reference import recurrence_backward_reference, recurrence_forward_reference
 
 
@@ -725,10 +726,10 @@ def test_eager_route_matches_the_registered_autograd(cpu_impl, opts):
     d = 3
 
     def direct(U, x, weight_c, bias, c0, mask_h=None, mask_pad=None, V=None, **options):
+        values = dict(U=U, x=x, weight_c=weight_c, bias=bias, c0=c0, mask_h=mask_h,
+                      mask_pad=mask_pad, V=V, store_c=True, **options)
         h, _, c_last = ops.recurrence_forward_op(
-            U, x, weight_c, bias, c0, mask_h, mask_pad, options["hidden_size"],
-            options["bidirectional"], options["has_skip_term"], options["use_tanh"],
-            options["scale_x"], True, V)
+            *(values[name] for name, _ in OP_ARGUMENTS[FORWARD]))
         return h, c_last
 
     results = []
@@ -1288,7 +1289,7 @@ def test_first_cuda_call_inside_capture_is_refused_before_cupy_is_touched(monkey
     import sys
     from sru_cupy import launch
     from sru_cupy.backends import cupy_backend
-    from sru_cupy.call import FORWARD, RecurrenceCall
+    from sru_cupy.call import RecurrenceCall
     from sru_cupy.errors import CaptureNotReadyError
     monkeypatch.setitem(sys.modules, "cupy", None)
     monkeypatch.setattr(cupy_backend, "_modules", {})
