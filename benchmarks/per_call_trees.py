@@ -48,27 +48,23 @@ def _measure(tree, device, calls, rounds):
     skip = torch.randn(4, 2, 32, device=device)
     zeros = torch.zeros(64, device=device)
 
-    def forward():
-        with torch.no_grad():
-            sru(x)
+    def forward(model):  # a forward without autograd
+        def run():
+            with torch.no_grad():
+                model(x)
+        return run
 
-    def step():
-        h, _ = sru(x_grad)
-        h.sum().backward()
+    def step(model):  # a forward with autograd, then backward
+        def run():
+            h, _ = model(x_grad)
+            h.sum().backward()
+        return run
 
     def op():
         sru_cupy.recurrence(U, skip, zeros, zeros, hidden_size=32)
 
-    def lstm_forward():
-        with torch.no_grad():
-            lstm(x)
-
-    def lstm_step():
-        h, _ = lstm(x_grad)
-        h.sum().backward()
-
-    functions = dict(forward=forward, step=step, op=op, lstm_forward=lstm_forward,
-                     lstm_step=lstm_step)
+    functions = dict(forward=forward(sru), step=step(sru), op=op, lstm_forward=forward(lstm),
+                     lstm_step=step(lstm))
     for fn in functions.values():  # warm-up: compiles and loads the kernels, fills the caches
         for _ in range(calls):
             fn()
